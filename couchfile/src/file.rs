@@ -1,0 +1,703 @@
+//! Chunks and headers on a backend: [`CouchFile`] reads, [`FileWriter`]
+//! appends and commits.
+
+use crate::backend::Backend;
+use crate::block::{add_prefixes, align_up, physical_len, strip_prefixes, BlockType, BLOCK_SIZE};
+use crate::codec::{DbHeader, CURRENT_DISK_VERSION, OLDEST_DISK_VERSION};
+use crate::crc::CrcKind;
+use crate::error::{Error, IoOp, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Largest data chunk payload accepted (a 28-bit body plus slack; couchstore
+/// never writes more). Checked before anything is allocated.
+pub const MAX_CHUNK_LEN: u64 = 1 << 28;
+/// Largest header body (`MAX_DB_HEADER_SIZE`), CRC included.
+pub const MAX_HEADER_LEN: u64 = 1024;
+/// Largest decompressed size accepted for a snappy chunk.
+pub const MAX_DECOMPRESSED_LEN: u64 = 1 << 28;
+/// Bytes read ahead when reading a chunk, so most chunks take one read.
+const READ_AHEAD: u64 = 4096;
+/// The writer flushes its buffer to the backend beyond this many bytes.
+const WRITE_BUFFER: usize = 1 << 20;
+
+const DATA_CHUNK_BIT: u32 = 0x8000_0000;
+
+/// How to treat a corrupt header while looking for the last valid one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OpenMode {
+    /// Stop at the first corrupt header with its error, as couchstore does.
+    #[default]
+    Normal,
+    /// Skip corrupt headers and fall back to an older one
+    /// (`COUCHSTORE_OPEN_RECOVERY_MODE`).
+    Recovery,
+}
+
+/// A header and the offset it was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocatedHeader {
+    /// Offset of the header's block.
+    pub offset: u64,
+    /// The header.
+    pub header: DbHeader,
+}
+
+/// Where an appended chunk went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkPos {
+    /// Stored offset of the chunk (what pointers and `bp` hold).
+    pub offset: u64,
+    /// 8 + payload length: what the format counts in sizes.
+    pub disk_size: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    backend: Arc<dyn Backend>,
+    path: PathBuf,
+    /// The file length as last seen; grows as the writer flushes.
+    known_len: AtomicU64,
+}
+
+/// Read access to a couchstore file: chunks, compressed chunks and headers.
+///
+/// Cheap to clone; clones share the backend, so any number of readers can
+/// work while one [`FileWriter`] appends. Data chunks are checked with the
+/// checksum set by [`CouchFile::set_crc`] (from the header's disk version).
+#[derive(Debug, Clone)]
+pub struct CouchFile {
+    shared: Arc<Shared>,
+    crc: CrcKind,
+}
+
+impl CouchFile {
+    /// Wraps a backend. `path` names the file in errors.
+    pub fn new(backend: Arc<dyn Backend>, path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        let len = backend
+            .len()
+            .map_err(|e| Error::io(&path, IoOp::Len, 0, e))?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                backend,
+                path,
+                known_len: AtomicU64::new(len),
+            }),
+            crc: CrcKind::Crc32c,
+        })
+    }
+
+    /// Opens a real file read-only.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let backend = crate::FileBackend::open_read_only(path)
+            .map_err(|e| Error::io(path, IoOp::Open, 0, e))?;
+        Self::new(Arc::new(backend), path)
+    }
+
+    /// The path used in errors.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.shared.backend
+    }
+
+    /// The checksum data chunks are verified with.
+    pub fn crc(&self) -> CrcKind {
+        self.crc
+    }
+
+    /// Sets the checksum data chunks are verified and written with.
+    pub fn set_crc(&mut self, crc: CrcKind) {
+        self.crc = crc;
+    }
+
+    /// The file's length, asked of the backend (and remembered).
+    pub fn len(&self) -> Result<u64> {
+        let len = self
+            .shared
+            .backend
+            .len()
+            .map_err(|e| Error::io(self.path(), IoOp::Len, 0, e))?;
+        self.shared.known_len.fetch_max(len, Ordering::AcqRel);
+        Ok(len)
+    }
+
+    /// True when the file is empty.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    fn note_len(&self, len: u64) {
+        self.shared.known_len.fetch_max(len, Ordering::AcqRel);
+    }
+
+    /// Ensures `[offset, offset + wanted)` lies inside the file.
+    fn check_extent(&self, offset: u64, wanted: u64) -> Result<()> {
+        let end = offset.saturating_add(wanted);
+        if end <= self.shared.known_len.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let file_len = self.len()?;
+        if end <= file_len {
+            return Ok(());
+        }
+        Err(Error::ShortRead {
+            path: self.path().to_path_buf(),
+            offset,
+            wanted,
+            file_len,
+        })
+    }
+
+    /// Reads `physical.len()` physical bytes at `offset` (fewer at the end of
+    /// the file); returns how many were read.
+    fn read_physical(&self, offset: u64, physical: &mut [u8]) -> Result<usize> {
+        self.shared
+            .backend
+            .read_full_at(offset, physical)
+            .map_err(|e| Error::io(self.path(), IoOp::Read, offset, e))
+    }
+
+    /// Reads one byte: the block type at a block boundary.
+    pub fn read_block_type(&self, block_offset: u64) -> Result<Option<u8>> {
+        let mut b = [0u8; 1];
+        Ok(match self.read_physical(block_offset, &mut b)? {
+            0 => None,
+            _ => Some(b[0]),
+        })
+    }
+
+    /// Reads the logical bytes of a chunk whose 8-byte prefix starts at `pos`:
+    /// returns (length field, checksum field, payload). `max_len` bounds the
+    /// length field; `is_header` selects which way the high bit must be.
+    fn read_chunk_raw(&self, pos: u64, is_header: bool) -> Result<(u32, Vec<u8>)> {
+        let what = if is_header { "header" } else { "chunk" };
+        // One read covering the prefix and, usually, the whole chunk.
+        let ahead = READ_AHEAD - pos % BLOCK_SIZE;
+        let mut physical = vec![0u8; ahead.max(physical_len(pos, 8)) as usize];
+        let got = self.read_physical(pos, &mut physical)?;
+        physical.truncate(got);
+        let mut logical = Vec::with_capacity(physical.len());
+        strip_prefixes(pos, &physical, &mut logical);
+        if logical.len() < 8 {
+            let file_len = self.len()?;
+            return Err(Error::ShortRead {
+                path: self.path().to_path_buf(),
+                offset: pos,
+                wanted: physical_len(pos, 8),
+                file_len,
+            });
+        }
+        let raw_len = u32::from_be_bytes([logical[0], logical[1], logical[2], logical[3]]);
+        let stored_crc = u32::from_be_bytes([logical[4], logical[5], logical[6], logical[7]]);
+        let payload_len = if is_header {
+            if raw_len & DATA_CHUNK_BIT != 0 {
+                return Err(Error::corrupt(
+                    self.path(),
+                    pos,
+                    what,
+                    "data chunk where a header should be",
+                ));
+            }
+            if !(4..=MAX_HEADER_LEN as u32).contains(&raw_len) {
+                return Err(Error::corrupt(
+                    self.path(),
+                    pos,
+                    what,
+                    format!("header length {raw_len} outside 4..=1024"),
+                ));
+            }
+            u64::from(raw_len - 4)
+        } else {
+            if raw_len & DATA_CHUNK_BIT == 0 {
+                return Err(Error::corrupt(
+                    self.path(),
+                    pos,
+                    what,
+                    "data chunk without its high bit",
+                ));
+            }
+            let len = u64::from(raw_len & !DATA_CHUNK_BIT);
+            if len > MAX_CHUNK_LEN {
+                return Err(Error::corrupt(
+                    self.path(),
+                    pos,
+                    what,
+                    format!("length {len} over the limit of {MAX_CHUNK_LEN}"),
+                ));
+            }
+            len
+        };
+        let total_logical = 8 + payload_len;
+        self.check_extent(pos, physical_len(pos, total_logical))?;
+        if (logical.len() as u64) < total_logical {
+            // The read-ahead did not cover it: read the rest.
+            let have_physical = physical.len() as u64;
+            let rest_physical = physical_len(pos, total_logical) - have_physical;
+            let mut more = vec![0u8; rest_physical as usize];
+            let got = self.read_physical(pos + have_physical, &mut more)?;
+            if (got as u64) < rest_physical {
+                let file_len = self.len()?;
+                return Err(Error::ShortRead {
+                    path: self.path().to_path_buf(),
+                    offset: pos,
+                    wanted: physical_len(pos, total_logical),
+                    file_len,
+                });
+            }
+            strip_prefixes(pos + have_physical, &more, &mut logical);
+        }
+        logical.truncate(total_logical as usize);
+        logical.drain(..8);
+        Ok((stored_crc, logical))
+    }
+
+    /// Reads the payload of the data chunk stored at `offset`, checking its
+    /// checksum.
+    pub fn read_chunk(&self, offset: u64) -> Result<Vec<u8>> {
+        let (stored, payload) = self.read_chunk_raw(offset, false)?;
+        let computed = self.crc.checksum(&payload);
+        if computed != stored {
+            return Err(Error::Checksum {
+                path: self.path().to_path_buf(),
+                offset,
+                stored,
+                computed,
+            });
+        }
+        Ok(payload)
+    }
+
+    /// Reads a snappy-compressed data chunk and decompresses it.
+    pub fn read_compressed_chunk(&self, offset: u64) -> Result<Vec<u8>> {
+        let compressed = self.read_chunk(offset)?;
+        decompress(&compressed).map_err(|e| e.located(self.path(), offset))
+    }
+
+    /// Reads and decodes the header whose block starts at `offset`, checking
+    /// the block byte, the checksum (either CRC: the version that decides it
+    /// is inside), the version, and the positions it holds. Returns
+    /// `Ok(None)` when the block is not a header block.
+    pub fn read_header_at(&self, offset: u64) -> Result<Option<DbHeader>> {
+        if offset % BLOCK_SIZE != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "header offset {offset} is not block-aligned"
+            )));
+        }
+        match self.read_block_type(offset)? {
+            Some(t) if t == BlockType::Header as u8 => {}
+            Some(t) if t == BlockType::Meta as u8 && offset == 0 => {
+                return Err(Error::Encrypted {
+                    path: self.path().to_path_buf(),
+                    offset,
+                })
+            }
+            _ => return Ok(None),
+        }
+        let (stored, body) = self.read_chunk_raw(offset, true)?;
+        let crc32c = CrcKind::Crc32c.checksum(&body);
+        if crc32c != stored && CrcKind::Crc32.checksum(&body) != stored {
+            return Err(Error::Checksum {
+                path: self.path().to_path_buf(),
+                offset,
+                stored,
+                computed: crc32c,
+            });
+        }
+        let version = body.first().copied().unwrap_or(0);
+        if !(OLDEST_DISK_VERSION..=CURRENT_DISK_VERSION).contains(&version) {
+            return Err(Error::HeaderVersion {
+                path: self.path().to_path_buf(),
+                offset,
+                version,
+            });
+        }
+        let header = DbHeader::decode(&body).map_err(|e| e.located(self.path(), offset))?;
+        if header.has_metadata_header {
+            return Err(Error::Encrypted {
+                path: self.path().to_path_buf(),
+                offset,
+            });
+        }
+        if header.purge_ptr > offset {
+            return Err(Error::corrupt(
+                self.path(),
+                offset,
+                "header",
+                "purge_ptr beyond the header",
+            ));
+        }
+        for root in [&header.by_seq_root, &header.by_id_root, &header.local_root]
+            .into_iter()
+            .flatten()
+        {
+            if root.pointer >= offset {
+                return Err(Error::corrupt(
+                    self.path(),
+                    offset,
+                    "header",
+                    format!("root at {} is not before the header", root.pointer),
+                ));
+            }
+        }
+        Ok(Some(header))
+    }
+
+    /// Looks for a header in the block at `block` and the blocks before it,
+    /// stepping back one block at a time, as couchstore's `find_header`.
+    fn scan_back(&self, block: u64, mode: OpenMode) -> Result<Option<LocatedHeader>> {
+        let mut pos = block - block % BLOCK_SIZE;
+        let mut last_error = None;
+        loop {
+            match self.read_block_type(pos)? {
+                Some(t) if t == BlockType::Header as u8 => match self.read_header_at(pos) {
+                    Ok(Some(header)) => {
+                        return Ok(Some(LocatedHeader {
+                            offset: pos,
+                            header,
+                        }))
+                    }
+                    Ok(None) => {}
+                    // MB-38788: a header that fails to parse at offset 0
+                    // counts as no header.
+                    Err(_) if pos == 0 => {}
+                    Err(e) if mode == OpenMode::Recovery && e.is_corruption() => {
+                        tracing::warn!(offset = pos, error = %e, "skipping corrupt header");
+                        last_error = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                },
+                Some(t) if t == BlockType::Data as u8 || t == BlockType::Meta as u8 => {}
+                Some(t) => {
+                    let e = Error::corrupt(
+                        self.path(),
+                        pos,
+                        "block",
+                        format!("block type byte {t:#04x}"),
+                    );
+                    if mode == OpenMode::Normal {
+                        return Err(e);
+                    }
+                    last_error = Some(e);
+                }
+                None => {}
+            }
+            if pos == 0 {
+                return match last_error {
+                    Some(e) => Err(e),
+                    None => Ok(None),
+                };
+            }
+            pos -= BLOCK_SIZE;
+        }
+    }
+
+    /// Finds the last valid header, as couchstore does on open: from the block
+    /// holding byte `len - 2` backwards. `Ok(None)` for an empty file;
+    /// [`Error::NoHeader`] for a non-empty file without one.
+    pub fn find_last_header(&self, mode: OpenMode) -> Result<Option<LocatedHeader>> {
+        let _span =
+            tracing::debug_span!("find_last_header", path = %self.path().display()).entered();
+        let len = self.len()?;
+        if len == 0 {
+            return Ok(None);
+        }
+        match self.scan_back(len.saturating_sub(2), mode)? {
+            Some(h) => Ok(Some(h)),
+            None => Err(Error::NoHeader {
+                path: self.path().to_path_buf(),
+            }),
+        }
+    }
+
+    /// The header before `current`: through `prev_header_pos` where the
+    /// version has it and it points at a header, else by scanning back.
+    /// `Ok(None)` when `current` is the oldest.
+    pub fn previous_header(
+        &self,
+        current: &LocatedHeader,
+        mode: OpenMode,
+    ) -> Result<Option<LocatedHeader>> {
+        if current.offset == 0 {
+            return Ok(None);
+        }
+        if let Some(prev) = current.header.prev_header_pos {
+            if prev < current.offset && prev % BLOCK_SIZE == 0 {
+                match self.read_header_at(prev) {
+                    Ok(Some(header)) => {
+                        return Ok(Some(LocatedHeader {
+                            offset: prev,
+                            header,
+                        }))
+                    }
+                    // Only a hint: a compacted file's first header says 0.
+                    Ok(None) => {}
+                    Err(_) if prev == 0 => {}
+                    Err(e) if mode == OpenMode::Normal => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(offset = prev, error = %e, "skipping corrupt header");
+                    }
+                }
+            }
+        }
+        self.scan_back(current.offset - 2, mode)
+    }
+
+    /// The next header after `current`, scanning forward block by block.
+    /// `Ok(None)` when there is none; a corrupt header on the way is an
+    /// error in either mode, as with couchstore's forward seek.
+    pub fn next_header(&self, current: &LocatedHeader) -> Result<Option<LocatedHeader>> {
+        let len = self.len()?;
+        let mut pos = current.offset + BLOCK_SIZE;
+        while pos < len {
+            if let Some(header) = self.read_header_at(pos)? {
+                return Ok(Some(LocatedHeader {
+                    offset: pos,
+                    header,
+                }));
+            }
+            pos += BLOCK_SIZE;
+        }
+        Ok(None)
+    }
+
+    /// Every header from `start` back to the oldest, newest first.
+    pub fn headers_from(&self, start: LocatedHeader, mode: OpenMode) -> Result<Vec<LocatedHeader>> {
+        let mut out = Vec::new();
+        let mut current = start;
+        while let Some(prev) = self.previous_header(&current, mode)? {
+            out.push(std::mem::replace(&mut current, prev));
+        }
+        out.push(current);
+        Ok(out)
+    }
+}
+
+/// Decompresses a snappy block, bounding the size it claims first.
+pub fn decompress(compressed: &[u8]) -> Result<Vec<u8>> {
+    let len = snap::raw::decompress_len(compressed)
+        .map_err(|e| Error::malformed("snappy chunk", e.to_string()))?;
+    if len as u64 > MAX_DECOMPRESSED_LEN {
+        return Err(Error::malformed(
+            "snappy chunk",
+            format!("claims {len} bytes decompressed, over {MAX_DECOMPRESSED_LEN}"),
+        ));
+    }
+    snap::raw::Decoder::new()
+        .decompress_vec(compressed)
+        .map_err(|e| Error::malformed("snappy chunk", e.to_string()))
+}
+
+/// Compresses with snappy (raw block format, as couchstore).
+pub fn compress(data: &[u8]) -> Vec<u8> {
+    // Compression of an in-memory slice fails only when the input exceeds
+    // snappy's maximum (~4 GiB), far above any chunk the format allows.
+    snap::raw::Encoder::new()
+        .compress_vec(data)
+        .unwrap_or_else(|e| unreachable!("snappy compress of {} bytes: {e}", data.len()))
+}
+
+/// Appends chunks and commits headers to one file.
+///
+/// Writes are buffered and reach the backend on [`FileWriter::flush`], before
+/// a header, or when the buffer is large; reads through the writer see
+/// everything appended so far. Only one writer per file may exist.
+#[derive(Debug)]
+pub struct FileWriter {
+    file: CouchFile,
+    /// Physical position where the next byte goes.
+    pos: u64,
+    /// Physical bytes not yet written, to go at `flushed`.
+    buffer: Vec<u8>,
+    /// Physical position of `buffer[0]`.
+    flushed: u64,
+}
+
+impl FileWriter {
+    /// A writer appending at the end of `file`.
+    pub fn new(file: CouchFile) -> Result<Self> {
+        let pos = file.len()?;
+        Ok(Self {
+            file,
+            pos,
+            buffer: Vec::with_capacity(64 * 1024),
+            flushed: pos,
+        })
+    }
+
+    /// Prepares a new, empty file the way couchstore's create does and
+    /// commits `header` (usually [`DbHeader::new`]) at offset 0.
+    pub fn create(file: CouchFile, header: &DbHeader) -> Result<(Self, u64)> {
+        let mut w = Self::new(file)?;
+        if w.pos != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{}: create on a file of {} bytes",
+                w.file.path().display(),
+                w.pos
+            )));
+        }
+        w.file.set_crc(CrcKind::for_version(header.disk_version));
+        let offset = w.commit(header)?;
+        Ok((w, offset))
+    }
+
+    /// Prepares a new, empty file without a header (a compaction target):
+    /// a single 0x00 at offset 0, since a body offset of 0 means "no body".
+    pub fn create_without_header(file: CouchFile) -> Result<Self> {
+        let mut w = Self::new(file)?;
+        if w.pos != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{}: create on a file of {} bytes",
+                w.file.path().display(),
+                w.pos
+            )));
+        }
+        w.buffer.push(BlockType::Data as u8);
+        w.pos = 1;
+        Ok(w)
+    }
+
+    /// The file written to (readers may clone it).
+    pub fn file(&self) -> &CouchFile {
+        &self.file
+    }
+
+    /// Sets the checksum written (CRC-32 for version 11 files).
+    pub fn set_crc(&mut self, crc: CrcKind) {
+        self.file.set_crc(crc);
+    }
+
+    /// Physical position of the next byte appended.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    fn append_logical(&mut self, data: &[u8], block_type: BlockType) {
+        self.pos = add_prefixes(self.pos, data, block_type, &mut self.buffer);
+    }
+
+    /// Appends a data chunk holding `payload`.
+    pub fn append_chunk(&mut self, payload: &[u8]) -> Result<ChunkPos> {
+        if payload.len() as u64 > MAX_CHUNK_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "chunk of {} bytes is over the limit of {MAX_CHUNK_LEN}",
+                payload.len()
+            )));
+        }
+        let offset = self.pos;
+        let mut prefix = [0u8; 8];
+        prefix[..4].copy_from_slice(&(payload.len() as u32 | DATA_CHUNK_BIT).to_be_bytes());
+        prefix[4..].copy_from_slice(&self.file.crc.checksum(payload).to_be_bytes());
+        self.append_logical(&prefix, BlockType::Data);
+        self.append_logical(payload, BlockType::Data);
+        if self.buffer.len() >= WRITE_BUFFER {
+            self.flush()?;
+        }
+        Ok(ChunkPos {
+            offset,
+            disk_size: 8 + payload.len() as u64,
+        })
+    }
+
+    /// Compresses `data` with snappy and appends it as a data chunk.
+    pub fn append_compressed_chunk(&mut self, data: &[u8]) -> Result<ChunkPos> {
+        self.append_chunk(&compress(data))
+    }
+
+    /// Writes the buffered bytes to the backend (without syncing).
+    pub fn flush(&mut self) -> Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .shared
+            .backend
+            .write_at(self.flushed, &self.buffer)
+            .map_err(|e| Error::io(self.file.path(), IoOp::Write, self.flushed, e))?;
+        self.flushed += self.buffer.len() as u64;
+        self.buffer.clear();
+        self.file.note_len(self.flushed);
+        Ok(())
+    }
+
+    /// Flushes and makes everything written durable.
+    pub fn sync(&mut self) -> Result<()> {
+        self.flush()?;
+        self.file
+            .shared
+            .backend
+            .sync()
+            .map_err(|e| Error::io(self.file.path(), IoOp::Sync, self.pos, e))
+    }
+
+    /// Reads a data chunk, including one still in the write buffer.
+    pub fn read_chunk(&mut self, offset: u64) -> Result<Vec<u8>> {
+        if offset >= self.flushed {
+            self.flush()?;
+        }
+        self.file.read_chunk(offset)
+    }
+
+    /// Reads a compressed data chunk, including one still in the buffer.
+    pub fn read_compressed_chunk(&mut self, offset: u64) -> Result<Vec<u8>> {
+        if offset >= self.flushed {
+            self.flush()?;
+        }
+        self.file.read_compressed_chunk(offset)
+    }
+
+    /// Commits `header` with couchstore's two-phase protocol: the header is
+    /// written at the next block boundary with block byte 0x00, synced, then
+    /// the byte is turned into 0x01 and synced again. Returns the header's
+    /// offset. Everything appended before is durable when this returns.
+    pub fn commit(&mut self, header: &DbHeader) -> Result<u64> {
+        let _span =
+            tracing::debug_span!("commit_header", path = %self.file.path().display()).entered();
+        let body = header.encode()?;
+        // Pad to the next block boundary; the gap is a hole, never read.
+        let offset = align_up(self.pos);
+        if offset != self.pos {
+            self.flush()?;
+            self.pos = offset;
+            self.flushed = offset;
+        }
+        let mut prefix = [0u8; 8];
+        prefix[..4].copy_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        prefix[4..].copy_from_slice(&self.file.crc.checksum(&body).to_be_bytes());
+        self.append_logical(&prefix, BlockType::Data);
+        self.append_logical(&body, BlockType::Data);
+        self.sync()?;
+        self.file
+            .shared
+            .backend
+            .write_at(offset, &[BlockType::Header as u8])
+            .map_err(|e| Error::io(self.file.path(), IoOp::Write, offset, e))?;
+        self.file
+            .shared
+            .backend
+            .sync()
+            .map_err(|e| Error::io(self.file.path(), IoOp::Sync, offset, e))?;
+        tracing::trace!(offset, update_seq = header.update_seq, "header committed");
+        Ok(offset)
+    }
+
+    /// Cuts the file back to `len` bytes (after a failed commit, to drop a
+    /// partial tail) and continues appending there.
+    pub fn truncate(&mut self, len: u64) -> Result<()> {
+        self.buffer.clear();
+        self.file
+            .shared
+            .backend
+            .truncate(len)
+            .map_err(|e| Error::io(self.file.path(), IoOp::Truncate, len, e))?;
+        self.pos = len;
+        self.flushed = len;
+        Ok(())
+    }
+}
