@@ -59,3 +59,13 @@ pub use file::{
     compress, decompress, ChunkPos, CouchFile, FileWriter, LocatedHeader, OpenMode, MAX_CHUNK_LEN,
     MAX_DECOMPRESSED_LEN, MAX_HEADER_LEN,
 };
+
+/// Compiles and runs the examples in the crate's README.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
+/// Compiles and runs the examples in the repository's README.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct RepositoryReadmeDoctests;
