@@ -1,0 +1,584 @@
+//! Documents on one couchstore file: read snapshots at a header and the
+//! writer that applies batches and commits headers.
+
+use crate::error::{Error, Result};
+use crate::indexes::{decode_seq_reduce, ById, BySeq, IdReduce, Local};
+use crate::tree::{Action, ActionOp, BTree, EntryFn, NodeConfig};
+use couchfile::{
+    encode_seq_key, CouchFile, CrcKind, DbHeader, DocInfo, FileWriter, LocatedHeader, NodePointer,
+    OpenMode, CONTENT_META_COMPRESSED, MAX_U48,
+};
+use std::ops::{Bound, ControlFlow};
+
+/// Which documents a changes fold reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChangesFilter {
+    /// Live documents and deletions.
+    #[default]
+    All,
+    /// Live documents only.
+    NoDeletes,
+    /// Deletions only.
+    DeletesOnly,
+}
+
+/// The three trees, for reading.
+#[derive(Debug, Clone)]
+struct Trees {
+    by_id: BTree<ById>,
+    by_seq: BTree<BySeq>,
+    local: BTree<Local>,
+}
+
+impl Trees {
+    fn new(config: NodeConfig) -> Self {
+        Self {
+            by_id: BTree::new(ById, config),
+            by_seq: BTree::new(BySeq, config),
+            local: BTree::new(Local, config),
+        }
+    }
+}
+
+/// A read view of a file at one header. Cheap to clone; any number can be
+/// used while a [`Db`] appends to the same file.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    file: CouchFile,
+    header: LocatedHeader,
+    trees: Trees,
+}
+
+impl Snapshot {
+    /// A snapshot at `header` of `file`.
+    pub fn new(mut file: CouchFile, header: LocatedHeader) -> Self {
+        file.set_crc(CrcKind::for_version(header.header.disk_version));
+        Self {
+            file,
+            header,
+            trees: Trees::new(NodeConfig::default()),
+        }
+    }
+
+    /// A snapshot at the file's last valid header.
+    pub fn open_latest(file: CouchFile, mode: OpenMode) -> Result<Self> {
+        match file.find_last_header(mode)? {
+            Some(header) => Ok(Self::new(file, header)),
+            None => Err(couchfile::Error::NoHeader {
+                path: file.path().to_path_buf(),
+            }
+            .into()),
+        }
+    }
+
+    /// A snapshot at the header whose block starts at `offset`.
+    pub fn open_at(file: CouchFile, offset: u64) -> Result<Self> {
+        let len = file.len()?;
+        if offset >= len {
+            return Err(Error::InvalidArgument(format!(
+                "header offset {offset} is beyond the end of {} ({len} bytes)",
+                file.path().display()
+            )));
+        }
+        match file.read_header_at(offset)? {
+            Some(header) => Ok(Self::new(file, LocatedHeader { offset, header })),
+            None => Err(Error::InvalidArgument(format!(
+                "{}: no header at offset {offset}",
+                file.path().display()
+            ))),
+        }
+    }
+
+    /// The file.
+    pub fn file(&self) -> &CouchFile {
+        &self.file
+    }
+
+    /// The header this snapshot reads.
+    pub fn header(&self) -> &DbHeader {
+        &self.header.header
+    }
+
+    /// The header and its offset.
+    pub fn located_header(&self) -> &LocatedHeader {
+        &self.header
+    }
+
+    /// Offset of the header.
+    pub fn offset(&self) -> u64 {
+        self.header.offset
+    }
+
+    /// The by-id reduce of the whole tree: live and deleted counts and the
+    /// bytes of their bodies.
+    pub fn doc_counts(&self) -> Result<IdReduce> {
+        match &self.header.header.by_id_root {
+            Some(root) => IdReduce::decode(&root.reduce),
+            None => Ok(IdReduce::default()),
+        }
+    }
+
+    /// Bytes the header's data occupies: body sizes plus the three trees.
+    pub fn space_used(&self) -> Result<u64> {
+        let h = &self.header.header;
+        let tree = |r: &Option<NodePointer>| r.as_ref().map_or(0, |r| r.subtree_size);
+        Ok(self.doc_counts()?.size
+            + tree(&h.by_id_root)
+            + tree(&h.by_seq_root)
+            + tree(&h.local_root))
+    }
+
+    /// Info of the document `id`.
+    pub fn doc_info(&self, id: &[u8]) -> Result<Option<DocInfo>> {
+        Ok(self.doc_infos(&[id])?.pop().flatten())
+    }
+
+    /// Infos of several documents; `ids` must be sorted and unique.
+    pub fn doc_infos(&self, ids: &[&[u8]]) -> Result<Vec<Option<DocInfo>>> {
+        let values =
+            self.trees
+                .by_id
+                .lookup(&self.file, self.header.header.by_id_root.as_ref(), ids)?;
+        ids.iter()
+            .zip(values)
+            .map(|(id, v)| v.map(|v| self.decode_by_id(id, &v)).transpose())
+            .collect()
+    }
+
+    fn decode_by_id(&self, id: &[u8], value: &[u8]) -> Result<DocInfo> {
+        DocInfo::decode_by_id(id, value)
+            .map_err(|e| e.located(self.file.path(), self.header.offset).into())
+    }
+
+    fn decode_by_seq(&self, key: &[u8], value: &[u8]) -> Result<DocInfo> {
+        DocInfo::decode_by_seq(key, value)
+            .map_err(|e| e.located(self.file.path(), self.header.offset).into())
+    }
+
+    /// Info of the document with sequence number `seq`.
+    pub fn doc_info_by_seq(&self, seq: u64) -> Result<Option<DocInfo>> {
+        let key = encode_seq_key(seq)?;
+        let mut v = self.trees.by_seq.lookup(
+            &self.file,
+            self.header.header.by_seq_root.as_ref(),
+            &[&key],
+        )?;
+        v.pop()
+            .flatten()
+            .map(|v| self.decode_by_seq(&key, &v))
+            .transpose()
+    }
+
+    /// The body of a document, decompressed; `None` when it has none.
+    pub fn read_body(&self, info: &DocInfo) -> Result<Option<Vec<u8>>> {
+        if info.bp == 0 {
+            return Ok(None);
+        }
+        Ok(Some(if info.is_compressed() {
+            self.file.read_compressed_chunk(info.bp)?
+        } else {
+            self.file.read_chunk(info.bp)?
+        }))
+    }
+
+    /// The body chunk's payload as stored (compressed stays compressed).
+    pub fn read_stored_body(&self, info: &DocInfo) -> Result<Option<Vec<u8>>> {
+        if info.bp == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.file.read_chunk(info.bp)?))
+    }
+
+    /// Calls `f` with every document whose seq is `since` or later, in seq
+    /// order (couchstore's `changes_since`: the start is inclusive).
+    pub fn changes_since(
+        &self,
+        since: u64,
+        filter: ChangesFilter,
+        f: &mut dyn FnMut(DocInfo) -> Result<ControlFlow<()>>,
+    ) -> Result<()> {
+        let start = encode_seq_key(since.min(MAX_U48))?;
+        self.trees.by_seq.fold(
+            &self.file,
+            self.header.header.by_seq_root.as_ref(),
+            Bound::Included(&start),
+            Bound::Unbounded,
+            &mut |k, v| {
+                let info = self.decode_by_seq(k, v)?;
+                let wanted = match filter {
+                    ChangesFilter::All => true,
+                    ChangesFilter::NoDeletes => !info.deleted,
+                    ChangesFilter::DeletesOnly => info.deleted,
+                };
+                if wanted {
+                    f(info)
+                } else {
+                    Ok(ControlFlow::Continue(()))
+                }
+            },
+        )
+    }
+
+    /// Calls `f` with every document whose id is within the bounds, in id order.
+    pub fn docs_by_id(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        f: &mut dyn FnMut(DocInfo) -> Result<ControlFlow<()>>,
+    ) -> Result<()> {
+        self.trees.by_id.fold(
+            &self.file,
+            self.header.header.by_id_root.as_ref(),
+            start,
+            end,
+            &mut |k, v| f(self.decode_by_id(k, v)?),
+        )
+    }
+
+    /// How many documents (deletions included) have a seq in
+    /// `[min_seq, max_seq]`, from the reduce values.
+    pub fn count_changes(&self, min_seq: u64, max_seq: u64) -> Result<u64> {
+        if min_seq > max_seq {
+            return Ok(0);
+        }
+        let lo = encode_seq_key(min_seq.min(MAX_U48))?;
+        let hi = encode_seq_key(max_seq.min(MAX_U48))?;
+        let r = self.trees.by_seq.reduce_range(
+            &self.file,
+            self.header.header.by_seq_root.as_ref(),
+            Bound::Included(&lo),
+            Bound::Included(&hi),
+        )?;
+        decode_seq_reduce(&r)
+    }
+
+    /// The value of local document `id`.
+    pub fn local_doc(&self, id: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .trees
+            .local
+            .lookup(&self.file, self.header.header.local_root.as_ref(), &[id])?
+            .pop()
+            .flatten())
+    }
+
+    /// Calls `f` with every local document (id, value) in id order.
+    pub fn local_docs(&self, f: &mut EntryFn<'_>) -> Result<()> {
+        self.trees.local.fold(
+            &self.file,
+            self.header.header.local_root.as_ref(),
+            Bound::Unbounded,
+            Bound::Unbounded,
+            f,
+        )
+    }
+}
+
+/// The body of a document to save.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// No body (a deletion without one).
+    None,
+    /// The body's bytes; stored snappy-compressed when the update's
+    /// `content_meta` has [`CONTENT_META_COMPRESSED`].
+    Plain(Vec<u8>),
+    /// The chunk payload exactly as it is to be stored (already compressed
+    /// if `content_meta` says so): written verbatim, as compaction copies.
+    Stored(Vec<u8>),
+}
+
+/// One document to save in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocUpdate {
+    /// The key.
+    pub id: Vec<u8>,
+    /// Keep this sequence number (`None`: assign the next one).
+    pub seq: Option<u64>,
+    /// Revision number.
+    pub rev_seq: u64,
+    /// Revision metadata (kv-engine: [`couchfile::RevMeta`]).
+    pub rev_meta: Vec<u8>,
+    /// True for a deletion.
+    pub deleted: bool,
+    /// Content flags; [`CONTENT_META_COMPRESSED`] stores the body compressed.
+    pub content_meta: u8,
+    /// The body.
+    pub body: Body,
+}
+
+/// One local document to set (`Some`) or remove (`None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalUpdate {
+    /// The id, such as `_local/vbstate`.
+    pub id: Vec<u8>,
+    /// The new value, or `None` to remove it.
+    pub value: Option<Vec<u8>>,
+}
+
+/// How to open or create a [`Db`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DbOptions {
+    /// How to treat a corrupt last header.
+    pub mode: OpenMode,
+    /// Node size rules for the trees written.
+    pub nodes: NodeConfig,
+    /// Disk version of a new file (14; 11 for CRC-32 files).
+    pub new_file_version: u8,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        Self {
+            mode: OpenMode::Normal,
+            nodes: NodeConfig::default(),
+            new_file_version: couchfile::CURRENT_DISK_VERSION,
+        }
+    }
+}
+
+/// The writer of one couchstore file: applies batches of documents and
+/// commits headers. Only one may exist per file; readers use [`Snapshot`]s.
+#[derive(Debug)]
+pub struct Db {
+    writer: FileWriter,
+    trees: Trees,
+    committed: LocatedHeader,
+    pending: DbHeader,
+}
+
+fn check_unique<T>(items: &[T], key: impl Fn(&T) -> &[u8]) -> Result<()> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| key(&items[a]).cmp(key(&items[b])));
+    for pair in order.windows(2) {
+        if key(&items[pair[0]]) == key(&items[pair[1]]) {
+            return Err(Error::UnsortedOrDuplicate {
+                key: String::from_utf8_lossy(key(&items[pair[1]])).into_owned(),
+                index: pair[1],
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Db {
+    /// Opens `file` at its last valid header, or, if it is empty, creates
+    /// it with an empty header at offset 0.
+    pub fn open(file: CouchFile, options: &DbOptions) -> Result<Self> {
+        let _span = tracing::debug_span!("open_db", path = %file.path().display()).entered();
+        let (writer, committed) = match file.find_last_header(options.mode)? {
+            Some(header) => {
+                let mut file = file;
+                file.set_crc(CrcKind::for_version(header.header.disk_version));
+                (FileWriter::new(file)?, header)
+            }
+            None => {
+                let header = DbHeader::new(options.new_file_version);
+                let (writer, offset) = FileWriter::create(file, &header)?;
+                (writer, LocatedHeader { offset, header })
+            }
+        };
+        Ok(Self {
+            writer,
+            trees: Trees::new(options.nodes),
+            pending: committed.header.clone(),
+            committed,
+        })
+    }
+
+    /// Wraps a writer positioned after a file prepared by
+    /// [`FileWriter::create_without_header`] or after a committed header;
+    /// `header` becomes the starting state (a compaction target).
+    pub fn from_writer(writer: FileWriter, header: LocatedHeader, nodes: NodeConfig) -> Self {
+        Self {
+            writer,
+            trees: Trees::new(nodes),
+            pending: header.header.clone(),
+            committed: header,
+        }
+    }
+
+    /// A snapshot at the last committed header.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot::new(self.writer.file().clone(), self.committed.clone())
+    }
+
+    /// The last committed header and its offset.
+    pub fn committed(&self) -> &LocatedHeader {
+        &self.committed
+    }
+
+    /// The header the next commit writes (roots as of the last save).
+    pub fn pending(&self) -> &DbHeader {
+        &self.pending
+    }
+
+    /// Mutable access to the next header's counters (purge seq, update seq).
+    pub fn pending_mut(&mut self) -> &mut DbHeader {
+        &mut self.pending
+    }
+
+    /// The writer (for appending raw chunks, as compaction does).
+    pub fn writer_mut(&mut self) -> &mut FileWriter {
+        &mut self.writer
+    }
+
+    /// The node size rules of the trees this db writes.
+    pub fn node_config(&self) -> NodeConfig {
+        self.trees.by_id.config()
+    }
+
+    /// Applies one batch: writes the bodies, then updates the by-id, by-seq
+    /// and local trees. Nothing is durable until [`Db::commit`]. Document
+    /// ids must be unique within the batch (deduplicating is the caller's
+    /// job), as must local ids. Returns the sequence number of each document.
+    /// On error the pending state is unchanged (bytes appended are garbage
+    /// that the next commit leaves unreferenced).
+    pub fn save(&mut self, docs: &[DocUpdate], locals: &[LocalUpdate]) -> Result<Vec<u64>> {
+        let _span =
+            tracing::trace_span!("save", docs = docs.len(), locals = locals.len()).entered();
+        check_unique(docs, |d| &d.id)?;
+        check_unique(locals, |l| &l.id)?;
+        let mut update_seq = self.pending.update_seq;
+        let mut infos = Vec::with_capacity(docs.len());
+        for doc in docs {
+            let seq = match doc.seq {
+                Some(seq) => seq,
+                None => update_seq + 1,
+            };
+            if seq == 0 || seq > MAX_U48 {
+                return Err(Error::InvalidArgument(format!("sequence number {seq}")));
+            }
+            update_seq = update_seq.max(seq);
+            let (bp, physical_size) = match &doc.body {
+                Body::None => (0, 0),
+                Body::Plain(body) if doc.content_meta & CONTENT_META_COMPRESSED != 0 => {
+                    let pos = self.writer.append_compressed_chunk(body)?;
+                    (pos.offset, pos.disk_size)
+                }
+                Body::Plain(body) | Body::Stored(body) => {
+                    let pos = self.writer.append_chunk(body)?;
+                    (pos.offset, pos.disk_size)
+                }
+            };
+            infos.push(DocInfo {
+                id: doc.id.clone(),
+                db_seq: seq,
+                rev_seq: doc.rev_seq,
+                rev_meta: doc.rev_meta.clone(),
+                deleted: doc.deleted,
+                content_meta: doc.content_meta,
+                bp,
+                physical_size,
+            });
+        }
+        let seqs: Vec<u64> = infos.iter().map(|i| i.db_seq).collect();
+        // by-id: fetch the old entries (their seqs leave the by-seq tree)
+        // while inserting the new ones.
+        infos.sort_by(|a, b| a.id.cmp(&b.id));
+        let id_values: Vec<Vec<u8>> = infos
+            .iter()
+            .map(DocInfo::encode_by_id_value)
+            .collect::<couchfile::Result<_>>()?;
+        let id_actions: Vec<Action<'_>> = infos
+            .iter()
+            .zip(&id_values)
+            .map(|(info, v)| Action {
+                key: &info.id,
+                op: ActionOp::FetchInsert(v),
+            })
+            .collect();
+        let mut old_seqs = Vec::new();
+        let path = self.writer.file().path().to_path_buf();
+        let by_id_root = self.trees.by_id.modify(
+            &mut self.writer,
+            self.pending.by_id_root.as_ref(),
+            &id_actions,
+            &mut |id, old| {
+                if let Some(old) = old {
+                    let info = DocInfo::decode_by_id(id, old).map_err(|e| e.located(&path, 0))?;
+                    old_seqs.push(info.db_seq);
+                }
+                Ok(())
+            },
+        )?;
+        // by-seq: remove superseded seqs, insert the new ones.
+        let new_seqs: std::collections::HashSet<u64> = infos.iter().map(|i| i.db_seq).collect();
+        if new_seqs.len() != infos.len() {
+            return Err(Error::InvalidArgument(
+                "two documents of the batch have the same sequence number".into(),
+            ));
+        }
+        let mut seq_entries: Vec<([u8; 6], Option<Vec<u8>>)> = Vec::new();
+        for seq in old_seqs.into_iter().filter(|s| !new_seqs.contains(s)) {
+            seq_entries.push((encode_seq_key(seq)?, None));
+        }
+        for info in &infos {
+            seq_entries.push((
+                encode_seq_key(info.db_seq)?,
+                Some(info.encode_by_seq_value()?),
+            ));
+        }
+        seq_entries.sort_by_key(|e| e.0);
+        let seq_actions: Vec<Action<'_>> = seq_entries
+            .iter()
+            .map(|(k, v)| Action {
+                key: k,
+                op: match v {
+                    Some(v) => ActionOp::Insert(v),
+                    None => ActionOp::Remove,
+                },
+            })
+            .collect();
+        let by_seq_root = self.trees.by_seq.modify(
+            &mut self.writer,
+            self.pending.by_seq_root.as_ref(),
+            &seq_actions,
+            &mut |_, _| Ok(()),
+        )?;
+        let mut locals_sorted: Vec<&LocalUpdate> = locals.iter().collect();
+        locals_sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        let local_actions: Vec<Action<'_>> = locals_sorted
+            .iter()
+            .map(|l| Action {
+                key: &l.id,
+                op: match &l.value {
+                    Some(v) => ActionOp::Insert(v),
+                    None => ActionOp::Remove,
+                },
+            })
+            .collect();
+        let local_root = self.trees.local.modify(
+            &mut self.writer,
+            self.pending.local_root.as_ref(),
+            &local_actions,
+            &mut |_, _| Ok(()),
+        )?;
+        self.pending.by_id_root = by_id_root;
+        self.pending.by_seq_root = by_seq_root;
+        self.pending.local_root = local_root;
+        self.pending.update_seq = update_seq;
+        Ok(seqs)
+    }
+
+    /// Commits the pending header (durably: two syncs) with `timestamp` as
+    /// its commit time, and returns its offset.
+    pub fn commit(&mut self, timestamp: u64) -> Result<u64> {
+        let _span = tracing::debug_span!("commit", update_seq = self.pending.update_seq).entered();
+        let mut header = self.pending.clone();
+        header.timestamp = if header.disk_version >= 13 {
+            timestamp
+        } else {
+            0
+        };
+        header.prev_header_pos = (header.disk_version >= 14).then_some(self.committed.offset);
+        let offset = self.writer.commit(&header)?;
+        self.pending = header.clone();
+        self.committed = LocatedHeader { offset, header };
+        Ok(offset)
+    }
+
+    /// Forgets everything saved since the last commit.
+    pub fn rollback_pending(&mut self) {
+        self.pending = self.committed.header.clone();
+    }
+}

@@ -1,0 +1,135 @@
+//! The node format: one snappy-compressed chunk holding a type byte
+//! (1 = leaf, 0 = interior) and entries `kvlen(5) key value`.
+
+use crate::error::{Error, Result};
+use couchfile::{decode_kv_length, encode_kv_length, CouchFile};
+
+/// Type byte of a leaf (key-value) node.
+pub const LEAF: u8 = 1;
+/// Type byte of an interior (key-pointer) node.
+pub const INTERIOR: u8 = 0;
+
+/// A decoded node: its bytes and where each entry's key and value lie.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// True for a leaf.
+    pub is_leaf: bool,
+    bytes: Vec<u8>,
+    /// (key start, key length, value length) of each entry.
+    spans: Vec<(u32, u16, u32)>,
+}
+
+impl Node {
+    /// Reads and decodes the node stored at `offset`.
+    pub fn read(file: &CouchFile, offset: u64) -> Result<Self> {
+        let bytes = file.read_compressed_chunk(offset)?;
+        Self::decode(bytes).map_err(|detail| Error::CorruptNode {
+            path: file.path().to_path_buf(),
+            offset,
+            detail,
+        })
+    }
+
+    /// Decodes node bytes (already decompressed).
+    pub fn decode(bytes: Vec<u8>) -> std::result::Result<Self, String> {
+        let is_leaf = match bytes.first() {
+            Some(&LEAF) => true,
+            Some(&INTERIOR) => false,
+            Some(t) => return Err(format!("node type byte {t}")),
+            None => return Err("empty node".into()),
+        };
+        let mut spans = Vec::new();
+        let mut pos = 1usize;
+        while pos < bytes.len() {
+            let (klen, vlen) = decode_kv_length(&bytes[pos..])
+                .map_err(|_| "truncated entry length".to_string())?;
+            let key_start = pos + 5;
+            let end = key_start + klen + vlen;
+            if end > bytes.len() {
+                return Err(format!(
+                    "entry at byte {pos} runs past the node ({end} > {})",
+                    bytes.len()
+                ));
+            }
+            // klen <= 4095 and vlen <= 2^28 by the 5-byte packing; key_start
+            // fits u32 because a node is at most a 2^28-byte chunk.
+            spans.push((key_start as u32, klen as u16, vlen as u32));
+            pos = end;
+        }
+        if spans.is_empty() {
+            return Err("node without entries".into());
+        }
+        Ok(Self {
+            is_leaf,
+            bytes,
+            spans,
+        })
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// True when the node has no entries (never for a decoded node).
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Key of entry `i`.
+    pub fn key(&self, i: usize) -> &[u8] {
+        let (start, klen, _) = self.spans[i];
+        &self.bytes[start as usize..start as usize + klen as usize]
+    }
+
+    /// Value of entry `i`.
+    pub fn value(&self, i: usize) -> &[u8] {
+        let (start, klen, vlen) = self.spans[i];
+        let v = start as usize + klen as usize;
+        &self.bytes[v..v + vlen as usize]
+    }
+
+    /// Entries as (key, value) pairs.
+    pub fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        (0..self.len()).map(|i| (self.key(i), self.value(i)))
+    }
+}
+
+/// Encodes a node from its entries.
+pub fn encode_node<'a>(
+    is_leaf: bool,
+    entries: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    size_hint: usize,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(size_hint + 1);
+    out.push(if is_leaf { LEAF } else { INTERIOR });
+    for (k, v) in entries {
+        out.extend_from_slice(&encode_kv_length(k.len(), v.len())?);
+        out.extend_from_slice(k);
+        out.extend_from_slice(v);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_round_trip() {
+        let entries: Vec<(&[u8], &[u8])> = vec![(b"a", b"1"), (b"bb", b""), (b"", b"333")];
+        let bytes = encode_node(true, entries.iter().copied(), 32).unwrap();
+        let node = Node::decode(bytes).unwrap();
+        assert!(node.is_leaf);
+        assert_eq!(node.entries().collect::<Vec<_>>(), entries);
+    }
+
+    #[test]
+    fn bad_nodes_are_errors() {
+        assert!(Node::decode(vec![]).is_err());
+        assert!(Node::decode(vec![2]).is_err());
+        assert!(Node::decode(vec![1]).is_err());
+        assert!(Node::decode(vec![1, 0, 0x10, 0, 0, 1, b'k']).is_err());
+        assert!(Node::decode(vec![1, 0, 0x10, 0, 0]).is_err());
+    }
+}

@@ -1,0 +1,685 @@
+//! The copy-on-write B+tree: batch modification, lookups, folds, range
+//! reduces and the bottom-up builder, generic over key order and reduce.
+
+use crate::error::{Error, Result};
+use crate::node::{encode_node, Node};
+use couchfile::{CouchFile, FileWriter, NodePointer};
+use std::cmp::Ordering;
+use std::ops::{Bound, ControlFlow};
+
+/// What makes one tree differ from another: how keys sort and how a
+/// subtree's reduce value is computed.
+pub trait TreeOps {
+    /// Orders two keys.
+    fn compare(&self, a: &[u8], b: &[u8]) -> Ordering;
+    /// The reduce value of a leaf's entries.
+    fn reduce(&self, entries: &mut dyn Iterator<Item = (&[u8], &[u8])>) -> Result<Vec<u8>>;
+    /// The reduce value of an interior node from its children's reduces.
+    fn rereduce(&self, reduces: &mut dyn Iterator<Item = &[u8]>) -> Result<Vec<u8>>;
+}
+
+/// Receives each fetched key with its old value (`None` if absent).
+pub type FetchFn<'a> = dyn FnMut(&[u8], Option<&[u8]>) -> Result<()> + 'a;
+/// Receives each (key, value) of a fold; `Break` stops the fold.
+pub type EntryFn<'a> = dyn FnMut(&[u8], &[u8]) -> Result<ControlFlow<()>> + 'a;
+
+/// Node size rules: couchstore's defaults are a 1279-byte threshold for both
+/// kinds of node, nodes being cut at two thirds of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Uncompressed bytes of leaf entries beyond which a leaf is split.
+    pub leaf_threshold: usize,
+    /// Uncompressed bytes of interior entries beyond which it is split.
+    pub interior_threshold: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            leaf_threshold: 1279,
+            interior_threshold: 1279,
+        }
+    }
+}
+
+/// One operation of a batch on one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionOp<'a> {
+    /// Report the current value (or its absence) through the callback.
+    Fetch,
+    /// Remove the key if present.
+    Remove,
+    /// Insert or replace the value.
+    Insert(&'a [u8]),
+    /// Report the current value, then insert or replace it.
+    FetchInsert(&'a [u8]),
+}
+
+/// An action on a key. A batch is sorted by key with each key at most once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Action<'a> {
+    /// The key.
+    pub key: &'a [u8],
+    /// What to do with it.
+    pub op: ActionOp<'a>,
+}
+
+/// Collects the entries of the nodes being written at one level and cuts them
+/// into nodes as they fill (couchstore's `couchfile_modify_result`).
+struct Collector {
+    is_leaf: bool,
+    compacting: bool,
+    threshold: usize,
+    items: Vec<(Vec<u8>, Vec<u8>)>,
+    node_len: usize,
+    /// Pointers to the nodes written so far, with their last key.
+    written: Vec<(Vec<u8>, NodePointer)>,
+}
+
+impl Collector {
+    fn new(is_leaf: bool, compacting: bool, config: &NodeConfig) -> Self {
+        Self {
+            is_leaf,
+            compacting,
+            threshold: if is_leaf {
+                config.leaf_threshold
+            } else {
+                config.interior_threshold
+            },
+            items: Vec::new(),
+            node_len: 0,
+            written: Vec::new(),
+        }
+    }
+
+    fn quota(&self) -> usize {
+        self.threshold * 2 / 3
+    }
+
+    fn push<O: TreeOps + ?Sized>(
+        &mut self,
+        ops: &O,
+        w: &mut FileWriter,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<()> {
+        self.node_len += 5 + key.len() + value.len();
+        self.items.push((key, value));
+        if self.compacting {
+            if self.node_len > self.quota() && (self.is_leaf || self.items.len() > 1) {
+                self.flush(ops, w, self.items.len())?;
+            }
+        } else if self.items.len() > 3 && self.node_len > self.threshold {
+            // Write the first items up to two thirds of the threshold (an
+            // interior node at least two), keep the rest for the next node.
+            let quota = self.quota();
+            let mut len = 0;
+            let mut n = 0;
+            for (k, v) in &self.items {
+                len += 5 + k.len() + v.len();
+                n += 1;
+                if len >= quota && (self.is_leaf || n >= 2) {
+                    break;
+                }
+            }
+            self.flush(ops, w, n)?;
+        }
+        Ok(())
+    }
+
+    fn push_pointer<O: TreeOps + ?Sized>(
+        &mut self,
+        ops: &O,
+        w: &mut FileWriter,
+        key: Vec<u8>,
+        pointer: &NodePointer,
+    ) -> Result<()> {
+        let mut value = Vec::with_capacity(14 + pointer.reduce.len());
+        pointer.encode_kp_value(&mut value)?;
+        self.push(ops, w, key, value)
+    }
+
+    /// Writes the first `n` queued items as one node.
+    fn flush<O: TreeOps + ?Sized>(&mut self, ops: &O, w: &mut FileWriter, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let rest = self.items.split_off(n);
+        let items = std::mem::replace(&mut self.items, rest);
+        let len: usize = items.iter().map(|(k, v)| 5 + k.len() + v.len()).sum();
+        self.node_len -= len;
+        let bytes = encode_node(
+            self.is_leaf,
+            items.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+            len,
+        )?;
+        let (reduce, children_size) = if self.is_leaf {
+            (
+                ops.reduce(&mut items.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))?,
+                0,
+            )
+        } else {
+            let children: Vec<NodePointer> = items
+                .iter()
+                .map(|(_, v)| NodePointer::decode_kp_value(v))
+                .collect::<couchfile::Result<_>>()?;
+            (
+                ops.rereduce(&mut children.iter().map(|c| c.reduce.as_slice()))?,
+                children.iter().map(|c| c.subtree_size).sum(),
+            )
+        };
+        let pos = w.append_compressed_chunk(&bytes)?;
+        let last_key = items
+            .into_iter()
+            .next_back()
+            .map(|(k, _)| k)
+            .unwrap_or_default();
+        self.written.push((
+            last_key,
+            NodePointer {
+                pointer: pos.offset,
+                subtree_size: pos.disk_size + children_size,
+                reduce,
+            },
+        ));
+        Ok(())
+    }
+
+    /// Writes everything queued and returns the pointers of every node written.
+    fn finish<O: TreeOps + ?Sized>(
+        mut self,
+        ops: &O,
+        w: &mut FileWriter,
+    ) -> Result<Vec<(Vec<u8>, NodePointer)>> {
+        self.flush(ops, w, self.items.len())?;
+        Ok(self.written)
+    }
+}
+
+/// What modifying a subtree did.
+enum Outcome {
+    /// Nothing changed: the old pointer stands.
+    Unchanged,
+    /// The subtree was rewritten into these nodes (none if it became empty).
+    Replaced(Vec<(Vec<u8>, NodePointer)>),
+}
+
+/// A B+tree in one file, described by its [`TreeOps`] and [`NodeConfig`].
+/// The tree itself is a root pointer; operations take the root and return
+/// the new one, never changing a node in place.
+#[derive(Debug, Clone)]
+pub struct BTree<O> {
+    ops: O,
+    config: NodeConfig,
+}
+
+fn corrupt(file: &CouchFile, offset: u64, detail: impl Into<String>) -> Error {
+    Error::CorruptNode {
+        path: file.path().to_path_buf(),
+        offset,
+        detail: detail.into(),
+    }
+}
+
+impl<O: TreeOps> BTree<O> {
+    /// A tree with the given key order and reduce, and node size rules.
+    pub fn new(ops: O, config: NodeConfig) -> Self {
+        Self { ops, config }
+    }
+
+    /// The tree's key order and reduce.
+    pub fn ops(&self) -> &O {
+        &self.ops
+    }
+
+    /// The tree's node size rules.
+    pub fn config(&self) -> NodeConfig {
+        self.config
+    }
+
+    /// Checks that `actions` are sorted and unique.
+    fn check_sorted(&self, actions: &[Action<'_>]) -> Result<()> {
+        for (i, pair) in actions.windows(2).enumerate() {
+            if self.ops.compare(pair[0].key, pair[1].key) != Ordering::Less {
+                return Err(Error::UnsortedOrDuplicate {
+                    key: String::from_utf8_lossy(pair[1].key).into_owned(),
+                    index: i + 1,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a sorted batch of actions in one pass and returns the new root
+    /// (`None` for an empty tree). `fetched` is called, in key order, with
+    /// the old value (or `None`) of every [`ActionOp::Fetch`] and
+    /// [`ActionOp::FetchInsert`] key. Nodes that do not change are shared
+    /// with the old tree; new ones are appended through `writer`.
+    pub fn modify(
+        &self,
+        writer: &mut FileWriter,
+        root: Option<&NodePointer>,
+        actions: &[Action<'_>],
+        fetched: &mut FetchFn<'_>,
+    ) -> Result<Option<NodePointer>> {
+        self.check_sorted(actions)?;
+        if actions.is_empty() {
+            return Ok(root.cloned());
+        }
+        // Old nodes are read through the file: make all of them readable.
+        writer.flush()?;
+        let file = writer.file().clone();
+        let outcome = match root {
+            Some(root) => self.modify_node(&file, writer, root, actions, fetched)?,
+            None => self.modify_leaf(writer, None, actions, fetched)?,
+        };
+        match outcome {
+            Outcome::Unchanged => Ok(root.cloned()),
+            Outcome::Replaced(pointers) => self.finish_root(writer, pointers, false),
+        }
+    }
+
+    /// Packs a level of pointers into interior nodes until one remains.
+    fn finish_root(
+        &self,
+        writer: &mut FileWriter,
+        mut pointers: Vec<(Vec<u8>, NodePointer)>,
+        compacting: bool,
+    ) -> Result<Option<NodePointer>> {
+        while pointers.len() > 1 {
+            let mut level = Collector::new(false, compacting, &self.config);
+            for (key, p) in pointers {
+                level.push_pointer(&self.ops, writer, key, &p)?;
+            }
+            pointers = level.finish(&self.ops, writer)?;
+        }
+        Ok(pointers.pop().map(|(_, p)| p))
+    }
+
+    fn modify_node(
+        &self,
+        file: &CouchFile,
+        writer: &mut FileWriter,
+        ptr: &NodePointer,
+        actions: &[Action<'_>],
+        fetched: &mut FetchFn<'_>,
+    ) -> Result<Outcome> {
+        let node = Node::read(file, ptr.pointer)?;
+        if node.is_leaf {
+            return self.modify_leaf(writer, Some(&node), actions, fetched);
+        }
+        // Hand each child the run of actions up to its key; the last child
+        // takes whatever is left.
+        let mut results: Vec<(usize, Outcome)> = Vec::new();
+        let mut rest = actions;
+        for i in 0..node.len() {
+            if rest.is_empty() {
+                break;
+            }
+            let last = i + 1 == node.len();
+            let n = if last {
+                rest.len()
+            } else {
+                rest.iter()
+                    .take_while(|a| self.ops.compare(a.key, node.key(i)) != Ordering::Greater)
+                    .count()
+            };
+            if n == 0 {
+                continue;
+            }
+            let child = NodePointer::decode_kp_value(node.value(i))
+                .map_err(|e| corrupt(file, ptr.pointer, e.to_string()))?;
+            let outcome = self.modify_node(file, writer, &child, &rest[..n], fetched)?;
+            results.push((i, outcome));
+            rest = &rest[n..];
+        }
+        if results.iter().all(|(_, o)| matches!(o, Outcome::Unchanged)) {
+            return Ok(Outcome::Unchanged);
+        }
+        let mut out = Collector::new(false, false, &self.config);
+        let mut results = results.into_iter().peekable();
+        for i in 0..node.len() {
+            match results.next_if(|(j, _)| *j == i) {
+                Some((_, Outcome::Replaced(pointers))) => {
+                    for (key, p) in pointers {
+                        out.push_pointer(&self.ops, writer, key, &p)?;
+                    }
+                }
+                _ => out.push(
+                    &self.ops,
+                    writer,
+                    node.key(i).to_vec(),
+                    node.value(i).to_vec(),
+                )?,
+            }
+        }
+        Ok(Outcome::Replaced(out.finish(&self.ops, writer)?))
+    }
+
+    fn modify_leaf(
+        &self,
+        writer: &mut FileWriter,
+        node: Option<&Node>,
+        actions: &[Action<'_>],
+        fetched: &mut FetchFn<'_>,
+    ) -> Result<Outcome> {
+        let old: Vec<(&[u8], &[u8])> = node.map(|n| n.entries().collect()).unwrap_or_default();
+        let mut merged: Vec<(&[u8], &[u8])> = Vec::with_capacity(old.len() + actions.len());
+        let mut modified = false;
+        let mut i = 0;
+        for action in actions {
+            while i < old.len() && self.ops.compare(old[i].0, action.key) == Ordering::Less {
+                merged.push(old[i]);
+                i += 1;
+            }
+            let current = (i < old.len()
+                && self.ops.compare(old[i].0, action.key) == Ordering::Equal)
+                .then(|| old[i].1);
+            if current.is_some() {
+                i += 1;
+            }
+            match action.op {
+                ActionOp::Fetch => {
+                    fetched(action.key, current)?;
+                    if let Some(v) = current {
+                        merged.push((action.key, v));
+                    }
+                }
+                ActionOp::Remove => modified |= current.is_some(),
+                ActionOp::Insert(v) => {
+                    merged.push((action.key, v));
+                    modified = true;
+                }
+                ActionOp::FetchInsert(v) => {
+                    fetched(action.key, current)?;
+                    merged.push((action.key, v));
+                    modified = true;
+                }
+            }
+        }
+        merged.extend_from_slice(&old[i..]);
+        if !modified {
+            return Ok(Outcome::Unchanged);
+        }
+        let mut out = Collector::new(true, false, &self.config);
+        for (k, v) in merged {
+            out.push(&self.ops, writer, k.to_vec(), v.to_vec())?;
+        }
+        Ok(Outcome::Replaced(out.finish(&self.ops, writer)?))
+    }
+
+    /// Looks up sorted, unique `keys`; returns their values in the same order.
+    pub fn lookup(
+        &self,
+        file: &CouchFile,
+        root: Option<&NodePointer>,
+        keys: &[&[u8]],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        let actions: Vec<Action<'_>> = keys
+            .iter()
+            .map(|&key| Action {
+                key,
+                op: ActionOp::Fetch,
+            })
+            .collect();
+        self.check_sorted(&actions)?;
+        let mut found = vec![None; keys.len()];
+        if let Some(root) = root {
+            self.lookup_node(file, root.pointer, keys, 0, &mut found)?;
+        }
+        Ok(found)
+    }
+
+    fn lookup_node(
+        &self,
+        file: &CouchFile,
+        offset: u64,
+        keys: &[&[u8]],
+        first: usize,
+        found: &mut [Option<Vec<u8>>],
+    ) -> Result<()> {
+        let node = Node::read(file, offset)?;
+        let mut rest = keys;
+        let mut index = first;
+        if node.is_leaf {
+            let mut i = 0;
+            for key in rest {
+                while i < node.len() && self.ops.compare(node.key(i), key) == Ordering::Less {
+                    i += 1;
+                }
+                if i < node.len() && self.ops.compare(node.key(i), key) == Ordering::Equal {
+                    found[index] = Some(node.value(i).to_vec());
+                }
+                index += 1;
+            }
+            return Ok(());
+        }
+        for i in 0..node.len() {
+            let n = rest
+                .iter()
+                .take_while(|k| self.ops.compare(k, node.key(i)) != Ordering::Greater)
+                .count();
+            if n > 0 {
+                let child = NodePointer::decode_kp_value(node.value(i))
+                    .map_err(|e| corrupt(file, offset, e.to_string()))?;
+                self.lookup_node(file, child.pointer, &rest[..n], index, found)?;
+                rest = &rest[n..];
+                index += n;
+            }
+            if rest.is_empty() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn before_start(&self, key: &[u8], start: Bound<&[u8]>) -> bool {
+        match start {
+            Bound::Unbounded => false,
+            Bound::Included(s) => self.ops.compare(key, s) == Ordering::Less,
+            Bound::Excluded(s) => self.ops.compare(key, s) != Ordering::Greater,
+        }
+    }
+
+    fn after_end(&self, key: &[u8], end: Bound<&[u8]>) -> bool {
+        match end {
+            Bound::Unbounded => false,
+            Bound::Included(e) => self.ops.compare(key, e) == Ordering::Greater,
+            Bound::Excluded(e) => self.ops.compare(key, e) != Ordering::Less,
+        }
+    }
+
+    /// Calls `f` on every entry with a key between `start` and `end`, in key
+    /// order, until it returns `Break`. Subtrees wholly before `start` are
+    /// not read, nor anything after `end`.
+    pub fn fold(
+        &self,
+        file: &CouchFile,
+        root: Option<&NodePointer>,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        f: &mut EntryFn<'_>,
+    ) -> Result<()> {
+        if let Some(root) = root {
+            // Break here means "stopped by f or past the end": either way, done.
+            let _ = self.fold_node(file, root.pointer, start, end, f)?;
+        }
+        Ok(())
+    }
+
+    fn fold_node(
+        &self,
+        file: &CouchFile,
+        offset: u64,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        f: &mut EntryFn<'_>,
+    ) -> Result<ControlFlow<()>> {
+        let node = Node::read(file, offset)?;
+        for i in 0..node.len() {
+            let key = node.key(i);
+            if node.is_leaf {
+                if self.before_start(key, start) {
+                    continue;
+                }
+                if self.after_end(key, end) {
+                    return Ok(ControlFlow::Break(()));
+                }
+                if f(key, node.value(i))?.is_break() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            } else {
+                // Child i holds keys up to `key`: skip it if all are before start.
+                if self.before_start(key, start) {
+                    continue;
+                }
+                let child = NodePointer::decode_kp_value(node.value(i))
+                    .map_err(|e| corrupt(file, offset, e.to_string()))?;
+                if self
+                    .fold_node(file, child.pointer, start, end, f)?
+                    .is_break()
+                {
+                    return Ok(ControlFlow::Break(()));
+                }
+                if !self.after_end(key, end) {
+                    continue;
+                }
+                return Ok(ControlFlow::Break(()));
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// The reduce value of the entries with keys in `[start, end]`, using the
+    /// stored reduces of subtrees that lie wholly inside the range, so only
+    /// the nodes along the two edges are read.
+    pub fn reduce_range(
+        &self,
+        file: &CouchFile,
+        root: Option<&NodePointer>,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+    ) -> Result<Vec<u8>> {
+        let mut parts = Vec::new();
+        if let Some(root) = root {
+            if start == Bound::Unbounded && end == Bound::Unbounded {
+                return Ok(root.reduce.clone());
+            }
+            self.reduce_node(file, root.pointer, start, end, &mut parts)?;
+        }
+        self.ops
+            .rereduce(&mut parts.iter().map(|p: &Vec<u8>| p.as_slice()))
+    }
+
+    fn reduce_node(
+        &self,
+        file: &CouchFile,
+        offset: u64,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        parts: &mut Vec<Vec<u8>>,
+    ) -> Result<()> {
+        let node = Node::read(file, offset)?;
+        if node.is_leaf {
+            let mut inside = node
+                .entries()
+                .filter(|(k, _)| !self.before_start(k, start) && !self.after_end(k, end));
+            parts.push(self.ops.reduce(&mut inside)?);
+            return Ok(());
+        }
+        let mut lower: Option<&[u8]> = None; // keys of child i are > lower
+        for i in 0..node.len() {
+            let key = node.key(i);
+            if self.before_start(key, start) {
+                lower = Some(key);
+                continue;
+            }
+            let child = NodePointer::decode_kp_value(node.value(i))
+                .map_err(|e| corrupt(file, offset, e.to_string()))?;
+            let starts_inside = match (start, lower) {
+                (Bound::Unbounded, _) => true,
+                (_, None) => false,
+                (Bound::Included(s), Some(l)) => self.ops.compare(l, s) != Ordering::Less,
+                (Bound::Excluded(s), Some(l)) => self.ops.compare(l, s) != Ordering::Less,
+            };
+            if starts_inside && !self.after_end(key, end) {
+                parts.push(child.reduce);
+            } else {
+                self.reduce_node(file, child.pointer, start, end, parts)?;
+            }
+            if self.after_end(key, end) {
+                break;
+            }
+            lower = Some(key);
+        }
+        Ok(())
+    }
+
+    /// A builder writing a new tree bottom-up from entries pushed in key order.
+    pub fn builder(&self) -> Builder<'_, O> {
+        Builder {
+            tree: self,
+            levels: vec![Collector::new(true, true, &self.config)],
+            last_key: None,
+        }
+    }
+}
+
+/// Writes a tree from sorted input, filling nodes to two thirds of the
+/// threshold as couchstore's compactor does. Made by [`BTree::builder`].
+pub struct Builder<'t, O> {
+    tree: &'t BTree<O>,
+    /// Level 0 collects leaf entries; level n+1 the pointers of level n.
+    levels: Vec<Collector>,
+    last_key: Option<Vec<u8>>,
+}
+
+impl<O: TreeOps> Builder<'_, O> {
+    /// Adds an entry; keys must be strictly ascending.
+    pub fn push(&mut self, writer: &mut FileWriter, key: &[u8], value: &[u8]) -> Result<()> {
+        if let Some(last) = &self.last_key {
+            if self.tree.ops.compare(last, key) != Ordering::Less {
+                return Err(Error::UnsortedOrDuplicate {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    index: 0,
+                });
+            }
+        }
+        self.last_key = Some(key.to_vec());
+        self.levels[0].push(&self.tree.ops, writer, key.to_vec(), value.to_vec())?;
+        self.promote(writer, 0)
+    }
+
+    /// Moves the pointers of nodes written at `level` up one level.
+    fn promote(&mut self, writer: &mut FileWriter, level: usize) -> Result<()> {
+        if self.levels[level].written.is_empty() {
+            return Ok(());
+        }
+        let written = std::mem::take(&mut self.levels[level].written);
+        if self.levels.len() == level + 1 {
+            self.levels
+                .push(Collector::new(false, true, &self.tree.config));
+        }
+        for (key, p) in written {
+            self.levels[level + 1].push_pointer(&self.tree.ops, writer, key, &p)?;
+        }
+        self.promote(writer, level + 1)
+    }
+
+    /// Writes what is left and returns the root (`None` if nothing was pushed).
+    pub fn finish(mut self, writer: &mut FileWriter) -> Result<Option<NodePointer>> {
+        let mut level = 0;
+        while level < self.levels.len() {
+            let n = self.levels[level].items.len();
+            self.levels[level].flush(&self.tree.ops, writer, n)?;
+            let is_top = level + 1 == self.levels.len();
+            if is_top {
+                let written = std::mem::take(&mut self.levels[level].written);
+                return self.tree.finish_root(writer, written, true);
+            }
+            self.promote(writer, level)?;
+            level += 1;
+        }
+        Ok(None)
+    }
+}
