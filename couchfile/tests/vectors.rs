@@ -28,7 +28,10 @@ fn vector_files() -> Vec<PathBuf> {
         })
         .collect();
     files.sort();
-    assert!(files.len() >= 8, "expected the vector files, found {files:?}");
+    assert!(
+        files.len() >= 8,
+        "expected the vector files, found {files:?}"
+    );
     files
 }
 
@@ -58,7 +61,11 @@ fn hex(bytes: &[u8]) -> String {
 fn header_line(h: &LocatedHeader) -> Value {
     let root_size = |r: &Option<NodePointer>| r.as_ref().map_or(0, |r| r.subtree_size);
     let (live, deleted, size) = match &h.header.by_id_root {
-        Some(r) => (uint(&r.reduce[0..5]), uint(&r.reduce[5..10]), uint(&r.reduce[10..16])),
+        Some(r) => (
+            uint(&r.reduce[0..5]),
+            uint(&r.reduce[5..10]),
+            uint(&r.reduce[10..16]),
+        ),
         None => (0, 0, 0),
     };
     let hd = &h.header;
@@ -86,7 +93,9 @@ fn open_error_line(mode: OpenMode, e: &couchfile::Error) -> Value {
 
 fn open(path: &Path, mode: OpenMode) -> Result<(CouchFile, LocatedHeader), couchfile::Error> {
     let mut file = CouchFile::open_read_only(path)?;
-    let header = file.find_last_header(mode)?.expect("vector files are not empty");
+    let header = file
+        .find_last_header(mode)?
+        .expect("vector files are not empty");
     file.set_crc(couchfile::CrcKind::for_version(header.header.disk_version));
     Ok((file, header))
 }
@@ -103,7 +112,12 @@ fn first_line(path: &Path, mode: OpenMode) -> Value {
 fn every_vector_opens_at_the_header_couchstore_names() {
     for file in vector_files() {
         let normal = jsonl(&sibling(&file, ".expect.jsonl"));
-        assert_eq!(first_line(&file, OpenMode::Normal), normal[0], "{}", file.display());
+        assert_eq!(
+            first_line(&file, OpenMode::Normal),
+            normal[0],
+            "{}",
+            file.display()
+        );
         let recovery_path = sibling(&file, ".recovery.expect.jsonl");
         let recovery = if recovery_path.exists() {
             jsonl(&recovery_path)
@@ -199,7 +213,10 @@ fn node_entries(node: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut rest = &node[1..];
     while !rest.is_empty() {
         let (klen, vlen) = couchfile::decode_kv_length(rest).unwrap();
-        entries.push((rest[5..5 + klen].to_vec(), rest[5 + klen..5 + klen + vlen].to_vec()));
+        entries.push((
+            rest[5..5 + klen].to_vec(),
+            rest[5 + klen..5 + klen + vlen].to_vec(),
+        ));
         rest = &rest[5 + klen + vlen..];
     }
     entries
@@ -222,7 +239,11 @@ fn leaf_entries(file: &CouchFile, root: &NodePointer, out: &mut Vec<(Vec<u8>, Ve
         }
         t => panic!("node type {t}"),
     }
-    assert_eq!(subtree, root.subtree_size, "subtree size of node {}", root.pointer);
+    assert_eq!(
+        subtree, root.subtree_size,
+        "subtree size of node {}",
+        root.pointer
+    );
 }
 
 /// The doc lines of couchstore's listing, rebuilt from the by-seq tree with
