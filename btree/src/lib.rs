@@ -46,6 +46,7 @@
 
 mod db;
 mod error;
+pub mod fuzzing;
 mod indexes;
 pub mod node;
 mod tree;

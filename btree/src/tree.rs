@@ -204,6 +204,22 @@ enum Outcome {
     Replaced(Vec<(Vec<u8>, NodePointer)>),
 }
 
+/// Decodes the pointer to a child of the interior node at `parent`. Children
+/// are always written before their parent, so a pointer that is not below
+/// the parent's offset is corrupt (and could loop forever).
+fn child_pointer(file: &CouchFile, parent: u64, value: &[u8]) -> Result<NodePointer> {
+    let child =
+        NodePointer::decode_kp_value(value).map_err(|e| corrupt(file, parent, e.to_string()))?;
+    if child.pointer >= parent {
+        return Err(corrupt(
+            file,
+            parent,
+            format!("child pointer {} is not before its parent", child.pointer),
+        ));
+    }
+    Ok(child)
+}
+
 /// A B+tree in one file, described by its [`TreeOps`] and [`NodeConfig`].
 /// The tree itself is a root pointer; operations take the root and return
 /// the new one, never changing a node in place.
@@ -327,8 +343,7 @@ impl<O: TreeOps> BTree<O> {
             if n == 0 {
                 continue;
             }
-            let child = NodePointer::decode_kp_value(node.value(i))
-                .map_err(|e| corrupt(file, ptr.pointer, e.to_string()))?;
+            let child = child_pointer(file, ptr.pointer, node.value(i))?;
             let outcome = self.modify_node(file, writer, &child, &rest[..n], fetched)?;
             results.push((i, outcome));
             rest = &rest[n..];
@@ -460,8 +475,7 @@ impl<O: TreeOps> BTree<O> {
                 .take_while(|k| self.ops.compare(k, node.key(i)) != Ordering::Greater)
                 .count();
             if n > 0 {
-                let child = NodePointer::decode_kp_value(node.value(i))
-                    .map_err(|e| corrupt(file, offset, e.to_string()))?;
+                let child = child_pointer(file, offset, node.value(i))?;
                 self.lookup_node(file, child.pointer, &rest[..n], index, found)?;
                 rest = &rest[n..];
                 index += n;
@@ -533,8 +547,7 @@ impl<O: TreeOps> BTree<O> {
                 if self.before_start(key, start) {
                     continue;
                 }
-                let child = NodePointer::decode_kp_value(node.value(i))
-                    .map_err(|e| corrupt(file, offset, e.to_string()))?;
+                let child = child_pointer(file, offset, node.value(i))?;
                 if self
                     .fold_node(file, child.pointer, start, end, f)?
                     .is_break()
@@ -594,8 +607,7 @@ impl<O: TreeOps> BTree<O> {
                 lower = Some(key);
                 continue;
             }
-            let child = NodePointer::decode_kp_value(node.value(i))
-                .map_err(|e| corrupt(file, offset, e.to_string()))?;
+            let child = child_pointer(file, offset, node.value(i))?;
             let starts_inside = match (start, lower) {
                 (Bound::Unbounded, _) => true,
                 (_, None) => false,
