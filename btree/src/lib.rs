@@ -55,3 +55,8 @@ pub use db::{Body, ChangesFilter, Db, DbOptions, DocUpdate, LocalUpdate, Snapsho
 pub use error::{Error, Result};
 pub use indexes::{decode_seq_reduce, ById, BySeq, IdReduce, Local};
 pub use tree::{Action, ActionOp, BTree, Builder, EntryFn, FetchFn, NodeConfig, TreeOps};
+
+/// Compiles and runs the examples in the crate's README.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
