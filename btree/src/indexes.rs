@@ -67,7 +67,7 @@ impl TreeOps for ById {
     fn reduce(&self, entries: &mut dyn Iterator<Item = (&[u8], &[u8])>) -> Result<Vec<u8>> {
         let mut r = IdReduce::default();
         for (_, value) in entries {
-            if value.len() < 16 {
+            if value.len() < 23 {
                 return Err(bad_reduce(
                     "by-id value",
                     format!("{} bytes, expected at least 23", value.len()),

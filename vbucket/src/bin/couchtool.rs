@@ -1,0 +1,151 @@
+//! `couchtool`: inspects and checks couchstore files. See the `vbucket`
+//! crate's documentation and `couchtool --help`; the work is done by
+//! [`vbucket::tool`].
+
+use clap::{Args, Parser, Subcommand};
+use couchfile::OpenMode;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vbucket::tool::{self, OpenOptions, Outcome};
+
+/// Inspects and checks couchstore files.
+#[derive(Debug, Parser)]
+#[command(name = "couchtool", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Which header to open.
+#[derive(Debug, Args)]
+struct Open {
+    /// Skip a corrupt last header and fall back to an older one.
+    #[arg(long)]
+    recovery: bool,
+    /// Open at the header whose block starts at this offset.
+    #[arg(long, value_name = "OFFSET")]
+    header_offset: Option<u64>,
+}
+
+impl Open {
+    fn options(&self) -> OpenOptions {
+        OpenOptions {
+            mode: mode(self.recovery),
+            header_offset: self.header_offset,
+        }
+    }
+}
+
+fn mode(recovery: bool) -> OpenMode {
+    if recovery {
+        OpenMode::Recovery
+    } else {
+        OpenMode::Normal
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Lists the header, every document in seq order and the local documents.
+    Dump {
+        /// Print couchstore's JSON Lines listing (one object a line).
+        #[arg(long)]
+        jsonl: bool,
+        #[command(flatten)]
+        open: Open,
+        /// The couchstore file.
+        file: PathBuf,
+    },
+    /// Lists every header from the one opened back to the oldest.
+    Headers {
+        /// Print JSON Lines.
+        #[arg(long)]
+        jsonl: bool,
+        /// Skip a corrupt last header and fall back to an older one.
+        #[arg(long)]
+        recovery: bool,
+        /// The couchstore file.
+        file: PathBuf,
+    },
+    /// Summarizes a header: counts, space used, file size, fragmentation.
+    Info {
+        #[command(flatten)]
+        open: Open,
+        /// The couchstore file.
+        file: PathBuf,
+    },
+    /// Checks the trees and bodies of a header; exits 1 on any problem.
+    Verify {
+        #[command(flatten)]
+        open: Open,
+        /// The couchstore file.
+        file: PathBuf,
+    },
+}
+
+fn run(command: &Command, out: &mut dyn Write) -> tool::Result<Outcome> {
+    match command {
+        Command::Dump { jsonl, open, file } => {
+            if *jsonl {
+                tool::dump_jsonl(file, &open.options(), out)
+            } else {
+                tool::dump_text(file, &open.options(), out)
+            }
+        }
+        Command::Headers {
+            jsonl,
+            recovery,
+            file,
+        } => {
+            if *jsonl {
+                tool::headers_jsonl(file, mode(*recovery), out)
+            } else {
+                tool::headers_text(file, mode(*recovery), out)
+            }
+        }
+        Command::Info { open, file } => tool::info(file, &open.options(), out),
+        Command::Verify { open, file } => tool::verify_command(file, &open.options(), out),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let result = run(&cli.command, &mut out).and_then(|outcome| {
+        out.flush()?;
+        Ok(outcome)
+    });
+    match result {
+        Ok(outcome) => {
+            for problem in &outcome.problems {
+                eprintln!("couchtool: {problem}");
+            }
+            if outcome.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        // The reader went away (`couchtool dump f | head`): nothing to say.
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
+        Err(e) => {
+            // What was listed before the error comes first.
+            let _ = out.flush();
+            eprintln!("couchtool: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
