@@ -292,7 +292,10 @@ pub enum Body {
 pub struct DocUpdate {
     /// The key.
     pub id: Vec<u8>,
-    /// Keep this sequence number (`None`: assign the next one).
+    /// Keep this sequence number (`None`: assign the next one). A kept seq
+    /// must not belong to another document already in the file: the by-seq
+    /// entry of that document would be replaced (the caller, which assigns
+    /// seqs, guarantees this, as kv-engine does).
     pub seq: Option<u64>,
     /// Revision number.
     pub rev_seq: u64,

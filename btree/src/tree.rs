@@ -270,7 +270,8 @@ impl<O: TreeOps> BTree<O> {
     /// (`None` for an empty tree). `fetched` is called, in key order, with
     /// the old value (or `None`) of every [`ActionOp::Fetch`] and
     /// [`ActionOp::FetchInsert`] key. Nodes that do not change are shared
-    /// with the old tree; new ones are appended through `writer`.
+    /// with the old tree; new ones are appended through `writer` and are
+    /// readable through `writer.file()` once the writer has flushed.
     pub fn modify(
         &self,
         writer: &mut FileWriter,
