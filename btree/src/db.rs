@@ -524,13 +524,7 @@ impl Db {
         seq_entries.sort_by_key(|e| e.0);
         let seq_actions: Vec<Action<'_>> = seq_entries
             .iter()
-            .map(|(k, v)| Action {
-                key: k,
-                op: match v {
-                    Some(v) => ActionOp::Insert(v),
-                    None => ActionOp::Remove,
-                },
-            })
+            .map(|(k, v)| Action::put_or_remove(k, v.as_deref()))
             .collect();
         let by_seq_root = self.trees.by_seq.modify(
             &mut self.writer,
@@ -542,13 +536,7 @@ impl Db {
         locals_sorted.sort_by(|a, b| a.id.cmp(&b.id));
         let local_actions: Vec<Action<'_>> = locals_sorted
             .iter()
-            .map(|l| Action {
-                key: &l.id,
-                op: match &l.value {
-                    Some(v) => ActionOp::Insert(v),
-                    None => ActionOp::Remove,
-                },
-            })
+            .map(|l| Action::put_or_remove(&l.id, l.value.as_deref()))
             .collect();
         let local_root = self.trees.local.modify(
             &mut self.writer,

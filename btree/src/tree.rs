@@ -64,6 +64,17 @@ pub struct Action<'a> {
     pub op: ActionOp<'a>,
 }
 
+impl<'a> Action<'a> {
+    /// Inserts `value` under `key`, or removes `key` when `value` is `None`.
+    pub fn put_or_remove(key: &'a [u8], value: Option<&'a [u8]>) -> Self {
+        let op = match value {
+            Some(v) => ActionOp::Insert(v),
+            None => ActionOp::Remove,
+        };
+        Self { key, op }
+    }
+}
+
 /// Collects the entries of the nodes being written at one level and cuts them
 /// into nodes as they fill (couchstore's `couchfile_modify_result`).
 struct Collector {
