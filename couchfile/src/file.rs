@@ -174,8 +174,8 @@ impl CouchFile {
     }
 
     /// Reads the logical bytes of a chunk whose 8-byte prefix starts at `pos`:
-    /// returns (length field, checksum field, payload). `max_len` bounds the
-    /// length field; `is_header` selects which way the high bit must be.
+    /// returns (checksum field, payload). `is_header` selects which way the
+    /// length's high bit must be and which length limit applies.
     fn read_chunk_raw(&self, pos: u64, is_header: bool) -> Result<(u32, Vec<u8>)> {
         let what = if is_header { "header" } else { "chunk" };
         // One read covering the prefix and, usually, the whole chunk.
@@ -300,6 +300,12 @@ impl CouchFile {
             }
             _ => return Ok(None),
         }
+        self.parse_header_block(offset).map(Some)
+    }
+
+    /// Reads and checks the header chunk of the block at `offset`, whose
+    /// block byte the caller has already found to be a header's.
+    fn parse_header_block(&self, offset: u64) -> Result<DbHeader> {
         let (stored, body) = self.read_chunk_raw(offset, true)?;
         let crc32c = CrcKind::Crc32c.checksum(&body);
         if crc32c != stored && CrcKind::Crc32.checksum(&body) != stored {
@@ -346,7 +352,7 @@ impl CouchFile {
                 ));
             }
         }
-        Ok(Some(header))
+        Ok(header)
     }
 
     /// Looks for a header in the block at `block` and the blocks before it,
@@ -356,14 +362,13 @@ impl CouchFile {
         let mut last_error = None;
         loop {
             match self.read_block_type(pos)? {
-                Some(t) if t == BlockType::Header as u8 => match self.read_header_at(pos) {
-                    Ok(Some(header)) => {
+                Some(t) if t == BlockType::Header as u8 => match self.parse_header_block(pos) {
+                    Ok(header) => {
                         return Ok(Some(LocatedHeader {
                             offset: pos,
                             header,
                         }))
                     }
-                    Ok(None) => {}
                     // MB-38788: a header that fails to parse at offset 0
                     // counts as no header.
                     Err(_) if pos == 0 => {}
@@ -531,10 +536,9 @@ impl FileWriter {
         })
     }
 
-    /// Prepares a new, empty file the way couchstore's create does and
-    /// commits `header` (usually [`DbHeader::new`]) at offset 0.
-    pub fn create(file: CouchFile, header: &DbHeader) -> Result<(Self, u64)> {
-        let mut w = Self::new(file)?;
+    /// A writer on `file`, which must be empty (the start of both creates).
+    fn new_empty(file: CouchFile) -> Result<Self> {
+        let w = Self::new(file)?;
         if w.pos != 0 {
             return Err(Error::InvalidArgument(format!(
                 "{}: create on a file of {} bytes",
@@ -542,6 +546,13 @@ impl FileWriter {
                 w.pos
             )));
         }
+        Ok(w)
+    }
+
+    /// Prepares a new, empty file the way couchstore's create does and
+    /// commits `header` (usually [`DbHeader::new`]) at offset 0.
+    pub fn create(file: CouchFile, header: &DbHeader) -> Result<(Self, u64)> {
+        let mut w = Self::new_empty(file)?;
         w.file.set_crc(CrcKind::for_version(header.disk_version));
         let offset = w.commit(header)?;
         Ok((w, offset))
@@ -550,14 +561,7 @@ impl FileWriter {
     /// Prepares a new, empty file without a header (a compaction target):
     /// a single 0x00 at offset 0, since a body offset of 0 means "no body".
     pub fn create_without_header(file: CouchFile) -> Result<Self> {
-        let mut w = Self::new(file)?;
-        if w.pos != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "{}: create on a file of {} bytes",
-                w.file.path().display(),
-                w.pos
-            )));
-        }
+        let mut w = Self::new_empty(file)?;
         w.buffer.push(BlockType::Data as u8);
         w.pos = 1;
         Ok(w)
