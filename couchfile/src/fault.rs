@@ -1,8 +1,9 @@
 //! Fault injection: a backend wrapper that simulates crashes and I/O errors.
 //!
 //! A [`FaultController`] is shared by any number of [`FaultyBackend`]s (one per
-//! file), so a test can count the mutating operations (writes, truncates and
-//! syncs) of a whole workload across files and crash at the N-th one. After a
+//! file) and [`crate::FaultyDirectory`]s, so a test can count the mutating
+//! operations (writes, truncates, syncs, creates, removes, renames and
+//! directory syncs) of a whole workload across files and crash at the N-th one. After a
 //! crash every operation on every backend of that controller fails, as if the
 //! process had died; [`FaultyBackend::crash_image`] then gives the bytes a disk
 //! would hold after the power came back: everything synced, plus optionally a
@@ -16,7 +17,7 @@ use parking_lot::Mutex;
 use std::io;
 use std::sync::Arc;
 
-/// The kinds of backend operation a fault can be aimed at.
+/// The kinds of backend and directory operation a fault can be aimed at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
     /// `read_at`.
@@ -29,12 +30,34 @@ pub enum OpKind {
     Len,
     /// `truncate`.
     Truncate,
+    /// Directory `list`.
+    List,
+    /// Directory `open`.
+    Open,
+    /// Directory `create`.
+    Create,
+    /// Directory `remove`.
+    Remove,
+    /// Directory `rename`.
+    Rename,
+    /// Directory `sync`.
+    SyncDir,
 }
 
 impl OpKind {
-    /// Writes, truncates and syncs: the operations a crash point counts.
+    /// Writes, truncates, syncs, creates, removes, renames and directory
+    /// syncs: the operations a crash point counts.
     pub fn is_mutation(self) -> bool {
-        matches!(self, OpKind::Write | OpKind::Sync | OpKind::Truncate)
+        match self {
+            OpKind::Read | OpKind::Len | OpKind::List | OpKind::Open => false,
+            OpKind::Write
+            | OpKind::Sync
+            | OpKind::Truncate
+            | OpKind::Create
+            | OpKind::Remove
+            | OpKind::Rename
+            | OpKind::SyncDir => true,
+        }
     }
 }
 
@@ -115,10 +138,10 @@ impl FaultController {
         Self::default()
     }
 
-    /// Crash at the mutating operation numbered `n` (0 = the first write,
-    /// truncate or sync from now on, counted across every backend of this
-    /// controller): that operation does not happen, and every later
-    /// operation fails.
+    /// Crash at the mutating operation numbered `n` (0 = the first mutation
+    /// from now on, see [`OpKind::is_mutation`], counted across every backend
+    /// and directory of this controller): that operation does not happen, and
+    /// every later operation fails.
     pub fn crash_at(&self, n: u64) {
         let mut s = self.state.lock();
         s.crash_at = Some(s.mutations + n);
@@ -139,7 +162,7 @@ impl FaultController {
         self.state.lock().rules.clear();
     }
 
-    /// Mutating operations (writes, truncates, syncs) seen so far.
+    /// Mutating operations (see [`OpKind::is_mutation`]) seen so far.
     pub fn mutation_count(&self) -> u64 {
         self.state.lock().mutations
     }
@@ -155,7 +178,7 @@ impl FaultController {
     }
 
     /// Decides the fate of one operation: `Ok` lets it run.
-    fn check(&self, op: OpKind) -> io::Result<()> {
+    pub(crate) fn check(&self, op: OpKind) -> io::Result<()> {
         let mut s = self.state.lock();
         if s.crashed {
             return Err(crashed_error());

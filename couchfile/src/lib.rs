@@ -8,7 +8,9 @@
 //! All I/O goes through the small [`Backend`] trait, implemented for real
 //! files ([`FileBackend`]), memory ([`MemBackend`]) and fault injection
 //! ([`FaultyBackend`]: crashes at the N-th write or sync, torn tails, ENOSPC,
-//! EIO). This crate is not a B-tree or a document store: it knows nothing of
+//! EIO), and the names of files through the [`Directory`] trait (on disk,
+//! [`OsDirectory`], or in memory with the same faults, [`FaultyDirectory`]).
+//! This crate is not a B-tree or a document store: it knows nothing of
 //! node layouts or of which chunk holds what; the `btree` crate builds on it.
 //! Nothing read from disk is trusted: every length is checked against the
 //! file and sane limits before it sizes an allocation, and bad bytes give an
@@ -39,6 +41,7 @@ mod backend;
 pub mod block;
 mod codec;
 mod crc;
+mod dir;
 mod error;
 mod fault;
 mod file;
@@ -53,6 +56,7 @@ pub use codec::{
     OLDEST_DISK_VERSION,
 };
 pub use crc::CrcKind;
+pub use dir::{Directory, FaultyDirectory, NameTail, OsDirectory};
 pub use error::{Error, IoOp, Result};
 pub use fault::{FaultController, FaultKind, FaultRule, FaultyBackend, OpKind, TornTail};
 pub use file::{
