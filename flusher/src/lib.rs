@@ -1,9 +1,151 @@
 //! `flusher`: the persistence pipeline between front-end writes and storage,
-//! generic over a flush target. It is meant to own the per-vbucket dirty queues
-//! (fed through crossbeam channels), dedup a key's mutations within a batch, cut
-//! batches by count and bytes, call the target's commit, wake whoever waits for
-//! a seqno to be persisted, and apply backpressure when a queue is over its
-//! memory bound. It is not a storage format and knows nothing about files,
-//! B-trees or compaction: the `vbucket` crate supplies the flush target. This
-//! crate is a placeholder: it is filled in by later work and exports nothing
-//! yet.
+//! generic over a [`FlushTarget`]. It owns one dirty queue per vbucket (a
+//! crossbeam channel), runs a configurable number of flusher threads that each
+//! serve a shard of the vbuckets, cuts batches by item count and bytes, keeps
+//! only the newest mutation of a key within a batch (as kv-engine's
+//! checkpoints do, so seqno gaps on disk are normal), calls the target's
+//! commit, and wakes whoever waits for a seqno to be persisted — only after the
+//! commit, sync included, has returned. A queue over its byte bound makes
+//! writers wait, then fail with [`Error::TemporarilyFull`]. A failed commit
+//! keeps its batch queued, asks the target to recover, and is retried with
+//! backoff. It is not a storage format and knows nothing about files, B-trees
+//! or compaction: the `vbucket` crate supplies the flush target.
+//!
+//! ```
+//! use flusher::{Batch, Committed, FlushItem, FlushTarget, Flusher, FlusherConfig};
+//! use std::time::Duration;
+//!
+//! struct Set { key: Vec<u8>, seqno: u64 }
+//! impl FlushItem for Set {
+//!     fn key(&self) -> &[u8] { &self.key }
+//!     fn seqno(&self) -> u64 { self.seqno }
+//!     fn size(&self) -> usize { self.key.len() }
+//! }
+//!
+//! /// A target that only counts what it was given.
+//! struct Counter { items: u64 }
+//! impl FlushTarget for Counter {
+//!     type Item = Set;
+//!     type Error = std::io::Error;
+//!     fn commit(&mut self, batch: &Batch<Set>) -> std::io::Result<Committed> {
+//!         self.items += batch.items.len() as u64;
+//!         Ok(Committed { header_offset: 0, high_seqno: batch.high_seqno, bytes_written: 0 })
+//!     }
+//!     fn recover(&mut self) -> std::io::Result<()> { Ok(()) }
+//! }
+//!
+//! # fn main() -> Result<(), flusher::Error> {
+//! let flusher = Flusher::new(FlusherConfig::default())?;
+//! let queue = flusher.add(0, Counter { items: 0 }, 0)?;
+//! for seqno in 1..=3 {
+//!     queue.enqueue(Set { key: b"k".to_vec(), seqno })?;
+//! }
+//! queue.wait_persisted(3, Duration::from_secs(10))?;
+//! let removed = flusher.remove(0)?;
+//! assert_eq!(removed.target.items, 1); // three sets of one key: one item written
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod queue;
+mod shard;
+mod stats;
+
+pub use error::{Error, Result};
+pub use queue::VbQueue;
+pub use shard::{Flusher, Removed};
+pub use stats::{FlushStats, LatencyHistogram, LatencySummary};
+
+use std::time::Duration;
+
+/// A vbucket id.
+pub type Vbid = u16;
+
+/// One queued mutation, as the flusher sees it.
+pub trait FlushItem: Send + 'static {
+    /// The key: within a batch only the newest mutation of a key is written.
+    fn key(&self) -> &[u8];
+    /// The sequence number, assigned when the mutation was accepted; items
+    /// are enqueued in increasing seqno order.
+    fn seqno(&self) -> u64;
+    /// Bytes the item holds in memory (for batching and backpressure).
+    fn size(&self) -> usize;
+}
+
+/// One batch handed to [`FlushTarget::commit`].
+#[derive(Debug)]
+pub struct Batch<I> {
+    /// The items to write: one per key (the newest), in seqno order.
+    pub items: Vec<I>,
+    /// The highest seqno the batch covers (of all items drained, including
+    /// the older mutations dedup dropped): persisted once the commit returns.
+    pub high_seqno: u64,
+    /// Items drained from the queue for this batch, before dedup.
+    pub drained: usize,
+    /// Bytes of the items drained (what persisting releases from the queue).
+    pub drained_bytes: usize,
+}
+
+/// What a successful commit made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Offset of the header the commit wrote.
+    pub header_offset: u64,
+    /// The highest seqno now durable.
+    pub high_seqno: u64,
+    /// Bytes the commit appended.
+    pub bytes_written: u64,
+}
+
+/// Where batches go: one per vbucket, owned by the flusher thread serving it.
+pub trait FlushTarget: Send + 'static {
+    /// The queued item type.
+    type Item: FlushItem;
+    /// The target's error.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Writes `batch` and makes it durable (sync included) before returning.
+    /// On error the batch stays queued and is offered again after
+    /// [`FlushTarget::recover`].
+    fn commit(&mut self, batch: &Batch<Self::Item>) -> std::result::Result<Committed, Self::Error>;
+    /// Called after a failed commit: return to the last durable state (for a
+    /// file, reopen it at its last valid header) so the batch can be retried.
+    fn recover(&mut self) -> std::result::Result<(), Self::Error>;
+}
+
+/// How the flusher batches, bounds memory and retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlusherConfig {
+    /// Flusher threads; vbucket `v` is served by thread `v % threads`.
+    pub threads: usize,
+    /// A batch is cut after this many queued items.
+    pub max_batch_items: usize,
+    /// ... or after this many queued bytes.
+    pub max_batch_bytes: usize,
+    /// Bytes a vbucket may have queued before writers wait.
+    pub max_queued_bytes: usize,
+    /// How long a writer waits for room before [`Error::TemporarilyFull`].
+    pub backpressure_timeout: Duration,
+    /// First delay before retrying a failed commit; doubled on each failure.
+    pub retry_backoff_min: Duration,
+    /// Longest delay between retries.
+    pub retry_backoff_max: Duration,
+    /// How long removing a vbucket (or shutting down) keeps retrying a
+    /// failing commit before giving up on its queued items.
+    pub close_timeout: Duration,
+}
+
+impl Default for FlusherConfig {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            max_batch_items: 10_000,
+            max_batch_bytes: 16 << 20,
+            max_queued_bytes: 64 << 20,
+            backpressure_timeout: Duration::from_secs(1),
+            retry_backoff_min: Duration::from_millis(1),
+            retry_backoff_max: Duration::from_secs(1),
+            close_timeout: Duration::from_secs(10),
+        }
+    }
+}

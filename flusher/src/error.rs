@@ -1,0 +1,69 @@
+//! The flusher's errors.
+
+use crate::Vbid;
+use std::time::Duration;
+
+/// Errors of the flusher.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The vbucket's queue stayed over its byte bound for the whole
+    /// backpressure timeout: retry later.
+    #[error("vbucket {vbid} is temporarily full: {queued_bytes} bytes queued (bound {limit}) after waiting {waited:?}")]
+    TemporarilyFull {
+        /// The vbucket.
+        vbid: Vbid,
+        /// Bytes queued when the wait gave up.
+        queued_bytes: usize,
+        /// The bound.
+        limit: usize,
+        /// How long the writer waited.
+        waited: Duration,
+    },
+    /// A wait for persistence timed out.
+    #[error(
+        "vbucket {vbid}: seqno {seqno} not persisted within {timeout:?} (persisted: {persisted})"
+    )]
+    Timeout {
+        /// The vbucket.
+        vbid: Vbid,
+        /// The seqno waited for.
+        seqno: u64,
+        /// The persisted seqno when the wait gave up.
+        persisted: u64,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// The vbucket's queue was removed from the flusher.
+    #[error("vbucket {vbid} is closed (persisted seqno {persisted})")]
+    Closed {
+        /// The vbucket.
+        vbid: Vbid,
+        /// Its last persisted seqno.
+        persisted: u64,
+    },
+    /// An item was enqueued with a seqno not above the previous one.
+    #[error("vbucket {vbid}: seqno {seqno} enqueued after {last}")]
+    SeqnoNotIncreasing {
+        /// The vbucket.
+        vbid: Vbid,
+        /// The item's seqno.
+        seqno: u64,
+        /// The last seqno enqueued.
+        last: u64,
+    },
+    /// The vbucket is already served by this flusher.
+    #[error("vbucket {0} is already added")]
+    AlreadyAdded(Vbid),
+    /// The vbucket is not served by this flusher.
+    #[error("vbucket {0} is not added")]
+    NotAdded(Vbid),
+    /// A flusher thread could not be started.
+    #[error("cannot start a flusher thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// A flusher thread is gone (it panicked).
+    #[error("flusher thread of vbucket {0} is gone")]
+    ThreadGone(Vbid),
+}
+
+/// The flusher's result type.
+pub type Result<T> = std::result::Result<T, Error>;

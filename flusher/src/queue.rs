@@ -1,0 +1,355 @@
+//! One vbucket's dirty queue: the writers' side (enqueue, backpressure, waits
+//! for persistence) and the state the flusher thread updates.
+
+use crate::error::{Error, Result};
+use crate::stats::FlushStats;
+use crate::{Batch, Committed, FlushItem, Vbid};
+use crossbeam_channel::Sender;
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A callback told the persisted seqno once it covers the seqno it was
+/// registered for, or the error that ended the wait.
+pub(crate) type PersistCallback = Box<dyn FnOnce(Result<u64>) + Send>;
+
+/// Enqueue times are sampled at most once per this interval, so the age
+/// bookkeeping stays small however many items are queued.
+const AGE_RESOLUTION: Duration = Duration::from_millis(1);
+
+#[derive(Debug, Default)]
+struct QueueState {
+    items: usize,
+    bytes: usize,
+    last_seqno: u64,
+    /// `(s, t)`: the items of seqno `s` up to the next entry's were
+    /// enqueued at `t` or later.
+    ages: VecDeque<(u64, Instant)>,
+    closed: bool,
+}
+
+struct PersistState {
+    seqno: u64,
+    callbacks: Vec<(u64, PersistCallback)>,
+    closed: bool,
+}
+
+/// State shared by a vbucket's writers and its flusher thread.
+pub(crate) struct VbShared<I> {
+    pub(crate) vbid: Vbid,
+    items: Sender<I>,
+    wake: Sender<Vbid>,
+    /// True while a wake-up for this vbucket is pending at the flusher.
+    scheduled: AtomicBool,
+    max_queued_bytes: usize,
+    queue: Mutex<QueueState>,
+    room: Condvar,
+    persist: Mutex<PersistState>,
+    persisted: Condvar,
+    stats: Mutex<FlushStats>,
+}
+
+impl<I: FlushItem> VbShared<I> {
+    pub(crate) fn new(
+        vbid: Vbid,
+        items: Sender<I>,
+        wake: Sender<Vbid>,
+        max_queued_bytes: usize,
+        persisted_seqno: u64,
+    ) -> Self {
+        Self {
+            vbid,
+            items,
+            wake,
+            scheduled: AtomicBool::new(false),
+            max_queued_bytes,
+            queue: Mutex::new(QueueState {
+                last_seqno: persisted_seqno,
+                ..QueueState::default()
+            }),
+            room: Condvar::new(),
+            persist: Mutex::new(PersistState {
+                seqno: persisted_seqno,
+                callbacks: Vec::new(),
+                closed: false,
+            }),
+            persisted: Condvar::new(),
+            stats: Mutex::new(FlushStats::default()),
+        }
+    }
+
+    /// The flusher is about to look at the queue: later enqueues wake it again.
+    pub(crate) fn clear_scheduled(&self) {
+        self.scheduled.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops accepting items (the vbucket is being removed).
+    pub(crate) fn close_queue(&self) {
+        self.queue.lock().closed = true;
+        self.room.notify_all();
+    }
+
+    /// Ends every wait for persistence: the queue is gone.
+    pub(crate) fn close_persistence(&self) {
+        let (callbacks, persisted) = {
+            let mut p = self.persist.lock();
+            p.closed = true;
+            (std::mem::take(&mut p.callbacks), p.seqno)
+        };
+        self.persisted.notify_all();
+        for (seqno, cb) in callbacks {
+            cb(if seqno <= persisted {
+                Ok(persisted)
+            } else {
+                Err(Error::Closed {
+                    vbid: self.vbid,
+                    persisted,
+                })
+            });
+        }
+    }
+
+    /// Records a failed commit.
+    pub(crate) fn record_failure(&self, error: String) {
+        let mut s = self.stats.lock();
+        s.commit_failures += 1;
+        s.last_error = Some(error);
+    }
+
+    /// Records a retry of a failed batch.
+    pub(crate) fn record_retry(&self) {
+        self.stats.lock().retries += 1;
+    }
+
+    /// A batch is durable: update the statistics, release its bytes from
+    /// the queue (waking writers waiting for room), advance the persisted
+    /// seqno and wake its waiters.
+    pub(crate) fn persisted(&self, batch: &Batch<I>, committed: &Committed, latency: Duration) {
+        {
+            let mut s = self.stats.lock();
+            s.items_flushed += batch.items.len() as u64;
+            s.items_deduplicated += (batch.drained - batch.items.len()) as u64;
+            s.batches_flushed += 1;
+            s.bytes_written += committed.bytes_written;
+            s.commit_latency.record(latency);
+        }
+        {
+            let mut q = self.queue.lock();
+            q.items = q.items.saturating_sub(batch.drained);
+            q.bytes = q.bytes.saturating_sub(batch.drained_bytes);
+            if q.items == 0 {
+                q.ages.clear();
+            } else {
+                while q.ages.len() >= 2 && q.ages[1].0 <= batch.high_seqno + 1 {
+                    q.ages.pop_front();
+                }
+            }
+        }
+        self.room.notify_all();
+        let (ready, persisted) = {
+            let mut p = self.persist.lock();
+            p.seqno = p.seqno.max(batch.high_seqno);
+            let seqno = p.seqno;
+            let (ready, waiting) = std::mem::take(&mut p.callbacks)
+                .into_iter()
+                .partition(|(s, _)| *s <= seqno);
+            p.callbacks = waiting;
+            (ready, seqno)
+        };
+        self.persisted.notify_all();
+        for (_, cb) in ready {
+            cb(Ok(persisted));
+        }
+    }
+
+    pub(crate) fn stats(&self) -> FlushStats {
+        let mut stats = self.stats.lock().clone();
+        {
+            let q = self.queue.lock();
+            stats.queued_items = q.items as u64;
+            stats.queued_bytes = q.bytes as u64;
+            stats.high_seqno = q.last_seqno;
+            stats.oldest_queued_age = match q.ages.front() {
+                Some((_, at)) if q.items > 0 => at.elapsed(),
+                _ => Duration::ZERO,
+            };
+        }
+        stats.persisted_seqno = self.persist.lock().seqno;
+        stats
+    }
+}
+
+/// A writer's handle on one vbucket's dirty queue. Cheap to clone.
+pub struct VbQueue<I> {
+    pub(crate) shared: Arc<VbShared<I>>,
+}
+
+impl<I> Clone for VbQueue<I> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<I> std::fmt::Debug for VbQueue<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VbQueue")
+            .field("vbid", &self.shared.vbid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<I: FlushItem> VbQueue<I> {
+    /// The vbucket this queue belongs to.
+    pub fn vbid(&self) -> Vbid {
+        self.shared.vbid
+    }
+
+    /// Waits until the queue is under its byte bound, for up to `timeout`;
+    /// then [`Error::TemporarilyFull`]. Call it before taking the lock under
+    /// which seqnos are assigned and [`VbQueue::enqueue`] is called, so a
+    /// full queue never blocks other writers' bookkeeping.
+    pub fn wait_for_room(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut q = self.shared.queue.lock();
+        loop {
+            if q.closed {
+                return Err(self.closed_error());
+            }
+            if q.bytes < self.shared.max_queued_bytes {
+                return Ok(());
+            }
+            if self.shared.room.wait_until(&mut q, deadline).timed_out()
+                && q.bytes >= self.shared.max_queued_bytes
+            {
+                return Err(Error::TemporarilyFull {
+                    vbid: self.shared.vbid,
+                    queued_bytes: q.bytes,
+                    limit: self.shared.max_queued_bytes,
+                    waited: start.elapsed(),
+                });
+            }
+        }
+    }
+
+    /// Queues `item` for the flusher. Seqnos must increase from one item to
+    /// the next (the caller assigns them under its own lock); the byte bound
+    /// is not checked here (see [`VbQueue::wait_for_room`]).
+    pub fn enqueue(&self, item: I) -> Result<()> {
+        let seqno = item.seqno();
+        let size = item.size();
+        {
+            let mut q = self.shared.queue.lock();
+            if q.closed {
+                return Err(self.closed_error());
+            }
+            if seqno <= q.last_seqno {
+                return Err(Error::SeqnoNotIncreasing {
+                    vbid: self.shared.vbid,
+                    seqno,
+                    last: q.last_seqno,
+                });
+            }
+            // Sent under the lock so that channel order is seqno order.
+            if self.shared.items.send(item).is_err() {
+                return Err(Error::ThreadGone(self.shared.vbid));
+            }
+            q.last_seqno = seqno;
+            q.items += 1;
+            q.bytes += size;
+            let now = Instant::now();
+            if q.ages
+                .back()
+                .is_none_or(|(_, at)| now.duration_since(*at) >= AGE_RESOLUTION)
+            {
+                q.ages.push_back((seqno, now));
+            }
+        }
+        if !self.shared.scheduled.swap(true, Ordering::SeqCst)
+            && self.shared.wake.send(self.shared.vbid).is_err()
+        {
+            return Err(Error::ThreadGone(self.shared.vbid));
+        }
+        Ok(())
+    }
+
+    /// [`VbQueue::wait_for_room`] then [`VbQueue::enqueue`].
+    pub fn push(&self, item: I, timeout: Duration) -> Result<()> {
+        self.wait_for_room(timeout)?;
+        self.enqueue(item)
+    }
+
+    /// The highest seqno persisted.
+    pub fn persisted_seqno(&self) -> u64 {
+        self.shared.persist.lock().seqno
+    }
+
+    /// Waits until `seqno` is durable, for up to `timeout`.
+    pub fn wait_persisted(&self, seqno: u64, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.shared.persist.lock();
+        loop {
+            if p.seqno >= seqno {
+                return Ok(p.seqno);
+            }
+            if p.closed {
+                return Err(Error::Closed {
+                    vbid: self.shared.vbid,
+                    persisted: p.seqno,
+                });
+            }
+            if self
+                .shared
+                .persisted
+                .wait_until(&mut p, deadline)
+                .timed_out()
+                && p.seqno < seqno
+            {
+                return Err(Error::Timeout {
+                    vbid: self.shared.vbid,
+                    seqno,
+                    persisted: p.seqno,
+                    timeout,
+                });
+            }
+        }
+    }
+
+    /// Calls `callback` with the persisted seqno once `seqno` is durable
+    /// (right away, on this thread, if it already is; otherwise on the
+    /// flusher thread), or with [`Error::Closed`] if the queue is removed
+    /// first. Keep it short: it runs on the flusher's thread.
+    pub fn on_persisted(&self, seqno: u64, callback: impl FnOnce(Result<u64>) + Send + 'static) {
+        let mut p = self.shared.persist.lock();
+        if p.seqno >= seqno {
+            let persisted = p.seqno;
+            drop(p);
+            callback(Ok(persisted));
+        } else if p.closed {
+            let persisted = p.seqno;
+            drop(p);
+            callback(Err(Error::Closed {
+                vbid: self.shared.vbid,
+                persisted,
+            }));
+        } else {
+            p.callbacks.push((seqno, Box::new(callback)));
+        }
+    }
+
+    /// This vbucket's flush statistics.
+    pub fn stats(&self) -> FlushStats {
+        self.shared.stats()
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::Closed {
+            vbid: self.shared.vbid,
+            persisted: self.persisted_seqno(),
+        }
+    }
+}

@@ -1,0 +1,464 @@
+//! The flusher threads: each serves a shard of the vbuckets, cutting batches
+//! from their queues, committing them and retrying failed commits.
+
+use crate::error::{Error, Result};
+use crate::queue::{VbQueue, VbShared};
+use crate::stats::FlushStats;
+use crate::{Batch, FlushItem, FlushTarget, FlusherConfig, Vbid};
+use crossbeam_channel::{select, unbounded, Receiver, Sender};
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A vbucket taken out of the flusher.
+#[derive(Debug)]
+pub struct Removed<T> {
+    /// Its flush target, handed back.
+    pub target: T,
+    /// Items still queued that could not be committed before
+    /// [`FlusherConfig::close_timeout`] (their commits kept failing); they
+    /// were never reported persisted.
+    pub unflushed_items: usize,
+}
+
+enum Control<T: FlushTarget> {
+    Add(Slot<T>),
+    Remove(Vbid, Sender<Removed<T>>),
+    Shutdown,
+}
+
+struct ShardHandle<T: FlushTarget> {
+    control: Sender<Control<T>>,
+    wake: Sender<Vbid>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A pool of flusher threads serving any number of vbuckets, each with its
+/// own [`FlushTarget`]. Dropping it flushes what is queued (see
+/// [`FlusherConfig::close_timeout`]) and stops the threads.
+pub struct Flusher<T: FlushTarget> {
+    config: FlusherConfig,
+    shards: Vec<ShardHandle<T>>,
+    queues: Mutex<HashMap<Vbid, Arc<VbShared<T::Item>>>>,
+}
+
+impl<T: FlushTarget> std::fmt::Debug for Flusher<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flusher")
+            .field("config", &self.config)
+            .field("vbuckets", &self.queues.lock().len())
+            .finish()
+    }
+}
+
+impl<T: FlushTarget> Flusher<T> {
+    /// Starts `config.threads` flusher threads (at least one).
+    pub fn new(config: FlusherConfig) -> Result<Self> {
+        let threads = config.threads.max(1);
+        let mut shards = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (control, control_rx) = unbounded();
+            let (wake, wake_rx) = unbounded();
+            let shard = Shard {
+                config: config.clone(),
+                control: control_rx,
+                wake: wake_rx,
+                slots: HashMap::new(),
+                ready: VecDeque::new(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("flusher-{i}"))
+                .spawn(move || shard.run())
+                .map_err(Error::Spawn)?;
+            shards.push(ShardHandle {
+                control,
+                wake,
+                thread: Some(thread),
+            });
+        }
+        Ok(Self {
+            config,
+            shards,
+            queues: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FlusherConfig {
+        &self.config
+    }
+
+    fn shard(&self, vbid: Vbid) -> &ShardHandle<T> {
+        &self.shards[usize::from(vbid) % self.shards.len()]
+    }
+
+    /// Starts serving `vbid`, whose target has persisted up to
+    /// `persisted_seqno`; returns the queue its writers use.
+    pub fn add(&self, vbid: Vbid, target: T, persisted_seqno: u64) -> Result<VbQueue<T::Item>> {
+        let mut queues = self.queues.lock();
+        if queues.contains_key(&vbid) {
+            return Err(Error::AlreadyAdded(vbid));
+        }
+        let shard = self.shard(vbid);
+        let (tx, rx) = unbounded();
+        let shared = Arc::new(VbShared::new(
+            vbid,
+            tx,
+            shard.wake.clone(),
+            self.config.max_queued_bytes,
+            persisted_seqno,
+        ));
+        let slot = Slot {
+            target,
+            shared: Arc::clone(&shared),
+            items: rx,
+            retry: None,
+            retry_at: Instant::now(),
+            backoff: self.config.retry_backoff_min,
+        };
+        shard
+            .control
+            .send(Control::Add(slot))
+            .map_err(|_| Error::ThreadGone(vbid))?;
+        queues.insert(vbid, Arc::clone(&shared));
+        Ok(VbQueue { shared })
+    }
+
+    /// The queue of `vbid`, if it is served.
+    pub fn queue(&self, vbid: Vbid) -> Option<VbQueue<T::Item>> {
+        self.queues.lock().get(&vbid).map(|shared| VbQueue {
+            shared: Arc::clone(shared),
+        })
+    }
+
+    /// The vbuckets served, in no particular order.
+    pub fn vbuckets(&self) -> Vec<Vbid> {
+        self.queues.lock().keys().copied().collect()
+    }
+
+    /// Stops serving `vbid`: new items are refused, what is queued is
+    /// flushed (retrying failures for up to the close timeout), waiters
+    /// are released, and the target is handed back.
+    pub fn remove(&self, vbid: Vbid) -> Result<Removed<T>> {
+        let shared = self
+            .queues
+            .lock()
+            .remove(&vbid)
+            .ok_or(Error::NotAdded(vbid))?;
+        shared.close_queue();
+        let (reply, reply_rx) = crossbeam_channel::bounded(1);
+        self.shard(vbid)
+            .control
+            .send(Control::Remove(vbid, reply))
+            .map_err(|_| Error::ThreadGone(vbid))?;
+        reply_rx.recv().map_err(|_| Error::ThreadGone(vbid))
+    }
+
+    /// Flush statistics of `vbid`.
+    pub fn stats(&self, vbid: Vbid) -> Option<FlushStats> {
+        self.queues.lock().get(&vbid).map(|s| s.stats())
+    }
+
+    /// Flush statistics of every vbucket served, merged.
+    pub fn total_stats(&self) -> FlushStats {
+        let queues: Vec<_> = self.queues.lock().values().cloned().collect();
+        let mut total = FlushStats::default();
+        for shared in queues {
+            total.merge(&shared.stats());
+        }
+        total
+    }
+
+    /// Removes every vbucket (flushing their queues) and stops the threads.
+    pub fn shutdown(self) -> Vec<(Vbid, Result<Removed<T>>)> {
+        let mut vbids = self.vbuckets();
+        vbids.sort_unstable();
+        vbids
+            .into_iter()
+            .map(|vbid| (vbid, self.remove(vbid)))
+            .collect()
+        // Drop stops the threads.
+    }
+}
+
+impl<T: FlushTarget> Drop for Flusher<T> {
+    fn drop(&mut self) {
+        let queues: Vec<_> = self.queues.lock().drain().map(|(_, s)| s).collect();
+        for shared in &queues {
+            shared.close_queue();
+        }
+        for shard in &self.shards {
+            let _ = shard.control.send(Control::Shutdown);
+        }
+        for shard in &mut self.shards {
+            if let Some(thread) = shard.thread.take() {
+                if thread.join().is_err() {
+                    tracing::error!("a flusher thread panicked");
+                }
+            }
+        }
+    }
+}
+
+/// One vbucket as its flusher thread holds it.
+struct Slot<T: FlushTarget> {
+    target: T,
+    shared: Arc<VbShared<T::Item>>,
+    items: Receiver<T::Item>,
+    /// A batch whose commit failed, to retry at `retry_at`.
+    retry: Option<Batch<T::Item>>,
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+/// What one flush step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Nothing was queued.
+    Idle,
+    /// A batch was committed and nothing more is queued.
+    Flushed,
+    /// A batch was committed and more is queued.
+    More,
+    /// A commit failed or a retry is not due yet.
+    Backoff,
+}
+
+impl<T: FlushTarget> Slot<T> {
+    fn has_queued(&self) -> bool {
+        self.retry.is_some() || !self.items.is_empty()
+    }
+
+    /// Drains up to one batch's worth of items and keeps the newest of each key.
+    fn cut_batch(&self, config: &FlusherConfig) -> Option<Batch<T::Item>> {
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
+        while items.len() < config.max_batch_items.max(1) && bytes < config.max_batch_bytes {
+            match self.items.try_recv() {
+                Ok(item) => {
+                    bytes += item.size();
+                    items.push(item);
+                }
+                Err(_) => break,
+            }
+        }
+        (!items.is_empty()).then(|| dedup(items, bytes))
+    }
+
+    /// Commits one batch (a due retry first).
+    fn flush_step(&mut self, config: &FlusherConfig) -> Step {
+        let now = Instant::now();
+        let batch = match self.retry.take() {
+            Some(batch) if now < self.retry_at => {
+                self.retry = Some(batch);
+                return Step::Backoff;
+            }
+            Some(batch) => {
+                self.shared.record_retry();
+                batch
+            }
+            None => {
+                self.shared.clear_scheduled();
+                match self.cut_batch(config) {
+                    Some(batch) => batch,
+                    None => return Step::Idle,
+                }
+            }
+        };
+        let vbid = self.shared.vbid;
+        let _span = tracing::debug_span!(
+            "flush",
+            vbid,
+            items = batch.items.len(),
+            high_seqno = batch.high_seqno
+        )
+        .entered();
+        let start = Instant::now();
+        match self.target.commit(&batch) {
+            Ok(committed) => {
+                self.shared.persisted(&batch, &committed, start.elapsed());
+                self.backoff = config.retry_backoff_min;
+                if self.has_queued() {
+                    Step::More
+                } else {
+                    Step::Flushed
+                }
+            }
+            Err(error) => {
+                tracing::warn!(vbid, %error, backoff = ?self.backoff, "commit failed; the batch stays queued");
+                self.shared.record_failure(error.to_string());
+                if let Err(error) = self.target.recover() {
+                    tracing::warn!(vbid, %error, "recovery after a failed commit failed");
+                }
+                self.retry = Some(batch);
+                self.retry_at = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(config.retry_backoff_max);
+                Step::Backoff
+            }
+        }
+    }
+
+    /// Flushes everything queued, giving up on failing commits after the
+    /// close timeout; returns how many items were left unflushed.
+    fn drain(&mut self, config: &FlusherConfig) -> usize {
+        let deadline = Instant::now() + config.close_timeout;
+        loop {
+            match self.flush_step(config) {
+                Step::Idle | Step::Flushed => return 0,
+                Step::More => {}
+                Step::Backoff => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let retry = self.retry.as_ref().map_or(0, |b| b.drained);
+                        return retry + self.items.len();
+                    }
+                    std::thread::sleep(self.retry_at.min(deadline).saturating_duration_since(now));
+                }
+            }
+        }
+    }
+}
+
+/// Keeps only the newest item of each key; the result stays in seqno order.
+fn dedup<I: FlushItem>(items: Vec<I>, drained_bytes: usize) -> Batch<I> {
+    let drained = items.len();
+    let high_seqno = items.iter().map(FlushItem::seqno).max().unwrap_or(0);
+    let mut order: Vec<usize> = (0..drained).collect();
+    order.sort_by(|&a, &b| {
+        items[a]
+            .key()
+            .cmp(items[b].key())
+            .then(items[a].seqno().cmp(&items[b].seqno()))
+    });
+    let mut keep = vec![false; drained];
+    for (i, &idx) in order.iter().enumerate() {
+        let last_of_key = order
+            .get(i + 1)
+            .is_none_or(|&next| items[next].key() != items[idx].key());
+        keep[idx] = last_of_key;
+    }
+    let items = items
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(item, keep)| keep.then_some(item))
+        .collect();
+    Batch {
+        items,
+        high_seqno,
+        drained,
+        drained_bytes,
+    }
+}
+
+/// One flusher thread's state.
+struct Shard<T: FlushTarget> {
+    config: FlusherConfig,
+    control: Receiver<Control<T>>,
+    wake: Receiver<Vbid>,
+    slots: HashMap<Vbid, Slot<T>>,
+    /// Vbuckets with work, in round-robin order.
+    ready: VecDeque<Vbid>,
+}
+
+/// How long an idle flusher thread sleeps between checks of its retries.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+
+impl<T: FlushTarget> Shard<T> {
+    fn run(mut self) {
+        loop {
+            if self.ready.is_empty() {
+                let timeout = self
+                    .slots
+                    .values()
+                    .filter(|s| s.retry.is_some())
+                    .map(|s| s.retry_at.saturating_duration_since(Instant::now()))
+                    .min()
+                    .unwrap_or(IDLE_WAIT);
+                select! {
+                    recv(self.control) -> msg => match msg {
+                        Ok(msg) => if !self.handle(msg) { return },
+                        Err(_) => return,
+                    },
+                    recv(self.wake) -> vbid => if let Ok(vbid) = vbid { self.ready.push_back(vbid) },
+                    default(timeout) => {}
+                }
+            }
+            while let Ok(msg) = self.control.try_recv() {
+                if !self.handle(msg) {
+                    return;
+                }
+            }
+            while let Ok(vbid) = self.wake.try_recv() {
+                self.ready.push_back(vbid);
+            }
+            let now = Instant::now();
+            for (vbid, slot) in &self.slots {
+                if slot.retry.is_some() && slot.retry_at <= now {
+                    self.ready.push_back(*vbid);
+                }
+            }
+            self.flush_round();
+        }
+    }
+
+    /// One batch for each vbucket with work; those with more go round again.
+    fn flush_round(&mut self) {
+        let mut round: Vec<Vbid> = self.ready.drain(..).collect();
+        round.sort_unstable();
+        round.dedup();
+        for vbid in round {
+            if let Some(slot) = self.slots.get_mut(&vbid) {
+                if slot.flush_step(&self.config) == Step::More {
+                    self.ready.push_back(vbid);
+                }
+            }
+        }
+    }
+
+    /// Handles a control message; false means stop the thread.
+    fn handle(&mut self, msg: Control<T>) -> bool {
+        match msg {
+            Control::Add(slot) => {
+                let vbid = slot.shared.vbid;
+                if slot.has_queued() {
+                    self.ready.push_back(vbid);
+                }
+                self.slots.insert(vbid, slot);
+                true
+            }
+            Control::Remove(vbid, reply) => {
+                if let Some(slot) = self.slots.remove(&vbid) {
+                    let _ = reply.send(self.retire(slot));
+                }
+                true
+            }
+            Control::Shutdown => {
+                let slots: Vec<_> = self.slots.drain().map(|(_, s)| s).collect();
+                for slot in slots {
+                    let vbid = slot.shared.vbid;
+                    let removed = self.retire(slot);
+                    if removed.unflushed_items > 0 {
+                        tracing::error!(
+                            vbid,
+                            items = removed.unflushed_items,
+                            "shutting down with items that could not be flushed"
+                        );
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    /// Flushes a removed vbucket's queue and releases its waiters.
+    fn retire(&self, mut slot: Slot<T>) -> Removed<T> {
+        let unflushed_items = slot.drain(&self.config);
+        slot.shared.close_persistence();
+        Removed {
+            target: slot.target,
+            unflushed_items,
+        }
+    }
+}
