@@ -1,14 +1,20 @@
-//! `vbucket`: one vbucket and a store of many, tying `flusher`, `compactor`,
-//! `btree` and `couchfile` together. It is meant to own the file naming
-//! (`<vbid>.couch.<rev>`), the vbucket lock, the header-offset handoff between
-//! flusher and compactor that lets compaction run concurrently with flushing
-//! (only the final catch-up round holds the lock), the swap to the new file
-//! revision, readers that stay valid across swaps, the `_local/vbstate`
-//! document, cleanup of stale revisions and `.compact` files at open, and
-//! statistics. It is not a network server or a cache: it is the persistence
-//! layer below one. The vbucket itself is filled in by later work.
+//! `vbucket`: the persistence layer of one vbucket and a [`Store`] of many,
+//! tying `flusher`, `btree` and `couchfile` together. Each vbucket lives in
+//! one append-only couchstore file, `<vbid>.couch.<rev>`, in the store's data
+//! directory; on open the newest complete revision is used and stale
+//! revisions and `.compact` leftovers are removed. Writers [`VBucket::set`]
+//! and [`VBucket::delete`] from any thread: the mutation gets its seqno at
+//! once, is readable at once (the dirty table is read before the file), and
+//! is durable once [`VBucket::wait_persisted`] returns; a shared pool of
+//! flusher threads commits batches (bodies, by-id and by-seq updates and the
+//! `_local/vbstate` document, then the header, then sync) under the
+//! vbucket's commit lock and publishes the offset of every header it commits
+//! ([`VBucket::latest_header`]: the handoff compaction consumes). Readers
+//! take [`ReadSnapshot`]s at the latest or an older header and run
+//! concurrently with the flusher. It is not a network server or a cache: it
+//! is the persistence layer below one.
 //!
-//! So far the crate holds [`tool`], the library behind the `couchtool`
+//! The crate also holds [`tool`], the library behind the `couchtool`
 //! command-line binary (`src/bin/couchtool.rs`), which inspects and checks
 //! couchstore files:
 //!
@@ -26,5 +32,43 @@
 //!   ([`tool::verify`] does the same for tests).
 //!
 //! Exit status: 0 when all is well, 1 on an error or a problem found.
+//!
+//! ```
+//! use std::time::Duration;
+//! use vbucket::{ItemMeta, Store, StoreConfig};
+//!
+//! # fn main() -> vbucket::Result<()> {
+//! let dir = tempfile::tempdir().map_err(|e| vbucket::Error::Io {
+//!     path: "tmp".into(), op: "tempdir", source: e })?;
+//! let store = Store::open(dir.path(), StoreConfig::default())?;
+//! let vb = store.open_vbucket(0)?;
+//! let m = vb.set(b"user:1", br#"{"name":"Ada"}"#, ItemMeta::default())?;
+//! vb.wait_persisted(m.seqno, Duration::from_secs(10))?;
+//! store.close()?;
+//!
+//! let store = Store::open(dir.path(), StoreConfig::default())?;
+//! let doc = store.vbucket(0)?.get(b"user:1")?.expect("persisted");
+//! assert_eq!(doc.value, br#"{"name":"Ada"}"#);
+//! # Ok(())
+//! # }
+//! ```
 
+mod error;
+mod files;
+mod item;
+mod snapshot;
+mod store;
 pub mod tool;
+mod vbstate;
+mod vbucket;
+
+pub use error::{Error, Result};
+pub use files::{compact_name, revision_name};
+pub use item::{Document, ItemMeta, Mutation, DATATYPE_JSON};
+pub use snapshot::ReadSnapshot;
+pub use store::{Store, StoreConfig, StoreStats, StoreTotals};
+pub use vbstate::{FailoverEntry, VbState, VbucketState, VBSTATE_ID};
+pub use vbucket::{CommittedHeader, VBucket, VBucketStats, MAX_VALUE_SIZE};
+
+/// Re-exported so users can configure the flusher and read its statistics.
+pub use flusher::{FlushStats, FlusherConfig, LatencySummary, Vbid};

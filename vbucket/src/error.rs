@@ -1,0 +1,113 @@
+//! The vbucket crate's errors.
+
+use flusher::Vbid;
+use std::path::PathBuf;
+
+/// Errors of vbuckets and stores.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A directory operation failed.
+    #[error("{path}: {op}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The byte layer failed (I/O on a file, or bad bytes at an offset).
+    #[error(transparent)]
+    File(#[from] couchfile::Error),
+    /// The document layer failed.
+    #[error(transparent)]
+    Tree(#[from] btree::Error),
+    /// The flusher refused or timed out (see [`Error::is_temporarily_full`]).
+    #[error(transparent)]
+    Flusher(#[from] flusher::Error),
+    /// The `_local/vbstate` document cannot be parsed.
+    #[error("{path}: bad _local/vbstate: {reason}")]
+    BadVbstate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A document's revision metadata cannot be parsed.
+    #[error("{path}: document {key:?}: bad rev_meta: {source}")]
+    BadRevMeta {
+        /// The file.
+        path: PathBuf,
+        /// The document's key (lossy UTF-8).
+        key: String,
+        /// Why.
+        #[source]
+        source: couchfile::Error,
+    },
+    /// The vbucket was closed.
+    #[error("vbucket {0} is closed")]
+    Closed(Vbid),
+    /// The store has no such vbucket.
+    #[error("vbucket {0} is not open in this store")]
+    NoSuchVbucket(Vbid),
+    /// A key that cannot be stored (empty, or longer than 4095 bytes).
+    #[error("invalid key of {len} bytes (1 to {max} allowed)")]
+    InvalidKey {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A value over the size a chunk can hold.
+    #[error("value of {len} bytes is over the limit of {max}")]
+    ValueTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Closing a vbucket could not flush everything queued (its commits kept
+    /// failing); those mutations were never reported persisted.
+    #[error("vbucket {vbid}: {items} queued mutations could not be flushed before closing")]
+    Unflushed {
+        /// The vbucket.
+        vbid: Vbid,
+        /// Mutations left unflushed.
+        items: usize,
+    },
+    /// The file reopened after a failed commit is older than what had been
+    /// committed: durable data was lost underneath us.
+    #[error("{path}: after a failed commit the last valid header has seq {found}, below the committed {committed}")]
+    LostCommit {
+        /// The file.
+        path: PathBuf,
+        /// Update seq of the header found.
+        found: u64,
+        /// Update seq that had been committed.
+        committed: u64,
+    },
+}
+
+impl Error {
+    /// True when the vbucket's queue is over its memory bound: retry later.
+    pub fn is_temporarily_full(&self) -> bool {
+        matches!(self, Error::Flusher(flusher::Error::TemporarilyFull { .. }))
+    }
+
+    /// True when a wait for persistence timed out.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Flusher(flusher::Error::Timeout { .. }))
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            op,
+            source,
+        }
+    }
+}
+
+/// The vbucket crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

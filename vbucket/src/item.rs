@@ -1,0 +1,146 @@
+//! Documents as users see them, and mutations on their way to disk.
+
+use crate::error::{Error, Result};
+use btree::{Body, DocUpdate};
+use couchfile::{DocInfo, RevMeta, CONTENT_META_COMPRESSED};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Memcached datatype bit: the value is JSON.
+pub const DATATYPE_JSON: u8 = 0x01;
+
+/// couchstore `content_meta` low bits: the body is JSON.
+const CONTENT_META_JSON: u8 = 0;
+/// couchstore `content_meta` low bits: the body is not JSON (binary).
+const CONTENT_META_NON_JSON: u8 = 3;
+
+/// A document's metadata, as kv-engine keeps it in `rev_meta`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ItemMeta {
+    /// CAS. On a set or delete, 0 means "assign one" (a hybrid logical
+    /// clock, as kv-engine does); any other value is stored as given (as
+    /// kv-engine's set-with-meta does).
+    pub cas: u64,
+    /// Expiry time in seconds since the epoch; 0 = never.
+    pub exptime: u32,
+    /// Client flags, stored as given.
+    pub flags: u32,
+    /// Memcached datatype bits ([`DATATYPE_JSON`], ...).
+    pub datatype: u8,
+    /// Revision number. On a set or delete, 0 means "assign one": one above
+    /// the revision of the key's mutation still queued, else 1 (the store
+    /// does not read the disk on the write path; pass the revision to keep
+    /// it exact, as set-with-meta does).
+    pub rev_seq: u64,
+}
+
+/// A document read back: the newest mutation of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value (empty for a deletion).
+    pub value: Vec<u8>,
+    /// True for a deletion (tombstone).
+    pub deleted: bool,
+    /// The sequence number of the mutation.
+    pub seqno: u64,
+    /// Its metadata.
+    pub meta: ItemMeta,
+}
+
+/// What a set or delete was given: its seqno and CAS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mutation {
+    /// The sequence number assigned (wait for it with `wait_persisted`).
+    pub seqno: u64,
+    /// The CAS stored.
+    pub cas: u64,
+}
+
+/// One accepted mutation, shared by the dirty table (reads of unflushed
+/// writes) and the flusher's queue.
+#[derive(Debug)]
+pub(crate) struct Item {
+    pub(crate) key: Vec<u8>,
+    pub(crate) value: Vec<u8>,
+    pub(crate) deleted: bool,
+    pub(crate) seqno: u64,
+    pub(crate) meta: ItemMeta,
+}
+
+impl Item {
+    pub(crate) fn to_document(&self) -> Document {
+        Document {
+            key: self.key.clone(),
+            value: self.value.clone(),
+            deleted: self.deleted,
+            seqno: self.seqno,
+            meta: self.meta,
+        }
+    }
+
+    /// The document update the flush target saves.
+    pub(crate) fn to_doc_update(&self, compress: bool) -> DocUpdate {
+        let kind = if self.meta.datatype & DATATYPE_JSON != 0 {
+            CONTENT_META_JSON
+        } else {
+            CONTENT_META_NON_JSON
+        };
+        let (body, compressed) = if self.deleted && self.value.is_empty() {
+            (Body::None, false)
+        } else {
+            (Body::Plain(self.value.clone()), compress)
+        };
+        let m = &self.meta;
+        DocUpdate {
+            id: self.key.clone(),
+            seq: Some(self.seqno),
+            rev_seq: m.rev_seq,
+            rev_meta: RevMeta::new(m.cas, m.exptime, m.flags, m.datatype).encode(),
+            deleted: self.deleted,
+            content_meta: kind
+                | if compressed {
+                    CONTENT_META_COMPRESSED
+                } else {
+                    0
+                },
+            body,
+        }
+    }
+}
+
+/// The flusher's handle on an [`Item`].
+#[derive(Debug, Clone)]
+pub(crate) struct QueuedItem(pub(crate) Arc<Item>);
+
+impl flusher::FlushItem for QueuedItem {
+    fn key(&self) -> &[u8] {
+        &self.0.key
+    }
+
+    fn seqno(&self) -> u64 {
+        self.0.seqno
+    }
+
+    fn size(&self) -> usize {
+        // Key, value and the fixed part, as the dirty table holds them.
+        self.0.key.len() + self.0.value.len() + std::mem::size_of::<Item>()
+    }
+}
+
+/// The metadata stored in a document's `rev_meta`.
+pub(crate) fn meta_of(path: &Path, info: &DocInfo) -> Result<ItemMeta> {
+    let rev = RevMeta::decode(&info.rev_meta).map_err(|source| Error::BadRevMeta {
+        path: path.to_path_buf(),
+        key: String::from_utf8_lossy(&info.id).into_owned(),
+        source,
+    })?;
+    Ok(ItemMeta {
+        cas: rev.cas,
+        exptime: rev.exptime,
+        flags: rev.flags,
+        datatype: rev.v1.map_or(0, |v| v.datatype),
+        rev_seq: info.rev_seq,
+    })
+}

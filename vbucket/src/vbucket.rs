@@ -1,0 +1,566 @@
+//! One vbucket: accepting mutations (seqnos, the dirty table, the flusher's
+//! queue), reads of unflushed and committed data, and the flush target that
+//! commits batches to the vbucket's file under the commit lock.
+
+use crate::error::{Error, Result};
+use crate::files::{self, revision_name};
+use crate::item::{Document, Item, ItemMeta, Mutation, QueuedItem};
+use crate::snapshot::ReadSnapshot;
+use crate::vbstate::{VbState, VbucketState, VBSTATE_ID};
+use btree::{Db, DbOptions, LocalUpdate, Snapshot};
+use couchfile::{CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, MAX_KEY_LEN};
+use flusher::{Batch, Committed, FlushStats, FlushTarget, Flusher, VbQueue, Vbid};
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Largest value accepted (kv-engine's default item size limit).
+pub const MAX_VALUE_SIZE: usize = 20 << 20;
+
+/// How a vbucket writes its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct VbOptions {
+    pub(crate) db: DbOptions,
+    pub(crate) compress_bodies: bool,
+    /// How long a writer waits for room in a full queue.
+    pub(crate) write_timeout: Duration,
+}
+
+/// The front end: seqno and CAS assignment and the mutations not yet
+/// persisted, newest per key (reads see them first).
+#[derive(Debug)]
+struct Front {
+    high_seqno: u64,
+    max_cas: u64,
+    closed: bool,
+    dirty: HashMap<Vec<u8>, Arc<Item>>,
+}
+
+impl Front {
+    /// kv-engine's hybrid logical clock: wall-clock nanoseconds with the
+    /// low 16 bits as a counter, never going backwards.
+    fn next_cas(&mut self) -> u64 {
+        let now = u64::try_from(unix_nanos()).unwrap_or(u64::MAX) & !0xffff;
+        self.max_cas = now.max(self.max_cas + 1);
+        self.max_cas
+    }
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// The write side of the file. Its mutex is the vbucket's commit lock: the
+/// flusher holds it for each commit, and compaction's final round holds it
+/// to replay the last changes and switch files.
+#[derive(Debug)]
+struct Writer {
+    db: Db,
+    revision: u64,
+    /// The vbstate as of the last commit.
+    vbstate: VbState,
+    /// A commit failed: reopen the file at its last valid header first.
+    needs_recovery: bool,
+}
+
+/// The latest commit, as published to readers and to compaction.
+#[derive(Debug, Clone)]
+struct Published {
+    revision: u64,
+    file: CouchFile,
+    header: LocatedHeader,
+    commits: u64,
+}
+
+/// A committed header as the flusher publishes it: the handoff that tells
+/// compaction how far the file has moved on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommittedHeader {
+    /// The file revision it is in.
+    pub revision: u64,
+    /// Offset of the header.
+    pub offset: u64,
+    /// Its update seq.
+    pub update_seq: u64,
+    /// Commits since the vbucket was opened (increases with every header).
+    pub commits: u64,
+}
+
+impl Published {
+    fn handoff(&self) -> CommittedHeader {
+        CommittedHeader {
+            revision: self.revision,
+            offset: self.header.offset,
+            update_seq: self.header.header.update_seq,
+            commits: self.commits,
+        }
+    }
+}
+
+/// State shared by the vbucket's handles and its flush target.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    vbid: Vbid,
+    dir: Arc<dyn Directory>,
+    options: VbOptions,
+    front: Mutex<Front>,
+    writer: Mutex<Writer>,
+    published: Mutex<Published>,
+    header_committed: Condvar,
+}
+
+impl Shared {
+    /// Makes the writer's last commit the one readers see. Called with the
+    /// commit lock held, so headers are published in commit order.
+    fn publish(&self, writer: &Writer) {
+        let snapshot = writer.db.snapshot();
+        let mut p = self.published.lock();
+        p.revision = writer.revision;
+        p.file = snapshot.file().clone();
+        p.header = snapshot.located_header().clone();
+        p.commits += 1;
+        drop(p);
+        self.header_committed.notify_all();
+    }
+}
+
+impl Writer {
+    /// Writes the batch's documents and the vbstate, then commits (durably).
+    fn commit_batch(
+        &mut self,
+        options: &VbOptions,
+        batch: &Batch<QueuedItem>,
+    ) -> Result<Committed> {
+        let start = self.db.writer_mut().position();
+        let mut vbstate = self.vbstate.clone();
+        vbstate.persisted_seqno = vbstate.persisted_seqno.max(batch.high_seqno);
+        for QueuedItem(item) in &batch.items {
+            vbstate.max_cas = vbstate.max_cas.max(item.meta.cas);
+            if item.deleted {
+                vbstate.max_deleted_seqno = vbstate.max_deleted_seqno.max(item.seqno);
+            }
+        }
+        let docs: Vec<_> = batch
+            .items
+            .iter()
+            .map(|QueuedItem(item)| item.to_doc_update(options.compress_bodies))
+            .collect();
+        self.db.save(&docs, &[vbstate_update(&vbstate)])?;
+        // Dedup leaves gaps: the header covers every seqno drained.
+        let pending = self.db.pending_mut();
+        pending.update_seq = pending.update_seq.max(batch.high_seqno);
+        let header_offset = self.commit()?;
+        self.vbstate = vbstate;
+        Ok(Committed {
+            header_offset,
+            high_seqno: batch.high_seqno,
+            bytes_written: self.db.writer_mut().position().saturating_sub(start),
+        })
+    }
+
+    /// Commits a new vbstate alone.
+    fn commit_vbstate(&mut self, vbstate: VbState) -> Result<u64> {
+        self.db.save(&[], &[vbstate_update(&vbstate)])?;
+        let offset = self.commit()?;
+        self.vbstate = vbstate;
+        Ok(offset)
+    }
+
+    fn commit(&mut self) -> Result<u64> {
+        let timestamp = u64::try_from(unix_nanos()).unwrap_or(u64::MAX);
+        match self.db.commit(timestamp) {
+            Ok(offset) => Ok(offset),
+            Err(e) => {
+                self.needs_recovery = true;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Reopens the file at its last valid header after a failed commit.
+    fn recover(&mut self, shared: &Shared) -> Result<()> {
+        let _span = tracing::info_span!("recovery", vbid = shared.vbid).entered();
+        let name = revision_name(shared.vbid, self.revision);
+        let mut file = files::open_file(&*shared.dir, &name)?;
+        let committed = self.db.committed().header.update_seq;
+        let header = match file.find_last_header(shared.options.db.mode) {
+            Ok(Some(header)) if header.header.update_seq >= committed => header,
+            Ok(found) => {
+                return Err(Error::LostCommit {
+                    path: file.path().to_path_buf(),
+                    found: found.map_or(0, |h| h.header.update_seq),
+                    committed,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(header = header.offset, "reopened after a failed commit");
+        file.set_crc(CrcKind::for_version(header.header.disk_version));
+        self.db = Db::from_writer(FileWriter::new(file)?, header, shared.options.db.nodes);
+        self.needs_recovery = false;
+        Ok(())
+    }
+
+    fn recover_if_needed(&mut self, shared: &Shared) -> Result<()> {
+        if self.needs_recovery {
+            self.recover(shared)?;
+        }
+        Ok(())
+    }
+}
+
+fn vbstate_update(vbstate: &VbState) -> LocalUpdate {
+    LocalUpdate {
+        id: VBSTATE_ID.to_vec(),
+        value: Some(vbstate.to_json()),
+    }
+}
+
+/// The flusher's target for one vbucket.
+#[derive(Debug)]
+pub(crate) struct VbTarget {
+    shared: Arc<Shared>,
+}
+
+impl FlushTarget for VbTarget {
+    type Item = QueuedItem;
+    type Error = Error;
+
+    fn commit(&mut self, batch: &Batch<QueuedItem>) -> Result<Committed> {
+        let shared = &*self.shared;
+        let committed = {
+            let mut writer = shared.writer.lock();
+            writer.recover_if_needed(shared)?;
+            let committed = writer.commit_batch(&shared.options, batch)?;
+            shared.publish(&writer);
+            committed
+        };
+        // Readers see the new header: the dirty entries it covers can go.
+        let mut front = shared.front.lock();
+        for QueuedItem(item) in &batch.items {
+            if front
+                .dirty
+                .get(&item.key)
+                .is_some_and(|d| d.seqno <= batch.high_seqno)
+            {
+                front.dirty.remove(&item.key);
+            }
+        }
+        Ok(committed)
+    }
+
+    fn recover(&mut self) -> Result<()> {
+        let shared = &*self.shared;
+        shared.writer.lock().recover(shared)
+    }
+}
+
+/// What a vbucket holds and how it is doing.
+#[derive(Debug, Clone, Default)]
+pub struct VBucketStats {
+    /// The vbucket.
+    pub vbid: Vbid,
+    /// Its file revision.
+    pub revision: u64,
+    /// Size of its file.
+    pub file_size: u64,
+    /// Bytes the latest header's data occupies (bodies and trees): file
+    /// size against this is the fragmentation.
+    pub space_used: u64,
+    /// Live documents in the latest header.
+    pub live_docs: u64,
+    /// Deletions (tombstones) in the latest header.
+    pub deleted_docs: u64,
+    /// Highest seqno accepted.
+    pub high_seqno: u64,
+    /// Mutations accepted and not yet persisted (newest per key).
+    pub dirty_items: u64,
+    /// Headers committed since the vbucket was opened.
+    pub commits: u64,
+    /// The flusher's statistics (persisted seqno, queue, latencies).
+    pub flush: FlushStats,
+}
+
+/// One vbucket of a [`crate::Store`]. Cheap to clone; every clone is the same
+/// vbucket, usable from any thread.
+#[derive(Debug, Clone)]
+pub struct VBucket {
+    shared: Arc<Shared>,
+    queue: VbQueue<QueuedItem>,
+}
+
+impl VBucket {
+    /// Opens (or creates) vbucket `vbid` in `dir` and adds it to `flusher`.
+    pub(crate) fn open(
+        dir: Arc<dyn Directory>,
+        vbid: Vbid,
+        options: VbOptions,
+        flusher: &Flusher<VbTarget>,
+    ) -> Result<Self> {
+        let opened = files::open_newest_revision(&*dir, vbid, &options.db)?;
+        let snapshot = ReadSnapshot::new(vbid, opened.revision, opened.db.snapshot());
+        let stored_vbstate = snapshot.vbstate()?;
+        let header = opened.db.committed().clone();
+        let mut writer = Writer {
+            db: opened.db,
+            revision: opened.revision,
+            vbstate: stored_vbstate.clone().unwrap_or_else(VbState::new_vbucket),
+            needs_recovery: false,
+        };
+        if stored_vbstate.is_none() {
+            // A new vbucket: its identity (the failover uuid) must be durable.
+            let vbstate = writer.vbstate.clone();
+            writer.commit_vbstate(vbstate)?;
+        }
+        let high_seqno = header.header.update_seq;
+        let max_cas = writer.vbstate.max_cas;
+        let latest = writer.db.snapshot();
+        let published = Published {
+            revision: writer.revision,
+            file: latest.file().clone(),
+            header: latest.located_header().clone(),
+            commits: 0,
+        };
+        let shared = Arc::new(Shared {
+            vbid,
+            dir,
+            options,
+            front: Mutex::new(Front {
+                high_seqno,
+                max_cas,
+                closed: false,
+                dirty: HashMap::new(),
+            }),
+            writer: Mutex::new(writer),
+            published: Mutex::new(published),
+            header_committed: Condvar::new(),
+        });
+        let queue = flusher.add(
+            vbid,
+            VbTarget {
+                shared: Arc::clone(&shared),
+            },
+            high_seqno,
+        )?;
+        Ok(Self { shared, queue })
+    }
+
+    /// Refuses further mutations (the store is closing the vbucket).
+    pub(crate) fn close_front(&self) {
+        self.shared.front.lock().closed = true;
+    }
+
+    /// The vbucket id.
+    pub fn vbid(&self) -> Vbid {
+        self.shared.vbid
+    }
+
+    /// Stores `value` under `key`. Waits up to the flusher's backpressure
+    /// timeout when the queue is full, then fails with a temporarily-full
+    /// error ([`Error::is_temporarily_full`]). The mutation is readable at
+    /// once; it is durable once [`VBucket::wait_persisted`] of its seqno
+    /// returns.
+    pub fn set(&self, key: &[u8], value: &[u8], meta: ItemMeta) -> Result<Mutation> {
+        if value.len() > MAX_VALUE_SIZE {
+            return Err(Error::ValueTooLarge {
+                len: value.len(),
+                max: MAX_VALUE_SIZE,
+            });
+        }
+        self.mutate(key, value.to_vec(), false, meta)
+    }
+
+    /// Deletes `key` (writes a tombstone carrying `meta`).
+    pub fn delete(&self, key: &[u8], meta: ItemMeta) -> Result<Mutation> {
+        self.mutate(key, Vec::new(), true, meta)
+    }
+
+    fn mutate(
+        &self,
+        key: &[u8],
+        value: Vec<u8>,
+        deleted: bool,
+        meta: ItemMeta,
+    ) -> Result<Mutation> {
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(Error::InvalidKey {
+                len: key.len(),
+                max: MAX_KEY_LEN,
+            });
+        }
+        // Outside the front lock: a full queue must not stall bookkeeping.
+        self.queue
+            .wait_for_room(self.shared.options.write_timeout)?;
+        let mut front = self.shared.front.lock();
+        if front.closed {
+            return Err(Error::Closed(self.shared.vbid));
+        }
+        let seqno = front.high_seqno + 1;
+        let cas = if meta.cas == 0 {
+            front.next_cas()
+        } else {
+            front.max_cas = front.max_cas.max(meta.cas);
+            meta.cas
+        };
+        let rev_seq = match meta.rev_seq {
+            0 => front.dirty.get(key).map_or(1, |d| d.meta.rev_seq + 1),
+            given => given,
+        };
+        let item = Arc::new(Item {
+            key: key.to_vec(),
+            value,
+            deleted,
+            seqno,
+            meta: ItemMeta {
+                cas,
+                rev_seq,
+                ..meta
+            },
+        });
+        // Enqueued under the front lock: queue order is seqno order.
+        self.queue.enqueue(QueuedItem(Arc::clone(&item)))?;
+        front.high_seqno = seqno;
+        front.dirty.insert(key.to_vec(), item);
+        Ok(Mutation { seqno, cas })
+    }
+
+    /// The live document `key`: its newest mutation, flushed or not;
+    /// `None` when absent or deleted.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Document>> {
+        Ok(self.get_including_deleted(key)?.filter(|d| !d.deleted))
+    }
+
+    /// The newest mutation of `key`, deletions included.
+    pub fn get_including_deleted(&self, key: &[u8]) -> Result<Option<Document>> {
+        let dirty = self.shared.front.lock().dirty.get(key).cloned();
+        match dirty {
+            Some(item) => Ok(Some(item.to_document())),
+            // The flusher publishes a header before it forgets the dirty
+            // entries it covers, so this sees them.
+            None => self.snapshot().get_including_deleted(key),
+        }
+    }
+
+    /// A snapshot at the latest committed header.
+    pub fn snapshot(&self) -> ReadSnapshot {
+        let p = self.shared.published.lock().clone();
+        ReadSnapshot::new(
+            self.shared.vbid,
+            p.revision,
+            Snapshot::new(p.file, p.header),
+        )
+    }
+
+    /// A snapshot at an older header of the current file revision, given by
+    /// its offset (see [`ReadSnapshot::previous`] to walk them).
+    pub fn snapshot_at(&self, header_offset: u64) -> Result<ReadSnapshot> {
+        let p = self.shared.published.lock().clone();
+        Ok(ReadSnapshot::new(
+            self.shared.vbid,
+            p.revision,
+            Snapshot::open_at(p.file, header_offset)?,
+        ))
+    }
+
+    /// Calls `f` with every persisted document whose seqno is `since` or
+    /// later, in seqno order (at the latest committed header).
+    pub fn changes_since(
+        &self,
+        since: u64,
+        f: &mut dyn FnMut(Document) -> ControlFlow<()>,
+    ) -> Result<()> {
+        self.snapshot().changes_since(since, f)
+    }
+
+    /// Waits until `seqno` is durable; returns the persisted seqno.
+    pub fn wait_persisted(&self, seqno: u64, timeout: Duration) -> Result<u64> {
+        Ok(self.queue.wait_persisted(seqno, timeout)?)
+    }
+
+    /// Calls `callback` once `seqno` is durable (see
+    /// [`flusher::VbQueue::on_persisted`]).
+    pub fn on_persisted(
+        &self,
+        seqno: u64,
+        callback: impl FnOnce(flusher::Result<u64>) + Send + 'static,
+    ) {
+        self.queue.on_persisted(seqno, callback);
+    }
+
+    /// The highest seqno accepted.
+    pub fn high_seqno(&self) -> u64 {
+        self.shared.front.lock().high_seqno
+    }
+
+    /// The highest seqno durable.
+    pub fn persisted_seqno(&self) -> u64 {
+        self.queue.persisted_seqno()
+    }
+
+    /// The latest committed header: what the flusher publishes after every
+    /// commit for compaction to catch up to.
+    pub fn latest_header(&self) -> CommittedHeader {
+        self.shared.published.lock().handoff()
+    }
+
+    /// Waits until a header newer than the `commits`-th is published, for up
+    /// to `timeout`; returns the latest header either way.
+    pub fn wait_for_header(&self, commits: u64, timeout: Duration) -> CommittedHeader {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.shared.published.lock();
+        while p.commits <= commits {
+            if self
+                .shared
+                .header_committed
+                .wait_until(&mut p, deadline)
+                .timed_out()
+            {
+                break;
+            }
+        }
+        p.handoff()
+    }
+
+    /// The vbucket's state as persisted in `_local/vbstate`.
+    pub fn vbstate(&self) -> VbState {
+        self.shared.writer.lock().vbstate.clone()
+    }
+
+    /// Changes the vbucket's state and commits it durably at once.
+    pub fn set_state(&self, state: VbucketState) -> Result<()> {
+        let shared = &*self.shared;
+        let mut writer = shared.writer.lock();
+        writer.recover_if_needed(shared)?;
+        let mut vbstate = writer.vbstate.clone();
+        vbstate.state = state;
+        writer.commit_vbstate(vbstate)?;
+        shared.publish(&writer);
+        Ok(())
+    }
+
+    /// This vbucket's statistics.
+    pub fn stats(&self) -> Result<VBucketStats> {
+        let snapshot = self.snapshot();
+        let counts = snapshot.inner().doc_counts()?;
+        let (high_seqno, dirty_items) = {
+            let f = self.shared.front.lock();
+            (f.high_seqno, f.dirty.len() as u64)
+        };
+        Ok(VBucketStats {
+            vbid: self.shared.vbid,
+            revision: snapshot.revision(),
+            file_size: snapshot.inner().file().len()?,
+            space_used: snapshot.inner().space_used()?,
+            live_docs: counts.live,
+            deleted_docs: counts.deleted,
+            high_seqno,
+            dirty_items,
+            commits: self.latest_header().commits,
+            flush: self.queue.stats(),
+        })
+    }
+}
