@@ -68,8 +68,3 @@ pub use file::{
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
-
-/// Compiles and runs the examples in the repository's README.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-pub struct RepositoryReadmeDoctests;
