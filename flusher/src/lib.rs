@@ -42,7 +42,9 @@
 //! }
 //! queue.wait_persisted(3, Duration::from_secs(10))?;
 //! let removed = flusher.remove(0)?;
-//! assert_eq!(removed.target.items, 1); // three sets of one key: one item written
+//! // Three sets of one key: one item written if they shared a batch; the
+//! // flusher may have cut a batch between them.
+//! assert!((1..=3).contains(&removed.target.items));
 //! # Ok(())
 //! # }
 //! ```
@@ -149,3 +151,8 @@ impl Default for FlusherConfig {
         }
     }
 }
+
+/// Compiles and runs the examples in the crate's README.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

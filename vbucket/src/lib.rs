@@ -73,6 +73,11 @@ pub use vbucket::{CommittedHeader, VBucket, VBucketStats, MAX_VALUE_SIZE};
 /// Re-exported so users can configure the flusher and read its statistics.
 pub use flusher::{FlushStats, FlusherConfig, LatencySummary, Vbid};
 
+/// Compiles and runs the examples in the crate's README.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// Compiles and runs the examples in the repository's README (the top
 /// crate, which can see every layer).
 #[cfg(doctest)]
