@@ -82,7 +82,10 @@ impl<I: FlushItem> VbShared<I> {
 
     /// The flusher is about to look at the queue: later enqueues wake it again.
     pub(crate) fn clear_scheduled(&self) {
-        self.scheduled.store(false, Ordering::SeqCst);
+        // A swap, not a store: reading the `true` of an enqueue that skipped
+        // its wake-up synchronizes with it, so the flusher's next receive
+        // sees the item that enqueue sent before setting the flag.
+        self.scheduled.swap(false, Ordering::SeqCst);
     }
 
     /// Stops accepting items (the vbucket is being removed).

@@ -142,17 +142,20 @@ impl<T: FlushTarget> Flusher<T> {
     /// flushed (retrying failures for up to the close timeout), waiters
     /// are released, and the target is handed back.
     pub fn remove(&self, vbid: Vbid) -> Result<Removed<T>> {
-        let shared = self
-            .queues
-            .lock()
-            .remove(&vbid)
-            .ok_or(Error::NotAdded(vbid))?;
-        shared.close_queue();
-        let (reply, reply_rx) = crossbeam_channel::bounded(1);
-        self.shard(vbid)
-            .control
-            .send(Control::Remove(vbid, reply))
-            .map_err(|_| Error::ThreadGone(vbid))?;
+        let reply_rx = {
+            // The remove message is sent under the map's lock, so an `add`
+            // of the same vbid (which sends under it too) cannot reach the
+            // shard first and have its slot taken for the one removed.
+            let mut queues = self.queues.lock();
+            let shared = queues.remove(&vbid).ok_or(Error::NotAdded(vbid))?;
+            shared.close_queue();
+            let (reply, reply_rx) = crossbeam_channel::bounded(1);
+            self.shard(vbid)
+                .control
+                .send(Control::Remove(vbid, reply))
+                .map_err(|_| Error::ThreadGone(vbid))?;
+            reply_rx
+        };
         reply_rx.recv().map_err(|_| Error::ThreadGone(vbid))
     }
 
