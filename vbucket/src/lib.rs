@@ -55,6 +55,7 @@
 
 mod error;
 mod files;
+pub mod fuzzing;
 mod item;
 mod snapshot;
 mod store;

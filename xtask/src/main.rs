@@ -43,7 +43,7 @@ const FUZZ_RUSTFLAGS: &str = "-Cpasses=sancov-module \
 
 /// Fuzz targets that take a whole file image, and so get the binary couchstore
 /// test vectors as seeds.
-const FILE_IMAGE_TARGETS: [&str; 3] = ["read_chunks", "find_header", "read_db"];
+const FILE_IMAGE_TARGETS: [&str; 4] = ["read_chunks", "find_header", "read_db", "open_vbucket"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
