@@ -1,0 +1,220 @@
+//! The copy phase: a snapshot's live data into a new file.
+
+use crate::error::Result;
+use crate::pacer::{Control, Pacer};
+use crate::sort::ExternalSorter;
+use crate::{CompactionConfig, ExpiryAction, Hooks};
+use btree::{BTree, ById, BySeq, ChangesFilter, Db, Local, Snapshot};
+use couchfile::{
+    encode_seq_key, CrcKind, DbHeader, Directory, DocInfo, FileWriter, LocatedHeader, RevMeta,
+    CURRENT_DISK_VERSION,
+};
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+/// What a copy did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CopyStats {
+    /// Documents written (deletions included).
+    pub docs_copied: u64,
+    /// Tombstones the purge policy dropped.
+    pub tombstones_purged: u64,
+    /// Expired documents dropped by the expiry hook.
+    pub expired_dropped: u64,
+    /// Expired documents turned into deletions by the expiry hook.
+    pub expired_deleted: u64,
+    /// Documents the filter hook left out.
+    pub docs_filtered: u64,
+    /// The purge seqno of the new file.
+    pub purge_seq: u64,
+    /// Body bytes read from the source.
+    pub bytes_read: u64,
+    /// Bytes written to the target.
+    pub bytes_written: u64,
+    /// Sorted runs the by-id sort spilled to disk.
+    pub runs_spilled: usize,
+    /// How long the copy took.
+    pub duration: Duration,
+}
+
+/// State of one copy, fed document by document in by-seq order.
+struct Copier<'a, 't> {
+    source: &'a Snapshot,
+    writer: FileWriter,
+    seq_builder: btree::Builder<'t, BySeq>,
+    sorter: ExternalSorter<'a>,
+    pacer: Pacer<'a>,
+    control: &'a Control,
+    config: &'a CompactionConfig,
+    hooks: &'a mut dyn Hooks,
+    now: u32,
+    stats: CopyStats,
+}
+
+impl Copier<'_, '_> {
+    fn purge(&mut self, seq: u64) {
+        self.stats.purge_seq = self.stats.purge_seq.max(seq);
+    }
+
+    fn copy_doc(&mut self, mut info: DocInfo) -> Result<()> {
+        self.control.check()?;
+        self.control.add_done(1, info.physical_size);
+        // Files not written by kv-engine may carry other rev_meta: such
+        // documents have no exptime as far as compaction is concerned.
+        let exptime = RevMeta::decode(&info.rev_meta).map_or(0, |m| m.exptime);
+        if info.deleted {
+            if self.config.purge.purges(&info, exptime) {
+                self.stats.tombstones_purged += 1;
+                self.purge(info.db_seq);
+                return Ok(());
+            }
+        } else if exptime != 0 && exptime <= self.now {
+            match self.hooks.expired(&info, exptime) {
+                ExpiryAction::Keep => {}
+                ExpiryAction::Drop => {
+                    self.stats.expired_dropped += 1;
+                    self.purge(info.db_seq);
+                    return Ok(());
+                }
+                ExpiryAction::Delete => {
+                    self.stats.expired_deleted += 1;
+                    info.deleted = true;
+                    info.bp = 0;
+                    info.physical_size = 0;
+                }
+            }
+        }
+        if !self.hooks.keep(&info) {
+            self.stats.docs_filtered += 1;
+            self.purge(info.db_seq);
+            return Ok(());
+        }
+        if let Some(body) = self.source.read_stored_body(&info)? {
+            let pos = self.writer.append_chunk(&body)?;
+            info.bp = pos.offset;
+            info.physical_size = pos.disk_size;
+            self.stats.bytes_read += body.len() as u64;
+            self.pacer.wrote(&mut self.writer, pos.disk_size)?;
+        }
+        let key = encode_seq_key(info.db_seq)?;
+        self.seq_builder
+            .push(&mut self.writer, &key, &info.encode_by_seq_value()?)?;
+        let value = info.encode_by_id_value()?;
+        self.sorter.push(info.id, value)?;
+        self.stats.docs_copied += 1;
+        Ok(())
+    }
+}
+
+/// Copies the live data of `source` into `target` (a writer made by
+/// [`FileWriter::create_without_header`]) and commits the new file's first
+/// header: same update seq, the purge seq raised by what was purged, disk
+/// version 14. Sort runs, if the ids outgrow the memory budget, are files
+/// of `dir` named `{sort_prefix}.run<N>`, removed when done. Returns the
+/// new file's writer as a [`Db`] at that header (ready for [`crate::replay`]).
+pub fn copy_snapshot(
+    source: &Snapshot,
+    mut target: FileWriter,
+    dir: &dyn Directory,
+    sort_prefix: &str,
+    config: &CompactionConfig,
+    hooks: &mut dyn Hooks,
+    control: &Control,
+) -> Result<(Db, CopyStats)> {
+    let _span = tracing::info_span!(
+        "compact_copy",
+        source = %source.file().path().display(),
+        header = source.offset()
+    )
+    .entered();
+    let start = Instant::now();
+    let src = source.header().clone();
+    target.set_crc(CrcKind::for_version(CURRENT_DISK_VERSION));
+    let start_pos = target.position();
+    let docs_total = source.count_changes(0, couchfile::MAX_U48)?;
+    control.add_totals(docs_total, source.space_used()?);
+
+    let by_seq = BTree::new(BySeq, config.nodes);
+    let by_id = BTree::new(ById, config.nodes);
+    let local = BTree::new(Local, config.nodes);
+    let mut copier = Copier {
+        source,
+        writer: target,
+        seq_builder: by_seq.builder(),
+        sorter: ExternalSorter::new(dir, sort_prefix, config.id_sort_memory),
+        pacer: Pacer::new(config, control),
+        control,
+        config,
+        hooks,
+        now: config.now(),
+        stats: CopyStats {
+            purge_seq: src.purge_seq,
+            ..CopyStats::default()
+        },
+    };
+    let mut failure = None;
+    source.changes_since(
+        0,
+        ChangesFilter::All,
+        &mut |info| match copier.copy_doc(info) {
+            Ok(()) => Ok(ControlFlow::Continue(())),
+            Err(e) => {
+                failure = Some(e);
+                Ok(ControlFlow::Break(()))
+            }
+        },
+    )?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let Copier {
+        mut writer,
+        seq_builder,
+        sorter,
+        mut stats,
+        ..
+    } = copier;
+    let by_seq_root = seq_builder.finish(&mut writer)?;
+    stats.runs_spilled = sorter.runs_spilled();
+    let mut id_builder = by_id.builder();
+    for entry in sorter.finish()? {
+        let (id, value) = entry?;
+        control.check()?;
+        id_builder.push(&mut writer, &id, &value)?;
+    }
+    let by_id_root = id_builder.finish(&mut writer)?;
+    let mut local_builder = local.builder();
+    source.local_docs(&mut |id, value| {
+        local_builder.push(&mut writer, id, value)?;
+        Ok(ControlFlow::Continue(()))
+    })?;
+    let local_root = local_builder.finish(&mut writer)?;
+    control.check()?;
+
+    let mut header = DbHeader::new(CURRENT_DISK_VERSION);
+    header.update_seq = src.update_seq;
+    header.purge_seq = stats.purge_seq;
+    header.by_id_root = by_id_root;
+    header.by_seq_root = by_seq_root;
+    header.local_root = local_root;
+    let mut db = Db::from_writer(
+        writer,
+        LocatedHeader {
+            offset: 0,
+            header: DbHeader::new(CURRENT_DISK_VERSION),
+        },
+        config.nodes,
+    );
+    *db.pending_mut() = header;
+    db.commit(src.timestamp)?;
+    stats.bytes_written = db.writer_mut().position() - start_pos;
+    stats.duration = start.elapsed();
+    tracing::info!(
+        docs = stats.docs_copied,
+        purged = stats.tombstones_purged,
+        bytes = stats.bytes_written,
+        ms = stats.duration.as_millis() as u64,
+        "copied"
+    );
+    Ok((db, stats))
+}
