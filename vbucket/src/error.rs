@@ -45,6 +45,16 @@ pub enum Error {
         #[source]
         source: couchfile::Error,
     },
+    /// Compaction failed.
+    #[error(transparent)]
+    Compaction(#[from] compactor::Error),
+    /// A compaction of this vbucket is already running.
+    #[error("vbucket {0} is already being compacted")]
+    CompactionRunning(Vbid),
+    /// The compaction stopped because the vbucket was closed, deleted or
+    /// the compaction cancelled; its files were removed.
+    #[error("compaction of vbucket {0} aborted")]
+    CompactionAborted(Vbid),
     /// The vbucket was closed.
     #[error("vbucket {0} is closed")]
     Closed(Vbid),

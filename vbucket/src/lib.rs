@@ -53,6 +53,7 @@
 //! # }
 //! ```
 
+mod compaction;
 mod error;
 mod files;
 pub mod fuzzing;
@@ -63,6 +64,11 @@ pub mod tool;
 mod vbstate;
 mod vbucket;
 
+pub use compaction::{
+    CompactionHook, CompactionMode, CompactionOptions, CompactionPhase, CompactionReport,
+    RoundStats,
+};
+pub use compactor::{CompactionConfig, PurgePolicy};
 pub use error::{Error, Result};
 pub use files::{compact_name, revision_name};
 pub use item::{Document, ItemMeta, Mutation, DATATYPE_JSON};

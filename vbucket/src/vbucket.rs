@@ -13,6 +13,7 @@ use flusher::{Batch, Committed, FlushStats, FlushTarget, Flusher, VbQueue, Vbid}
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -58,13 +59,16 @@ fn unix_nanos() -> u128 {
 /// flusher holds it for each commit, and compaction's final round holds it
 /// to replay the last changes and switch files.
 #[derive(Debug)]
-struct Writer {
-    db: Db,
-    revision: u64,
+pub(crate) struct Writer {
+    pub(crate) db: Db,
+    pub(crate) revision: u64,
     /// The vbstate as of the last commit.
     vbstate: VbState,
     /// A commit failed: reopen the file at its last valid header first.
-    needs_recovery: bool,
+    pub(crate) needs_recovery: bool,
+    /// A compaction renamed its file into place but could not sync the
+    /// directory: nothing may be reported durable until that sync succeeds.
+    pub(crate) dir_sync_pending: bool,
 }
 
 /// The latest commit, as published to readers and to compaction.
@@ -104,19 +108,23 @@ impl Published {
 /// State shared by the vbucket's handles and its flush target.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    vbid: Vbid,
-    dir: Arc<dyn Directory>,
-    options: VbOptions,
+    pub(crate) vbid: Vbid,
+    pub(crate) dir: Arc<dyn Directory>,
+    pub(crate) options: VbOptions,
     front: Mutex<Front>,
-    writer: Mutex<Writer>,
+    pub(crate) writer: Mutex<Writer>,
     published: Mutex<Published>,
     header_committed: Condvar,
+    /// Total time the flusher waited for the commit lock (nanoseconds).
+    pub(crate) flusher_lock_wait_nanos: AtomicU64,
+    /// The running compaction's control, so closing can cancel it.
+    pub(crate) compaction: Mutex<Option<compactor::Control>>,
 }
 
 impl Shared {
     /// Makes the writer's last commit the one readers see. Called with the
     /// commit lock held, so headers are published in commit order.
-    fn publish(&self, writer: &Writer) {
+    pub(crate) fn publish(&self, writer: &Writer) {
         let snapshot = writer.db.snapshot();
         let mut p = self.published.lock();
         p.revision = writer.revision;
@@ -205,9 +213,17 @@ impl Writer {
         Ok(())
     }
 
-    fn recover_if_needed(&mut self, shared: &Shared) -> Result<()> {
+    /// Readies the writer for a commit after an earlier failure.
+    pub(crate) fn recover_if_needed(&mut self, shared: &Shared) -> Result<()> {
         if self.needs_recovery {
             self.recover(shared)?;
+        }
+        if self.dir_sync_pending {
+            shared
+                .dir
+                .sync()
+                .map_err(|e| Error::io(shared.dir.path(), "sync directory", e))?;
+            self.dir_sync_pending = false;
         }
         Ok(())
     }
@@ -233,7 +249,19 @@ impl FlushTarget for VbTarget {
     fn commit(&mut self, batch: &Batch<QueuedItem>) -> Result<Committed> {
         let shared = &*self.shared;
         let committed = {
-            let mut writer = shared.writer.lock();
+            let mut writer = match shared.writer.try_lock() {
+                Some(writer) => writer,
+                None => {
+                    // Held by a compaction's final round (or set_state).
+                    let start = Instant::now();
+                    let writer = shared.writer.lock();
+                    let waited = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    shared
+                        .flusher_lock_wait_nanos
+                        .fetch_add(waited, Ordering::Relaxed);
+                    writer
+                }
+            };
             writer.recover_if_needed(shared)?;
             let committed = writer.commit_batch(&shared.options, batch)?;
             shared.publish(&writer);
@@ -310,6 +338,7 @@ impl VBucket {
             revision: opened.revision,
             vbstate: stored_vbstate.clone().unwrap_or_else(VbState::new_vbucket),
             needs_recovery: false,
+            dir_sync_pending: false,
         };
         if stored_vbstate.is_none() {
             // A new vbucket: its identity (the failover uuid) must be durable.
@@ -338,6 +367,8 @@ impl VBucket {
             writer: Mutex::new(writer),
             published: Mutex::new(published),
             header_committed: Condvar::new(),
+            flusher_lock_wait_nanos: AtomicU64::new(0),
+            compaction: Mutex::new(None),
         });
         let queue = flusher.add(
             vbid,
@@ -352,6 +383,18 @@ impl VBucket {
     /// Refuses further mutations (the store is closing the vbucket).
     pub(crate) fn close_front(&self) {
         self.shared.front.lock().closed = true;
+        if let Some(control) = self.shared.compaction.lock().as_ref() {
+            control.cancel();
+        }
+    }
+
+    /// True once the store closed this vbucket.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.shared.front.lock().closed
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The vbucket id.
@@ -499,6 +542,12 @@ impl VBucket {
     /// The highest seqno durable.
     pub fn persisted_seqno(&self) -> u64 {
         self.queue.persisted_seqno()
+    }
+
+    /// The latest committed header with its content (for compaction).
+    pub(crate) fn latest_located_header(&self) -> (LocatedHeader, CommittedHeader) {
+        let p = self.shared.published.lock();
+        (p.header.clone(), p.handoff())
     }
 
     /// The latest committed header: what the flusher publishes after every

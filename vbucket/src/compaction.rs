@@ -1,0 +1,384 @@
+//! Compaction of a vbucket while its flusher keeps committing (design.md):
+//! copy a snapshot at header H0 without the lock, catch up from the headers
+//! the flusher publishes in unlocked rounds until the gap fits the lock-time
+//! budget, then replay the rest under the commit lock, rename the `.compact`
+//! file to the next revision and switch to it.
+
+use crate::error::{Error, Result};
+use crate::files::{compact_name, revision_name};
+use crate::vbucket::VBucket;
+use btree::Db;
+use compactor::{copy_snapshot, replay, CompactionConfig, Control, CopyStats, Hooks, NoHooks};
+use couchfile::{CouchFile, CrcKind, Directory, FileWriter, CURRENT_DISK_VERSION};
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How the flusher and a compaction share the vbucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CompactionMode {
+    /// The flusher keeps committing; it waits only for the final round.
+    #[default]
+    Concurrent,
+    /// The old behaviour, for comparison: the commit lock is held for the
+    /// whole compaction.
+    Blocking,
+}
+
+/// Points in a compaction where a test hook runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompactionPhase {
+    /// The snapshot at H0 is copied (no lock held).
+    Copied,
+    /// Unlocked catch-up round `n` (from 1) is done.
+    RoundDone(usize),
+    /// The unlocked rounds are over; the lock is about to be taken.
+    BeforeFinalRound,
+    /// The lock is held; the final round is about to run. A hook must not
+    /// wait for a flush here: the flusher is blocked.
+    FinalRoundLocked,
+}
+
+/// A callback run at each [`CompactionPhase`] (tests use it to flush
+/// between and inside rounds).
+pub type CompactionHook = Arc<dyn Fn(CompactionPhase) + Send + Sync>;
+
+/// How a vbucket compaction runs.
+#[derive(Clone)]
+pub struct CompactionOptions {
+    /// The copy and replay settings (purge policy, throttle, syncs, sort budget).
+    pub compactor: CompactionConfig,
+    /// Concurrent (default) or blocking.
+    pub mode: CompactionMode,
+    /// Most unlocked catch-up rounds before the final one.
+    pub max_rounds: usize,
+    /// The unlocked rounds stop once the remaining gap is estimated (from
+    /// the rate of the rounds so far) to replay within this time.
+    pub lock_budget: Duration,
+    /// Test hook.
+    pub hook: Option<CompactionHook>,
+}
+
+impl Default for CompactionOptions {
+    fn default() -> Self {
+        Self {
+            compactor: CompactionConfig::default(),
+            mode: CompactionMode::Concurrent,
+            max_rounds: 10,
+            lock_budget: Duration::from_millis(2),
+            hook: None,
+        }
+    }
+}
+
+impl fmt::Debug for CompactionOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompactionOptions")
+            .field("compactor", &self.compactor)
+            .field("mode", &self.mode)
+            .field("max_rounds", &self.max_rounds)
+            .field("lock_budget", &self.lock_budget)
+            .field("hook", &self.hook.is_some())
+            .finish()
+    }
+}
+
+/// One catch-up round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RoundStats {
+    /// Documents replayed.
+    pub docs: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// How long it took.
+    pub duration: Duration,
+    /// True for the final round, run under the lock.
+    pub locked: bool,
+}
+
+/// What a compaction did.
+#[derive(Debug, Clone, Default)]
+pub struct CompactionReport {
+    /// The revision compacted.
+    pub revision_before: u64,
+    /// The revision written.
+    pub revision_after: u64,
+    /// The copy of the snapshot at H0.
+    pub copy: CopyStats,
+    /// The catch-up rounds, the final (locked) one last.
+    pub rounds: Vec<RoundStats>,
+    /// How long the commit lock was held.
+    pub lock_held: Duration,
+    /// How long the flusher waited for the lock during the compaction.
+    pub flusher_waited: Duration,
+    /// Total duration.
+    pub duration: Duration,
+    /// File size before.
+    pub size_before: u64,
+    /// File size after.
+    pub size_after: u64,
+    /// Purge seq of the new file.
+    pub purge_seq: u64,
+}
+
+/// Removes the `.compact` file unless the compaction got as far as renaming it.
+struct CompactFile<'a> {
+    dir: &'a dyn Directory,
+    name: String,
+    armed: bool,
+}
+
+impl Drop for CompactFile<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = self.dir.remove(&self.name) {
+                tracing::warn!(file = %self.name, error = %e, "cannot remove an aborted compaction's file");
+            }
+        }
+    }
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn per_doc(duration: Duration, docs: u64) -> Duration {
+    duration / u32::try_from(docs.max(1)).unwrap_or(u32::MAX)
+}
+
+impl VBucket {
+    /// Compacts the vbucket into its next file revision (see the module
+    /// documentation), keeping everything.
+    pub fn compact(&self, options: &CompactionOptions) -> Result<CompactionReport> {
+        self.compact_with_hooks(options, &mut NoHooks)
+    }
+
+    /// Compacts with `hooks` deciding about expired and filtered documents.
+    pub fn compact_with_hooks(
+        &self,
+        options: &CompactionOptions,
+        hooks: &mut dyn Hooks,
+    ) -> Result<CompactionReport> {
+        let shared = self.shared();
+        let control = Control::new();
+        {
+            let mut running = shared.compaction.lock();
+            if running.is_some() {
+                return Err(Error::CompactionRunning(shared.vbid));
+            }
+            *running = Some(control.clone());
+        }
+        let _span = tracing::info_span!("compaction", vbid = shared.vbid).entered();
+        let result = match self.run_compaction(options, hooks, &control) {
+            Err(Error::Compaction(compactor::Error::Cancelled)) => {
+                Err(Error::CompactionAborted(shared.vbid))
+            }
+            other => other,
+        };
+        *shared.compaction.lock() = None;
+        match &result {
+            Ok(r) => tracing::info!(
+                rounds = r.rounds.len(),
+                lock_us = r.lock_held.as_micros() as u64,
+                before = r.size_before,
+                after = r.size_after,
+                "compacted"
+            ),
+            Err(e) => tracing::warn!(error = %e, "compaction failed"),
+        }
+        result
+    }
+
+    /// The control of the running compaction, to cancel it or watch it.
+    pub fn compaction_control(&self) -> Option<Control> {
+        self.shared().compaction.lock().clone()
+    }
+
+    fn check_running(&self, control: &Control) -> Result<()> {
+        if self.is_closed() || control.is_cancelled() {
+            return Err(Error::CompactionAborted(self.vbid()));
+        }
+        Ok(())
+    }
+
+    fn run_compaction(
+        &self,
+        options: &CompactionOptions,
+        hooks: &mut dyn Hooks,
+        control: &Control,
+    ) -> Result<CompactionReport> {
+        let start = Instant::now();
+        let shared = self.shared();
+        let vbid = shared.vbid;
+        let dir = &*shared.dir;
+        let hook = |phase| {
+            if let Some(h) = &options.hook {
+                h(phase);
+            }
+        };
+        let waited_before = shared.flusher_lock_wait_nanos.load(Ordering::Relaxed);
+        let mut held = match options.mode {
+            CompactionMode::Blocking => Some(shared.writer.lock()),
+            CompactionMode::Concurrent => None,
+        };
+        let lock_start = Instant::now();
+        // H0: the latest commit, noted under the lock.
+        let (source, revision) = match &held {
+            Some(w) => (w.db.snapshot(), w.revision),
+            None => {
+                let w = shared.writer.lock();
+                (w.db.snapshot(), w.revision)
+            }
+        };
+        let size_before = source.file().len()?;
+        let new_revision = revision + 1;
+        let name = compact_name(vbid, new_revision);
+        match dir.remove(&name) {
+            Ok(()) => tracing::info!(file = %name, "removed an earlier attempt's file"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(dir.path().join(&name), "remove", e)),
+        }
+        let backend = dir
+            .create(&name)
+            .map_err(|e| Error::io(dir.path().join(&name), "create", e))?;
+        let mut compact_file = CompactFile {
+            dir,
+            name: name.clone(),
+            armed: true,
+        };
+        let target = FileWriter::create_without_header(CouchFile::new(
+            Arc::clone(&backend),
+            dir.path().join(&name),
+        )?)?;
+        let (mut db, copy) = copy_snapshot(
+            &source,
+            target,
+            dir,
+            &name,
+            &options.compactor,
+            hooks,
+            control,
+        )?;
+        hook(CompactionPhase::Copied);
+        let mut last = source.located_header().clone();
+        let mut rounds = Vec::new();
+        if held.is_none() {
+            let mut cost = per_doc(copy.duration, copy.docs_copied);
+            for round in 1..=options.max_rounds {
+                self.check_running(control)?;
+                let (latest, _) = self.latest_located_header();
+                if latest.offset == last.offset {
+                    break;
+                }
+                let newer = btree::Snapshot::new(source.file().clone(), latest.clone());
+                let gap =
+                    newer.count_changes(last.header.update_seq + 1, latest.header.update_seq)?;
+                if cost * u32::try_from(gap).unwrap_or(u32::MAX) <= options.lock_budget {
+                    break;
+                }
+                let stats = replay(
+                    source.file(),
+                    &last,
+                    &latest,
+                    &mut db,
+                    &options.compactor,
+                    control,
+                )?;
+                // Synced now, so the locked round has little to sync.
+                db.writer_mut().sync()?;
+                cost = per_doc(stats.duration, stats.docs);
+                rounds.push(RoundStats {
+                    docs: stats.docs,
+                    bytes_written: stats.bytes_written,
+                    duration: stats.duration,
+                    locked: false,
+                });
+                last = latest;
+                hook(CompactionPhase::RoundDone(round));
+            }
+            hook(CompactionPhase::BeforeFinalRound);
+        }
+
+        // The final round: the flusher waits from here until the switch.
+        let mut w = match held.take() {
+            Some(w) => w,
+            None => shared.writer.lock(),
+        };
+        let final_start = Instant::now();
+        let lock_start = if options.mode == CompactionMode::Blocking {
+            lock_start
+        } else {
+            final_start
+        };
+        hook(CompactionPhase::FinalRoundLocked);
+        self.check_running(control)?;
+        let latest = w.db.committed().clone();
+        let mut final_round = RoundStats {
+            locked: true,
+            ..RoundStats::default()
+        };
+        if latest.offset != last.offset {
+            let stats = replay(
+                source.file(),
+                &last,
+                &latest,
+                &mut db,
+                &options.compactor,
+                control,
+            )?;
+            final_round.docs = stats.docs;
+            final_round.bytes_written = stats.bytes_written;
+        }
+        db.commit(unix_nanos())?;
+        let size_after = db.writer_mut().position();
+        // Everything that can fail before the rename happens before it, so
+        // that once the new revision has its name the switch cannot fail.
+        let new_name = revision_name(vbid, new_revision);
+        let mut final_file = CouchFile::new(backend, dir.path().join(&new_name))?;
+        final_file.set_crc(CrcKind::for_version(CURRENT_DISK_VERSION));
+        let new_db = Db::from_writer(
+            FileWriter::new(final_file)?,
+            db.committed().clone(),
+            shared.options.db.nodes,
+        );
+        dir.rename(&name, &new_name)
+            .map_err(|e| Error::io(dir.path().join(&name), "rename", e))?;
+        compact_file.armed = false;
+        let dir_synced = dir.sync();
+        w.db = new_db;
+        w.revision = new_revision;
+        w.needs_recovery = false;
+        if let Err(e) = &dir_synced {
+            // The flusher syncs the directory before its next commit.
+            tracing::warn!(error = %e, "directory sync after the rename failed");
+            w.dir_sync_pending = true;
+        }
+        shared.publish(&w);
+        final_round.duration = final_start.elapsed();
+        rounds.push(final_round);
+        drop(w);
+        let lock_held = lock_start.elapsed();
+
+        // Readers of the old revision keep their open handles.
+        let old = revision_name(vbid, revision);
+        if let Err(e) = dir.remove(&old).and_then(|()| dir.sync()) {
+            tracing::warn!(file = %old, error = %e, "cannot remove the old revision; the next open will");
+        }
+        let waited = shared.flusher_lock_wait_nanos.load(Ordering::Relaxed) - waited_before;
+        Ok(CompactionReport {
+            revision_before: revision,
+            revision_after: new_revision,
+            purge_seq: copy.purge_seq.max(latest.header.purge_seq),
+            copy,
+            rounds,
+            lock_held,
+            flusher_waited: Duration::from_nanos(waited),
+            duration: start.elapsed(),
+            size_before,
+            size_after,
+        })
+    }
+}
