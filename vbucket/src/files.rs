@@ -27,11 +27,14 @@ pub(crate) enum VbFile {
     Compact(u64),
 }
 
-/// Parses `<vbid>.couch.<rev>[.compact]`; `None` for any other name.
+/// Parses `<vbid>.couch.<rev>` and `<vbid>.couch.<rev>.compact[...]`;
+/// `None` for any other name.
 pub(crate) fn parse_name(name: &str) -> Option<(Vbid, VbFile)> {
     let (vbid, rest) = name.split_once(".couch.")?;
-    let (rev, compact) = match rest.strip_suffix(".compact") {
-        Some(rev) => (rev, true),
+    // `.compact` and anything after it (the compactor's sort runs) belong
+    // to a compaction that will produce revision `rev`.
+    let (rev, compact) = match rest.find(".compact") {
+        Some(i) => (&rest[..i], true),
         None => (rest, false),
     };
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
@@ -169,12 +172,15 @@ mod tests {
             parse_name("12.couch.4.compact"),
             Some((12, VbFile::Compact(4)))
         );
+        assert_eq!(
+            parse_name("12.couch.4.compact.run3"),
+            Some((12, VbFile::Compact(4)))
+        );
         for bad in [
             "x.couch.1",
             "1.couch.",
             "1.couch.1x",
             ".couch.1",
-            "1.couch.1.compact.tmp",
             "70000.couch.1",
             "stats.json",
         ] {

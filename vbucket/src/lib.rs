@@ -73,7 +73,9 @@ pub use error::{Error, Result};
 pub use files::{compact_name, revision_name};
 pub use item::{Document, ItemMeta, Mutation, DATATYPE_JSON};
 pub use snapshot::ReadSnapshot;
-pub use store::{Store, StoreConfig, StoreStats, StoreTotals};
+pub use store::{
+    AutoCompaction, CompactionLog, Store, StoreConfig, StoreStats, StoreTotals, MAX_KEPT_REPORTS,
+};
 pub use vbstate::{FailoverEntry, VbState, VbucketState, VBSTATE_ID};
 pub use vbucket::{CommittedHeader, VBucket, VBucketStats, MAX_VALUE_SIZE};
 

@@ -1,19 +1,140 @@
 //! A store: many vbuckets in one data directory, served by one pool of
 //! flusher threads.
 
+use crate::compaction::{CompactionOptions, CompactionReport};
 use crate::error::{Error, Result};
 use crate::files;
 use crate::vbucket::{VBucket, VBucketStats, VbOptions, VbTarget};
 use btree::{DbOptions, NodeConfig};
 use couchfile::{Directory, OpenMode, OsDirectory};
 use flusher::{FlushStats, Flusher, FlusherConfig, Vbid};
-use parking_lot::RwLock;
-use std::collections::BTreeMap;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// When the store compacts vbuckets on its own.
+#[derive(Debug, Clone)]
+pub struct AutoCompaction {
+    /// Compact a vbucket once this fraction of its file is garbage:
+    /// `(file size - space used) / file size`.
+    pub fragmentation_threshold: f64,
+    /// Files smaller than this are left alone.
+    pub min_file_size: u64,
+    /// Most compactions running at a time.
+    pub max_concurrent: usize,
+    /// How often the vbuckets are checked.
+    pub check_interval: Duration,
+    /// How each compaction runs.
+    pub options: CompactionOptions,
+}
+
+impl Default for AutoCompaction {
+    fn default() -> Self {
+        Self {
+            fragmentation_threshold: 0.5,
+            min_file_size: 1 << 20,
+            max_concurrent: 1,
+            check_interval: Duration::from_millis(250),
+            options: CompactionOptions::default(),
+        }
+    }
+}
+
+/// Compactions the store ran on its own, newest last (at most
+/// [`MAX_KEPT_REPORTS`] are kept).
+pub type CompactionLog = Vec<(Vbid, std::result::Result<CompactionReport, String>)>;
+
+/// How many automatic compaction outcomes the store keeps.
+pub const MAX_KEPT_REPORTS: usize = 1024;
+
+type VbucketMap = Arc<RwLock<BTreeMap<Vbid, VBucket>>>;
+
+/// The automatic compaction thread and the outcomes it collected.
+#[derive(Debug, Default)]
+struct AutoState {
+    stop: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Outcomes {
+    log: Mutex<VecDeque<(Vbid, std::result::Result<CompactionReport, String>)>>,
+}
+
+impl Outcomes {
+    fn push(&self, vbid: Vbid, outcome: Result<CompactionReport>) {
+        let mut log = self.log.lock();
+        if log.len() >= MAX_KEPT_REPORTS {
+            log.pop_front();
+        }
+        log.push_back((vbid, outcome.map_err(|e| e.to_string())));
+    }
+}
+
+/// The automatic compaction loop: checks the vbuckets' fragmentation every
+/// interval and starts compactions, at most `max_concurrent` at a time.
+fn auto_compaction_loop(
+    config: AutoCompaction,
+    vbuckets: VbucketMap,
+    outcomes: Arc<Outcomes>,
+    stop: crossbeam_channel::Receiver<()>,
+) {
+    let mut running: HashMap<Vbid, JoinHandle<()>> = HashMap::new();
+    loop {
+        match stop.recv_timeout(config.check_interval) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            _ => break,
+        }
+        running.retain(|_, t| !t.is_finished());
+        let free = config.max_concurrent.max(1).saturating_sub(running.len());
+        if free == 0 {
+            continue;
+        }
+        let candidates: Vec<VBucket> = vbuckets
+            .read()
+            .iter()
+            .filter(|(vbid, _)| !running.contains_key(vbid))
+            .map(|(_, vb)| vb.clone())
+            .collect();
+        let mut due: Vec<(f64, VBucket)> = candidates
+            .into_iter()
+            .filter_map(|vb| {
+                let stats = vb.stats().ok()?;
+                if stats.file_size < config.min_file_size || stats.file_size == 0 {
+                    return None;
+                }
+                let garbage = stats.file_size.saturating_sub(stats.space_used) as f64;
+                let fragmentation = garbage / stats.file_size as f64;
+                (fragmentation >= config.fragmentation_threshold).then_some((fragmentation, vb))
+            })
+            .collect();
+        due.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for (fragmentation, vb) in due.into_iter().take(free) {
+            let vbid = vb.vbid();
+            tracing::info!(vbid, fragmentation, "starting an automatic compaction");
+            let options = config.options.clone();
+            let outcomes = Arc::clone(&outcomes);
+            let spawned = std::thread::Builder::new()
+                .name(format!("compact-{vbid}"))
+                .spawn(move || outcomes.push(vbid, vb.compact(&options)));
+            match spawned {
+                Ok(thread) => {
+                    running.insert(vbid, thread);
+                }
+                Err(e) => tracing::error!(vbid, error = %e, "cannot start a compaction thread"),
+            }
+        }
+    }
+    for (_, thread) in running {
+        let _ = thread.join();
+    }
+}
 
 /// How a [`Store`] runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// Flusher threads, batching, queue bounds and retries.
     pub flusher: FlusherConfig,
@@ -24,6 +145,8 @@ pub struct StoreConfig {
     /// How to treat a corrupt last header when opening a vbucket
     /// ([`OpenMode::Recovery`] falls back to an older header).
     pub open_mode: OpenMode,
+    /// Automatic compaction (`None`: only when asked, [`VBucket::compact`]).
+    pub auto_compaction: Option<AutoCompaction>,
 }
 
 impl Default for StoreConfig {
@@ -33,6 +156,7 @@ impl Default for StoreConfig {
             compress_bodies: true,
             nodes: NodeConfig::default(),
             open_mode: OpenMode::Normal,
+            auto_compaction: None,
         }
     }
 }
@@ -72,7 +196,9 @@ pub struct StoreTotals {
 pub struct Store {
     dir: Arc<dyn Directory>,
     config: StoreConfig,
-    vbuckets: RwLock<BTreeMap<Vbid, VBucket>>,
+    vbuckets: VbucketMap,
+    auto: Mutex<AutoState>,
+    outcomes: Arc<Outcomes>,
     // Declared last: dropped after the vbucket handles.
     flusher: Flusher<VbTarget>,
 }
@@ -94,10 +220,25 @@ impl Store {
             flusher: Flusher::new(config.flusher.clone())?,
             dir,
             config,
-            vbuckets: RwLock::new(BTreeMap::new()),
+            vbuckets: Arc::new(RwLock::new(BTreeMap::new())),
+            auto: Mutex::new(AutoState::default()),
+            outcomes: Arc::new(Outcomes::default()),
         };
         for vbid in files::vbids_in(&*store.dir)? {
             store.open_vbucket(vbid)?;
+        }
+        if let Some(auto) = store.config.auto_compaction.clone() {
+            let (stop, stop_rx) = crossbeam_channel::bounded(1);
+            let vbuckets = Arc::clone(&store.vbuckets);
+            let outcomes = Arc::clone(&store.outcomes);
+            let thread = std::thread::Builder::new()
+                .name("auto-compaction".into())
+                .spawn(move || auto_compaction_loop(auto, vbuckets, outcomes, stop_rx))
+                .map_err(|e| Error::io(store.dir.path(), "start the auto-compaction thread", e))?;
+            *store.auto.lock() = AutoState {
+                stop: Some(stop),
+                thread: Some(thread),
+            };
         }
         Ok(store)
     }
@@ -216,9 +357,23 @@ impl Store {
         Ok(stats)
     }
 
-    /// Closes every vbucket (flushing their queues) and the flusher threads.
-    /// Returns the first error; every vbucket is closed regardless.
+    /// The outcomes of the automatic compactions so far (and forgets them).
+    pub fn take_compaction_log(&self) -> CompactionLog {
+        self.outcomes.log.lock().drain(..).collect()
+    }
+
+    /// Stops starting automatic compactions (those running go on).
+    fn stop_auto_compaction(&self) -> Option<JoinHandle<()>> {
+        let mut auto = self.auto.lock();
+        auto.stop.take();
+        auto.thread.take()
+    }
+
+    /// Closes every vbucket (flushing their queues; a running compaction
+    /// is cancelled) and the flusher threads. Returns the first error; every
+    /// vbucket is closed regardless.
     pub fn close(self) -> Result<()> {
+        let auto = self.stop_auto_compaction();
         let mut first_error = None;
         for vbid in self.vbuckets() {
             if let Err(e) = self.close_vbucket(vbid) {
@@ -226,6 +381,23 @@ impl Store {
                 first_error.get_or_insert(e);
             }
         }
+        if let Some(thread) = auto {
+            let _ = thread.join();
+        }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(thread) = self.stop_auto_compaction() {
+            // Cancel what runs, so joining does not wait for a whole copy.
+            for vb in self.vbuckets.read().values() {
+                if let Some(control) = vb.compaction_control() {
+                    control.cancel();
+                }
+            }
+            let _ = thread.join();
+        }
     }
 }

@@ -53,3 +53,61 @@ fn compaction_keeps_content_and_switches_revision() {
     assert_eq!(vb.get(b"k6").unwrap().unwrap().value, b"final");
     assert!(vb.get_including_deleted(b"k5").unwrap().unwrap().deleted);
 }
+
+#[test]
+fn auto_compaction_compacts_fragmented_vbuckets() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StoreConfig::default();
+    config.auto_compaction = Some(vbucket::AutoCompaction {
+        fragmentation_threshold: 0.5,
+        min_file_size: 64 << 10,
+        max_concurrent: 1,
+        check_interval: Duration::from_millis(10),
+        ..vbucket::AutoCompaction::default()
+    });
+    let store = Store::open(dir.path(), config).unwrap();
+    let vbs: Vec<_> = (0..2).map(|v| store.open_vbucket(v).unwrap()).collect();
+    let mut log = Vec::new();
+    for round in 0..200 {
+        for vb in &vbs {
+            let mut last = 0;
+            for i in 0..50 {
+                last = vb
+                    .set(
+                        format!("k{i}").as_bytes(),
+                        &[round as u8; 300],
+                        ItemMeta::default(),
+                    )
+                    .unwrap()
+                    .seqno;
+            }
+            vb.wait_persisted(last, Duration::from_secs(30)).unwrap();
+        }
+        log.extend(store.take_compaction_log());
+        if log.len() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!log.is_empty(), "no automatic compaction ran");
+    for (vbid, outcome) in &log {
+        let report = outcome.as_ref().unwrap();
+        assert!(
+            report.size_after < report.size_before,
+            "vb {vbid}: {report:?}"
+        );
+    }
+    for vb in &vbs {
+        for i in 0..50 {
+            assert_eq!(
+                vb.get(format!("k{i}").as_bytes())
+                    .unwrap()
+                    .unwrap()
+                    .value
+                    .len(),
+                300
+            );
+        }
+    }
+    store.close().unwrap();
+}
