@@ -126,7 +126,9 @@ pub struct FlusherConfig {
     pub max_batch_bytes: usize,
     /// Bytes a vbucket may have queued before writers wait.
     pub max_queued_bytes: usize,
-    /// How long a writer waits for room before [`Error::TemporarilyFull`].
+    /// How long a writer waits for room before [`Error::TemporarilyFull`]:
+    /// the timeout callers (the `vbucket` crate) pass to
+    /// [`VbQueue::wait_for_room`] and [`VbQueue::push`].
     pub backpressure_timeout: Duration,
     /// First delay before retrying a failed commit; doubled on each failure.
     pub retry_backoff_min: Duration,
