@@ -29,7 +29,10 @@
 //! - `couchtool verify [--recovery] [--header-offset N] FILE` walks the three
 //!   trees and the bodies and checks checksums, key order, subtree sizes,
 //!   reduce values and that the by-id and by-seq trees agree
-//!   ([`tool::verify`] does the same for tests).
+//!   ([`tool::verify`] does the same for tests);
+//! - `couchtool compact [--drop-deletes] [--purge-before-seq N] [--recovery]
+//!   [--header-offset N] SRC DST` copies a header of SRC into the new file
+//!   DST with the compactor and prints a summary ([`tool::compact`]).
 //!
 //! Exit status: 0 when all is well, 1 on an error or a problem found.
 //!

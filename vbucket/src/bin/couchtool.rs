@@ -1,4 +1,4 @@
-//! `couchtool`: inspects and checks couchstore files. See the `vbucket`
+//! `couchtool`: inspects, checks and compacts couchstore files. See the `vbucket`
 //! crate's documentation and `couchtool --help`; the work is done by
 //! [`vbucket::tool`].
 
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vbucket::tool::{self, OpenOptions, Outcome};
 
-/// Inspects and checks couchstore files.
+/// Inspects, checks and compacts couchstore files.
 #[derive(Debug, Parser)]
 #[command(name = "couchtool", version, about)]
 struct Cli {
@@ -82,6 +82,24 @@ enum Command {
         /// The couchstore file.
         file: PathBuf,
     },
+    /// Copies a header's documents into a new file, without the old
+    /// versions; prints a one-line summary.
+    Compact {
+        /// Drop every tombstone (the purge seqno becomes the source's plus
+        /// one, as couchstore's DROP_DELETES flag counts purges).
+        #[arg(long, conflicts_with = "purge_before_seq")]
+        drop_deletes: bool,
+        /// Drop the tombstones whose seqno is below N (the purge seqno
+        /// becomes the highest seqno dropped).
+        #[arg(long, value_name = "N")]
+        purge_before_seq: Option<u64>,
+        #[command(flatten)]
+        open: Open,
+        /// The couchstore file to compact (opened read-only).
+        src: PathBuf,
+        /// The new file (must not exist; removed if the compaction fails).
+        dst: PathBuf,
+    },
 }
 
 fn run(command: &Command, out: &mut dyn Write) -> tool::Result<Outcome> {
@@ -106,6 +124,22 @@ fn run(command: &Command, out: &mut dyn Write) -> tool::Result<Outcome> {
         }
         Command::Info { open, file } => tool::info(file, &open.options(), out),
         Command::Verify { open, file } => tool::verify_command(file, &open.options(), out),
+        Command::Compact {
+            drop_deletes,
+            purge_before_seq,
+            open,
+            src,
+            dst,
+        } => {
+            let options = tool::CompactOptions {
+                open: open.options(),
+                drop_deletes: *drop_deletes,
+                purge_before_seq: purge_before_seq.unwrap_or(0),
+            };
+            let summary = tool::compact(src, dst, &options)?;
+            writeln!(out, "{summary}")?;
+            Ok(Outcome::default())
+        }
     }
 }
 

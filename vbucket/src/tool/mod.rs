@@ -4,7 +4,7 @@
 //! bodies of a header ([`verify`]). Every command writes to a
 //! `&mut dyn Write`, so tests call them without spawning a process; the binary
 //! only parses arguments, picks the stream and turns the result into an exit
-//! status.
+//! status. [`compact`] writes a compacted copy of a file.
 //!
 //! The JSON Lines format (see the vectors' README) is, one object a line,
 //! keys in this order and no spaces:
@@ -19,8 +19,10 @@
 //! - `{"type":"open_error","mode":"normal","error":"NAME"}` alone when the
 //!   file cannot be opened.
 
+mod compact;
 mod verify;
 
+pub use compact::{compact, CompactOptions, CompactSummary};
 pub use verify::{verify, verify_snapshot, verify_with, Problem, Report};
 
 use btree::{ChangesFilter, Snapshot};
@@ -55,6 +57,10 @@ pub enum Error {
     /// unreadable header further back).
     #[error(transparent)]
     Read(#[from] btree::Error),
+    /// A compaction failed (the target exists, a write failed, bad
+    /// options).
+    #[error(transparent)]
+    Compact(#[from] compactor::Error),
 }
 
 impl From<couchfile::Error> for Error {
