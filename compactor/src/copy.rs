@@ -3,7 +3,7 @@
 use crate::error::Result;
 use crate::pacer::{Control, Pacer};
 use crate::sort::ExternalSorter;
-use crate::{CompactionConfig, ExpiryAction, Hooks};
+use crate::{CompactionConfig, ExpiryAction, Hooks, PurgeSeqRule};
 use btree::{BTree, ById, BySeq, ChangesFilter, Db, Local, Snapshot};
 use couchfile::{
     encode_seq_key, CrcKind, DbHeader, Directory, DocInfo, FileWriter, LocatedHeader, RevMeta,
@@ -191,6 +191,9 @@ pub fn copy_snapshot(
     let local_root = local_builder.finish(&mut writer)?;
     control.check()?;
 
+    if config.purge_seq_rule == PurgeSeqRule::CountDropDeletes && config.purge.drop_deletes {
+        stats.purge_seq = src.purge_seq + 1;
+    }
     let mut header = DbHeader::new(CURRENT_DISK_VERSION);
     header.update_seq = src.update_seq;
     header.purge_seq = stats.purge_seq;

@@ -82,6 +82,18 @@ impl PurgePolicy {
     }
 }
 
+/// How a copy sets the new file's purge seqno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PurgeSeqRule {
+    /// kv-engine's rule: the highest seqno purged (never below the source's).
+    #[default]
+    HighestPurged,
+    /// couchstore's `couch_compact` rule when [`PurgePolicy::drop_deletes`]
+    /// is set: the source's purge seqno plus one (a counter of such
+    /// compactions); otherwise as `HighestPurged`.
+    CountDropDeletes,
+}
+
 /// What to do with a live document whose expiry time has passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpiryAction {
@@ -121,6 +133,8 @@ impl Hooks for NoHooks {}
 pub struct CompactionConfig {
     /// Which tombstones go.
     pub purge: PurgePolicy,
+    /// How the purge seqno follows.
+    pub purge_seq_rule: PurgeSeqRule,
     /// "Now" for expiry, in seconds since the epoch (`None`: the clock).
     pub now: Option<u32>,
     /// Sync the target after every this many bytes written (0: only at the
@@ -141,6 +155,7 @@ impl Default for CompactionConfig {
     fn default() -> Self {
         Self {
             purge: PurgePolicy::default(),
+            purge_seq_rule: PurgeSeqRule::default(),
             now: None,
             sync_every_bytes: 64 << 20,
             throttle_bytes_per_sec: None,

@@ -71,7 +71,7 @@ pub use compaction::{
     CompactionHook, CompactionMode, CompactionOptions, CompactionPhase, CompactionReport,
     RoundStats,
 };
-pub use compactor::{CompactionConfig, PurgePolicy};
+pub use compactor::{CompactionConfig, PurgePolicy, PurgeSeqRule};
 pub use error::{Error, Result};
 pub use files::{compact_name, revision_name};
 pub use item::{Document, ItemMeta, Mutation, DATATYPE_JSON};

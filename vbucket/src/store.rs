@@ -83,11 +83,10 @@ fn auto_compaction_loop(
     stop: crossbeam_channel::Receiver<()>,
 ) {
     let mut running: HashMap<Vbid, JoinHandle<()>> = HashMap::new();
-    loop {
-        match stop.recv_timeout(config.check_interval) {
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            _ => break,
-        }
+    // A message or a disconnected sender means stop.
+    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(config.check_interval)
+    {
         running.retain(|_, t| !t.is_finished());
         let free = config.max_concurrent.max(1).saturating_sub(running.len());
         if free == 0 {

@@ -57,14 +57,16 @@ fn compaction_keeps_content_and_switches_revision() {
 #[test]
 fn auto_compaction_compacts_fragmented_vbuckets() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = StoreConfig::default();
-    config.auto_compaction = Some(vbucket::AutoCompaction {
-        fragmentation_threshold: 0.5,
-        min_file_size: 64 << 10,
-        max_concurrent: 1,
-        check_interval: Duration::from_millis(10),
-        ..vbucket::AutoCompaction::default()
-    });
+    let config = StoreConfig {
+        auto_compaction: Some(vbucket::AutoCompaction {
+            fragmentation_threshold: 0.5,
+            min_file_size: 64 << 10,
+            max_concurrent: 1,
+            check_interval: Duration::from_millis(10),
+            ..vbucket::AutoCompaction::default()
+        }),
+        ..StoreConfig::default()
+    };
     let store = Store::open(dir.path(), config).unwrap();
     let vbs: Vec<_> = (0..2).map(|v| store.open_vbucket(v).unwrap()).collect();
     let mut log = Vec::new();

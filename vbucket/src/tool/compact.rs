@@ -3,7 +3,7 @@
 //! `couch_compact` does.
 
 use super::{open_or_error, Error, OpenOptions, Result};
-use compactor::{CompactionConfig, Control, CopyStats, NoHooks, PurgePolicy};
+use compactor::{CompactionConfig, Control, CopyStats, NoHooks, PurgePolicy, PurgeSeqRule};
 use couchfile::{CouchFile, Directory, FileWriter, OsDirectory};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -139,6 +139,8 @@ pub fn compact(src: &Path, dst: &Path, options: &CompactOptions) -> Result<Compa
             purge_before_seq: options.purge_before_seq,
             purge_before_time: 0,
         },
+        // couch_compact's rule, so the result matches couchstore's.
+        purge_seq_rule: PurgeSeqRule::CountDropDeletes,
         ..CompactionConfig::default()
     };
     let target = FileWriter::create_without_header(CouchFile::new(backend, dst)?)?;
@@ -151,18 +153,7 @@ pub fn compact(src: &Path, dst: &Path, options: &CompactOptions) -> Result<Compa
         &mut NoHooks,
         &Control::new(),
     )?;
-    let mut committed = db.committed().clone();
-    let counted = source.header().purge_seq.saturating_add(1);
-    if options.drop_deletes && committed.header.purge_seq != counted {
-        // copy_snapshot raised the purge seqno to the highest seqno dropped
-        // (kv-engine's rule); couchstore's DROP_DELETES flag adds one to
-        // the source's. The header copy_snapshot committed is the file's
-        // last block: put the counted one in its place.
-        committed.header.purge_seq = counted;
-        let writer = db.writer_mut();
-        writer.truncate(committed.offset)?;
-        committed.offset = writer.commit(&committed.header)?;
-    }
+    let committed = db.committed().clone();
     db.writer_mut().sync()?;
     dir.sync()
         .map_err(|e| io_error(parent, "sync directory", e))?;
@@ -175,10 +166,7 @@ pub fn compact(src: &Path, dst: &Path, options: &CompactOptions) -> Result<Compa
         target_header: committed.offset,
         update_seq: committed.header.update_seq,
         purge_seq: committed.header.purge_seq,
-        copy: CopyStats {
-            purge_seq: committed.header.purge_seq,
-            ..copy
-        },
+        copy,
         size_before,
         size_after,
     })
