@@ -2,10 +2,11 @@
 //! feeds arbitrary bytes to one decoder and must never panic, whatever the
 //! bytes. Also exercised by this crate's tests on random inputs.
 
-use crate::{ItemMeta, Store, StoreConfig, VbState};
+use crate::{FlusherConfig, ItemMeta, Store, StoreConfig, VbState};
 use couchfile::FaultyDirectory;
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Parses `data` as a `_local/vbstate` document; what parses must survive
 /// a round trip through its JSON.
@@ -27,7 +28,16 @@ pub fn open_vbucket(data: &[u8]) {
         "0.couch.1".to_string(),
         data.to_vec(),
     )]));
-    let Ok(store) = Store::open_in(dir, StoreConfig::default()) else {
+    // A commit that keeps failing on a mangled file gives up quickly.
+    let config = StoreConfig {
+        flusher: FlusherConfig {
+            close_timeout: Duration::from_millis(50),
+            retry_backoff_max: Duration::from_millis(10),
+            ..FlusherConfig::default()
+        },
+        ..StoreConfig::default()
+    };
+    let Ok(store) = Store::open_in(dir, config) else {
         return;
     };
     if let Ok(vb) = store.vbucket(0) {
@@ -42,7 +52,7 @@ pub fn open_vbucket(data: &[u8]) {
         let _ = vb.snapshot().vbstate();
         let _ = vb.snapshot().previous();
         if let Ok(m) = vb.set(b"fuzz", b"value", ItemMeta::default()) {
-            let _ = vb.wait_persisted(m.seqno, std::time::Duration::from_secs(10));
+            let _ = vb.wait_persisted(m.seqno, Duration::from_millis(200));
         }
     }
     let _ = store.close();
