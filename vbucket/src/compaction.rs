@@ -321,12 +321,17 @@ impl VBucket {
             ..RoundStats::default()
         };
         if latest.offset != last.offset {
+            // The flusher waits for this round: no throttling under the lock.
+            let unthrottled = CompactionConfig {
+                throttle_bytes_per_sec: None,
+                ..options.compactor.clone()
+            };
             let stats = replay(
                 source.file(),
                 &last,
                 &latest,
                 &mut db,
-                &options.compactor,
+                &unthrottled,
                 control,
             )?;
             final_round.docs = stats.docs;

@@ -307,6 +307,12 @@ impl Store {
             .ok_or(Error::NoSuchVbucket(vbid))?;
         vb.close_front();
         let removed = self.flusher.remove(vbid)?;
+        // Closing cancelled a running compaction, but one already in its
+        // final round renames its file into place regardless. That round
+        // holds the commit lock: once we have had it, no compaction of this
+        // vbucket renames anything (the next to take it sees the vbucket
+        // closed), so the files can be reopened or deleted.
+        drop(vb.shared().writer.lock());
         match removed.unflushed_items {
             0 => Ok(()),
             items => Err(Error::Unflushed { vbid, items }),
@@ -322,9 +328,13 @@ impl Store {
             .map_err(|e| Error::io(self.dir.path(), "list", e))?;
         for name in names {
             if files::parse_name(&name).is_some_and(|(v, _)| v == vbid) {
-                self.dir
-                    .remove(&name)
-                    .map_err(|e| Error::io(self.dir.path().join(&name), "remove", e))?;
+                match self.dir.remove(&name) {
+                    // An aborted compaction removed its own file meanwhile.
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::io(self.dir.path().join(&name), "remove", e));
+                    }
+                    _ => {}
+                }
             }
         }
         self.dir
