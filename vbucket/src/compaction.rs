@@ -44,6 +44,13 @@ pub enum CompactionPhase {
 /// between and inside rounds).
 pub type CompactionHook = Arc<dyn Fn(CompactionPhase) + Send + Sync>;
 
+/// How many times the final round tries to slip in between two commits
+/// before it waits for the lock like any other user.
+const MAX_LOCK_ATTEMPTS: usize = 16;
+
+/// How long it waits for an in-flight commit to land between attempts.
+const LOCK_RETRY_WAIT: Duration = Duration::from_millis(50);
+
 /// How a vbucket compaction runs.
 #[derive(Clone)]
 pub struct CompactionOptions {
@@ -108,6 +115,9 @@ pub struct CompactionReport {
     pub copy: CopyStats,
     /// The catch-up rounds, the final (locked) one last.
     pub rounds: Vec<RoundStats>,
+    /// Unlocked replays of the commits that were in flight when the final
+    /// round first tried to take the lock (it slips in between commits).
+    pub rounds_waiting_for_commit: Vec<RoundStats>,
     /// How long the commit lock was held.
     pub lock_held: Duration,
     /// How long the flusher waited for the lock during the compaction.
@@ -303,9 +313,46 @@ impl VBucket {
         }
 
         // The final round: the flusher waits from here until the switch.
+        let mut rounds_waiting_for_commit = Vec::new();
         let mut w = match held.take() {
             Some(w) => w,
-            None => shared.writer.lock(),
+            // Take the lock between two commits: while the flusher is in
+            // the middle of one, let it land and replay it without the
+            // lock, so the locked round finds little or nothing to do.
+            None => {
+                let mut attempts = 0;
+                loop {
+                    let (_, seen) = self.latest_located_header();
+                    if let Some(w) = shared.writer.try_lock() {
+                        break w;
+                    }
+                    attempts += 1;
+                    if attempts > MAX_LOCK_ATTEMPTS {
+                        break shared.writer.lock();
+                    }
+                    self.wait_for_header(seen.commits, LOCK_RETRY_WAIT);
+                    self.check_running(control)?;
+                    let (latest, _) = self.latest_located_header();
+                    if latest.offset != last.offset {
+                        let stats = replay(
+                            source.file(),
+                            &last,
+                            &latest,
+                            &mut db,
+                            &options.compactor,
+                            control,
+                        )?;
+                        db.writer_mut().sync()?;
+                        rounds_waiting_for_commit.push(RoundStats {
+                            docs: stats.docs,
+                            bytes_written: stats.bytes_written,
+                            duration: stats.duration,
+                            locked: false,
+                        });
+                        last = latest;
+                    }
+                }
+            }
         };
         let final_start = Instant::now();
         let lock_start = if options.mode == CompactionMode::Blocking {
@@ -379,6 +426,7 @@ impl VBucket {
             purge_seq: copy.purge_seq.max(latest.header.purge_seq),
             copy,
             rounds,
+            rounds_waiting_for_commit,
             lock_held,
             flusher_waited: Duration::from_nanos(waited),
             duration: start.elapsed(),
