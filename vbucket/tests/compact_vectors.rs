@@ -19,20 +19,18 @@
 //! 1200). The compacted files must pass `tool::verify` and
 //! `couchread.py --verify`.
 
+mod support;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
+use support::couchread_verify;
 use vbucket::tool::{self, CompactOptions, CompactSummary, OpenOptions};
 
 const VECTORS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../shared/vectors/couchstore"
-);
-
-const COUCHREAD: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/tools/couchread.py"
 );
 
 fn vector(name: &str) -> PathBuf {
@@ -117,28 +115,12 @@ fn header_field(listing: &str, field: &str) -> u64 {
     v[field].as_u64().unwrap()
 }
 
-fn couchread_verify(path: &Path) {
-    let out = Command::new("python3")
-        .arg(COUCHREAD)
-        .arg(path)
-        .arg("--verify")
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "couchread.py --verify {} failed:\n{}{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// `tool::verify`, `couchread.py --verify`, and a single header.
 fn check_file(path: &Path, summary: &CompactSummary) {
     let report = tool::verify(path).unwrap();
     assert!(report.is_ok(), "{}: {:?}", path.display(), report.problems);
     assert_eq!(report.by_id_entries, report.by_seq_entries);
-    couchread_verify(path);
+    couchread_verify(path, None);
     let mut out = Vec::new();
     tool::headers_jsonl(path, couchfile::OpenMode::Normal, &mut out).unwrap();
     let headers = String::from_utf8(out).unwrap();

@@ -21,16 +21,18 @@
 //! round is not throttled (the flusher waits for it); deleting a vbucket
 //! while its compaction renames its file leaves no file behind.
 
+mod support;
+
 use btree::NodeConfig;
 use compactor::Hooks;
 use couchfile::DocInfo;
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::process::Command;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use support::{names, verify_file, Rng};
 use vbucket::{
     CompactionConfig, CompactionHook, CompactionMode, CompactionOptions, CompactionPhase,
     CompactionReport, Document, Error, FlusherConfig, ItemMeta, Mutation, PurgePolicy, Store,
@@ -55,30 +57,6 @@ fn config() -> StoreConfig {
             interior_threshold: 300,
         },
         ..StoreConfig::default()
-    }
-}
-
-/// A small xorshift64* generator: deterministic and dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo)
     }
 }
 
@@ -308,45 +286,6 @@ fn check(vb: &VBucket, model: &Model, what: &str) {
         "{what}: document counts"
     );
     assert_eq!(stats.dirty_items, 0, "{what}");
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    v.sort();
-    v
-}
-
-/// `verify_snapshot` and `couchread.py --verify` find nothing wrong with
-/// the file at `path` (nothing may be writing to it).
-fn verify_file(path: &Path) {
-    let backend = Arc::new(couchfile::FileBackend::open_read_only(path).unwrap());
-    let file = couchfile::CouchFile::new(backend, path).unwrap();
-    let snapshot = btree::Snapshot::open_latest(file, couchfile::OpenMode::Normal).unwrap();
-    let report = vbucket::tool::verify_snapshot(&snapshot);
-    assert!(
-        report.problems.is_empty(),
-        "{path:?}: {:?}",
-        report.problems
-    );
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/tools/couchread.py"
-    );
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(path)
-        .arg("--verify")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "couchread.py --verify {path:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Verifies every file of the store's directory.

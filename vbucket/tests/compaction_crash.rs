@@ -37,6 +37,8 @@
 //! failed directory sync after the rename holds durability reports back
 //! until a sync succeeds.
 
+mod support;
+
 use btree::{NodeConfig, Snapshot};
 use couchfile::{
     CouchFile, Directory, FaultController, FaultKind, FaultRule, FaultyDirectory, NameTail, OpKind,
@@ -46,6 +48,7 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{assert_doc, model, Accepted, Rng};
 use vbucket::tool::verify_snapshot;
 use vbucket::{
     CompactionConfig, CompactionHook, CompactionMode, CompactionOptions, CompactionPhase, Document,
@@ -98,42 +101,6 @@ fn compaction_options(hook: Option<CompactionHook>) -> CompactionOptions {
         lock_budget: Duration::ZERO,
         hook,
     }
-}
-
-/// A small xorshift64* generator: deterministic and dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo)
-    }
-}
-
-/// One accepted mutation.
-#[derive(Debug, Clone)]
-struct Accepted {
-    seqno: u64,
-    key: Vec<u8>,
-    /// `None` for a deletion.
-    value: Option<Vec<u8>>,
-    cas: u64,
-    flags: u32,
-    datatype: u8,
 }
 
 /// A vbstate change, committed after the header of update seq `seqno`;
@@ -373,31 +340,6 @@ fn run(seed: u64, crash_at: Option<u64>) -> Run {
         mutations: controller.mutation_count(),
         compacted: compacted.is_ok(),
     }
-}
-
-/// The state `accepted` leaves after its mutations up to `high_seqno`.
-fn model(accepted: &[Accepted], high_seqno: u64) -> BTreeMap<Vec<u8>, &Accepted> {
-    accepted
-        .iter()
-        .take_while(|a| a.seqno <= high_seqno)
-        .map(|a| (a.key.clone(), a))
-        .collect()
-}
-
-fn assert_doc(doc: &Document, a: &Accepted, what: &str) {
-    let key = String::from_utf8_lossy(&a.key);
-    assert_eq!(doc.key, a.key, "{what}");
-    assert_eq!(doc.seqno, a.seqno, "{what}: seqno of {key}");
-    assert_eq!(doc.deleted, a.value.is_none(), "{what}: deleted {key}");
-    assert_eq!(
-        doc.value,
-        a.value.clone().unwrap_or_default(),
-        "{what}: value of {key} (seqno {})",
-        a.seqno
-    );
-    assert_eq!(doc.meta.cas, a.cas, "{what}: cas of {key}");
-    assert_eq!(doc.meta.flags, a.flags, "{what}: flags of {key}");
-    assert_eq!(doc.meta.datatype, a.datatype, "{what}: datatype of {key}");
 }
 
 /// The vbucket states a header of update seq `high` may hold.

@@ -31,6 +31,8 @@
 //! `CRASH_SWEEP=full` makes the sample test do the full sweep too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use btree::{NodeConfig, Snapshot};
 use couchfile::{
     CouchFile, Directory, FaultController, FaultyDirectory, NameTail, OpenMode, TornTail,
@@ -39,6 +41,7 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+use support::{assert_doc, model, Accepted, Rng};
 use vbucket::tool::verify_snapshot;
 use vbucket::{
     revision_name, Document, FlusherConfig, ItemMeta, Store, StoreConfig, VBucket, Vbid,
@@ -55,31 +58,6 @@ const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 /// How long a wait for persistence may take before the test gives up (the
 /// polling returns as soon as the crash has happened).
 const PERSIST_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A small xorshift64* generator: deterministic and dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// Uniform in `lo..hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo)
-    }
-}
 
 /// One mutation of the workload.
 #[derive(Debug, Clone)]
@@ -203,18 +181,6 @@ fn config() -> StoreConfig {
         },
         ..StoreConfig::default()
     }
-}
-
-/// One accepted mutation.
-#[derive(Debug, Clone)]
-struct Accepted {
-    seqno: u64,
-    key: Vec<u8>,
-    /// `None` for a deletion.
-    value: Option<Vec<u8>>,
-    cas: u64,
-    flags: u32,
-    datatype: u8,
 }
 
 /// What one run of the workload did.
@@ -346,31 +312,6 @@ fn run(bursts: &[Burst], crash_at: Option<u64>) -> Run {
         crashed,
         mutations: controller.mutation_count(),
     }
-}
-
-/// The state `accepted` leaves after its mutations up to `high_seqno`.
-fn model(accepted: &[Accepted], high_seqno: u64) -> BTreeMap<Vec<u8>, &Accepted> {
-    accepted
-        .iter()
-        .take_while(|a| a.seqno <= high_seqno)
-        .map(|a| (a.key.clone(), a))
-        .collect()
-}
-
-fn assert_doc(doc: &Document, a: &Accepted, what: &str) {
-    let key = String::from_utf8_lossy(&a.key);
-    assert_eq!(doc.key, a.key, "{what}");
-    assert_eq!(doc.seqno, a.seqno, "{what}: seqno of {key}");
-    assert_eq!(doc.deleted, a.value.is_none(), "{what}: deleted {key}");
-    assert_eq!(
-        doc.value,
-        a.value.clone().unwrap_or_default(),
-        "{what}: value of {key} (seqno {})",
-        a.seqno
-    );
-    assert_eq!(doc.meta.cas, a.cas, "{what}: cas of {key}");
-    assert_eq!(doc.meta.flags, a.flags, "{what}: flags of {key}");
-    assert_eq!(doc.meta.datatype, a.datatype, "{what}: datatype of {key}");
 }
 
 /// Checks vbucket `vb` against `accepted` and `persisted`; returns its high

@@ -32,25 +32,22 @@
 //! `VBucket::snapshot_at`) show the earlier values, before and after reopen.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use btree::{NodeConfig, Snapshot};
 use couchfile::{CouchFile, FileBackend, OpenMode};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use support::couchread_verify;
 use vbucket::{
     Document, FlusherConfig, ItemMeta, ReadSnapshot, Store, StoreConfig, VBucket, Vbid,
     DATATYPE_JSON,
 };
-
-const COUCHREAD: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/tools/couchread.py"
-);
 
 /// Keys shared by all writers; key `i` lives in vbucket `i % VBUCKETS`.
 const KEYS: usize = 16;
@@ -482,22 +479,6 @@ fn check_persisted(ops: &[Vec<Op>], vb: &VBucket, model: &BTreeMap<usize, Done>,
     assert_eq!(stats.dirty_items, 0, "{stats:?}");
 }
 
-fn couchread_verify(path: &Path) {
-    let out = Command::new("python3")
-        .arg(COUCHREAD)
-        .arg(path)
-        .arg("--verify")
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "couchread.py --verify {} failed:\n{}{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Every vbucket has one file, revision 1; every header of it passes
 /// `verify_snapshot`, and with `couchread` the latest passes
 /// `couchread.py --verify` too. Returns the headers of each file.
@@ -535,7 +516,7 @@ fn verify_files(dir: &Path, couchread: bool) -> Vec<usize> {
         }
         headers.push(count);
         if couchread {
-            couchread_verify(&path);
+            couchread_verify(&path, None);
         }
     }
     headers

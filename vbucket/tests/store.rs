@@ -3,11 +3,11 @@
 //! flushed data, reopen, revisions at open, vbstate, statistics, and the
 //! files' validity for couchtool and couchread.py.
 
+mod support;
+
 use std::ops::ControlFlow;
-use std::path::Path;
-use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
+use support::{names, verify_file};
 use vbucket::{
     revision_name, Document, Error, ItemMeta, Store, StoreConfig, VbucketState, DATATYPE_JSON,
 };
@@ -20,15 +20,6 @@ fn config() -> StoreConfig {
     c
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    v.sort();
-    v
-}
-
 fn all_changes(vb: &vbucket::VBucket) -> Vec<Document> {
     let mut docs = Vec::new();
     vb.changes_since(0, &mut |d| {
@@ -37,34 +28,6 @@ fn all_changes(vb: &vbucket::VBucket) -> Vec<Document> {
     })
     .unwrap();
     docs
-}
-
-fn check_file(path: &Path) {
-    let backend = Arc::new(couchfile::FileBackend::open_read_only(path).unwrap());
-    let file = couchfile::CouchFile::new(backend, path).unwrap();
-    let snapshot = btree::Snapshot::open_latest(file, couchfile::OpenMode::Normal).unwrap();
-    let report = vbucket::tool::verify_snapshot(&snapshot);
-    assert!(
-        report.problems.is_empty(),
-        "{path:?}: {:?}",
-        report.problems
-    );
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/tools/couchread.py"
-    );
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(path)
-        .arg("--verify")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "couchread.py --verify {path:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -140,7 +103,7 @@ fn writes_read_back_before_and_after_flush_and_reopen() {
     assert_eq!(vbstate.max_deleted_seqno, 101);
     assert_eq!(vbstate.failover_table.len(), 1);
     store.close().unwrap();
-    check_file(&dir.path().join("3.couch.1"));
+    verify_file(&dir.path().join("3.couch.1"));
 }
 
 #[test]
@@ -201,7 +164,7 @@ fn newest_complete_revision_wins_and_leftovers_go() {
     let m = vb1.set(b"k2", b"v", ItemMeta::default()).unwrap();
     vb1.wait_persisted(m.seqno, WAIT).unwrap();
     store.close().unwrap();
-    check_file(&dir.path().join(revision_name(1, 4)));
+    verify_file(&dir.path().join(revision_name(1, 4)));
 }
 
 #[test]
@@ -217,7 +180,7 @@ fn new_vbucket_starts_at_revision_one_with_a_durable_vbstate() {
     let vbstate = store.vbucket(9).unwrap().vbstate();
     assert_eq!(vbstate.state, VbucketState::Replica);
     assert_eq!(vbstate.failover_table[0].id, uuid);
-    check_file(&dir.path().join("9.couch.1"));
+    verify_file(&dir.path().join("9.couch.1"));
 }
 
 #[test]

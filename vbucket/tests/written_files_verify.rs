@@ -3,18 +3,14 @@
 //! independent Python reader in `../shared/tools`), at every header.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use btree::{Body, Db, DbOptions, DocUpdate, LocalUpdate, NodeConfig};
 use couchfile::{CouchFile, FileBackend, OpenMode, RevMeta, CONTENT_META_COMPRESSED};
 use proptest::prelude::*;
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
+use support::couchread_verify;
 use vbucket::tool::{verify_with, OpenOptions};
-
-const COUCHREAD: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/tools/couchread.py"
-);
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -95,23 +91,6 @@ fn apply(db: &mut Db, batch: &[Op], rev: u64) {
     db.save(&docs, &locals).unwrap();
 }
 
-fn couchread_verify(path: &Path, header_offset: u64) {
-    let out = Command::new("python3")
-        .arg(COUCHREAD)
-        .arg(path)
-        .arg("--verify")
-        .arg("--header-offset")
-        .arg(header_offset.to_string())
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "couchread.py --verify failed at header {header_offset}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 6, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -146,7 +125,7 @@ proptest! {
             )
             .unwrap();
             prop_assert!(report.problems.is_empty(), "couchtool verify at {}: {:?}", offset, report.problems);
-            couchread_verify(&path, offset);
+            couchread_verify(&path, Some(offset));
         }
     }
 }
