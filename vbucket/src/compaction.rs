@@ -9,7 +9,7 @@ use crate::files::{compact_name, revision_name};
 use crate::vbucket::VBucket;
 use btree::Db;
 use compactor::{copy_snapshot, replay, CompactionConfig, Control, CopyStats, Hooks, NoHooks};
-use couchfile::{CouchFile, CrcKind, Directory, FileWriter, CURRENT_DISK_VERSION};
+use couchfile::{CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, CURRENT_DISK_VERSION};
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -273,6 +273,26 @@ impl VBucket {
             control,
         )?;
         hook(CompactionPhase::Copied);
+        // One catch-up round: replays `from..to` of the source into the new
+        // file; an unlocked round syncs it, so the locked round has little
+        // to sync (the locked round's commit syncs).
+        let catch_up = |db: &mut Db,
+                        from: &LocatedHeader,
+                        to: &LocatedHeader,
+                        config: &CompactionConfig,
+                        locked: bool|
+         -> Result<RoundStats> {
+            let stats = replay(source.file(), from, to, db, config, control)?;
+            if !locked {
+                db.writer_mut().sync()?;
+            }
+            Ok(RoundStats {
+                docs: stats.docs,
+                bytes_written: stats.bytes_written,
+                duration: stats.duration,
+                locked,
+            })
+        };
         let mut last = source.located_header().clone();
         let mut rounds = Vec::new();
         if held.is_none() {
@@ -289,23 +309,9 @@ impl VBucket {
                 if cost * u32::try_from(gap).unwrap_or(u32::MAX) <= options.lock_budget {
                     break;
                 }
-                let stats = replay(
-                    source.file(),
-                    &last,
-                    &latest,
-                    &mut db,
-                    &options.compactor,
-                    control,
-                )?;
-                // Synced now, so the locked round has little to sync.
-                db.writer_mut().sync()?;
-                cost = per_doc(stats.duration, stats.docs);
-                rounds.push(RoundStats {
-                    docs: stats.docs,
-                    bytes_written: stats.bytes_written,
-                    duration: stats.duration,
-                    locked: false,
-                });
+                let round_stats = catch_up(&mut db, &last, &latest, &options.compactor, false)?;
+                cost = per_doc(round_stats.duration, round_stats.docs);
+                rounds.push(round_stats);
                 last = latest;
                 hook(CompactionPhase::RoundDone(round));
             }
@@ -313,6 +319,12 @@ impl VBucket {
         }
 
         // The final round: the flusher waits from here until the switch.
+        // Neither it nor the replays that wait for the lock are throttled:
+        // the flusher is about to wait for them.
+        let unthrottled = CompactionConfig {
+            throttle_bytes_per_sec: None,
+            ..options.compactor.clone()
+        };
         let mut rounds_waiting_for_commit = Vec::new();
         let mut w = match held.take() {
             Some(w) => w,
@@ -331,24 +343,20 @@ impl VBucket {
                         break shared.writer.lock();
                     }
                     self.wait_for_header(seen.commits, LOCK_RETRY_WAIT);
-                    self.check_running(control)?;
+                    if self.is_closed() || control.is_cancelled() {
+                        // Aborted: the check under the lock reports it, as
+                        // it would have without the wait.
+                        break shared.writer.lock();
+                    }
                     let (latest, _) = self.latest_located_header();
                     if latest.offset != last.offset {
-                        let stats = replay(
-                            source.file(),
+                        rounds_waiting_for_commit.push(catch_up(
+                            &mut db,
                             &last,
                             &latest,
-                            &mut db,
-                            &options.compactor,
-                            control,
-                        )?;
-                        db.writer_mut().sync()?;
-                        rounds_waiting_for_commit.push(RoundStats {
-                            docs: stats.docs,
-                            bytes_written: stats.bytes_written,
-                            duration: stats.duration,
-                            locked: false,
-                        });
+                            &unthrottled,
+                            false,
+                        )?);
                         last = latest;
                     }
                 }
@@ -363,27 +371,14 @@ impl VBucket {
         hook(CompactionPhase::FinalRoundLocked);
         self.check_running(control)?;
         let latest = w.db.committed().clone();
-        let mut final_round = RoundStats {
-            locked: true,
-            ..RoundStats::default()
+        let mut final_round = if latest.offset != last.offset {
+            catch_up(&mut db, &last, &latest, &unthrottled, true)?
+        } else {
+            RoundStats {
+                locked: true,
+                ..RoundStats::default()
+            }
         };
-        if latest.offset != last.offset {
-            // The flusher waits for this round: no throttling under the lock.
-            let unthrottled = CompactionConfig {
-                throttle_bytes_per_sec: None,
-                ..options.compactor.clone()
-            };
-            let stats = replay(
-                source.file(),
-                &last,
-                &latest,
-                &mut db,
-                &unthrottled,
-                control,
-            )?;
-            final_round.docs = stats.docs;
-            final_round.bytes_written = stats.bytes_written;
-        }
         db.commit(unix_nanos())?;
         let size_after = db.writer_mut().position();
         // Everything that can fail before the rename happens before it, so
