@@ -1,0 +1,1 @@
+//! The SVG chart of a workload run (being written).
