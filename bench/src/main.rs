@@ -12,6 +12,7 @@
 //! `cargo xtask bench`.
 
 mod chart;
+mod report;
 mod disk;
 mod peers;
 mod workload;

@@ -1,26 +1,30 @@
 //! The workload runner: a [`vbucket::Store`] of several vbuckets in a fresh
 //! temporary directory (or `--dir`) with automatic compaction on, driven for
 //! a fixed time by writer threads issuing sets and deletes with a Zipfian key
-//! choice (some of them waiting for each mutation to be persisted), reader
-//! threads doing gets, the store's flusher threads and its automatic
-//! compactions. It ends with a report, then closes the store, reopens it and
-//! compares every key with what the writers last persisted.
+//! choice at a set rate (some of them waiting for each mutation to be
+//! persisted), reader threads doing gets, the store's flusher threads and its
+//! automatic compactions. Each run ends with the raw-disk baseline and a
+//! final check: the store is closed, reopened, and every key compared with
+//! what the writers last persisted. [`crate::report`] prints the outcome and
+//! [`crate::chart`] draws it.
 
-use crate::BoxError;
+use crate::disk::{self, Baseline};
+use crate::{chart, report, BoxError};
 use clap::ValueEnum;
 use flusher::LatencyHistogram;
 use indicatif::{ProgressBar, ProgressStyle};
+use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Zipf};
-use serde_json::json;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vbucket::{
-    AutoCompaction, CompactionMode, CompactionOptions, CompactionReport, ItemMeta, Store,
-    StoreConfig, VBucket,
+    AutoCompaction, CommitEvent, CompactionMode, CompactionOptions, CompactionReport, ItemMeta,
+    Store, StoreConfig, VBucket,
 };
 
 /// How compactions share a vbucket with its flusher.
@@ -32,61 +36,103 @@ pub enum ModeArg {
     Blocking,
 }
 
+impl ModeArg {
+    /// The vbucket crate's mode.
+    fn mode(self) -> CompactionMode {
+        match self {
+            ModeArg::Concurrent => CompactionMode::Concurrent,
+            ModeArg::Blocking => CompactionMode::Blocking,
+        }
+    }
+
+    /// Lower-case name, for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModeArg::Concurrent => "concurrent",
+            ModeArg::Blocking => "blocking",
+        }
+    }
+}
+
 /// The options of the workload runner.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Data directory (must be empty or absent); default: a fresh temporary one.
     #[arg(long)]
-    dir: Option<PathBuf>,
+    pub dir: Option<PathBuf>,
     /// Number of vbuckets.
     #[arg(long, default_value_t = 8)]
-    vbuckets: u16,
+    pub vbuckets: u16,
     /// Keys per vbucket.
     #[arg(long, default_value_t = 20_000)]
-    keys: u64,
+    pub keys: u64,
     /// Value size in bytes (at least 8).
     #[arg(long, default_value_t = 256)]
-    value_size: usize,
+    pub value_size: usize,
     /// Writer threads (each owns a disjoint key subset of every vbucket).
     #[arg(long, default_value_t = 4)]
-    writers: usize,
-    /// How many of the writers wait for each mutation to be persisted.
+    pub writers: usize,
+    /// How many of the writers wait for each mutation to be persisted (they
+    /// run as fast as persistence allows; `--rate` paces the others).
     #[arg(long, default_value_t = 1)]
-    durable_writers: usize,
+    pub durable_writers: usize,
+    /// Mutations per second of the other writers together (0: as fast as
+    /// they can, which measures the backlog rather than the engine).
+    #[arg(long, default_value_t = 100_000)]
+    pub rate: u64,
     /// Fraction of mutations that are deletes.
     #[arg(long, default_value_t = 0.05)]
-    delete_ratio: f64,
+    pub delete_ratio: f64,
     /// Zipf exponent of the key choice (0: uniform).
     #[arg(long, default_value_t = 0.99)]
-    zipf: f64,
+    pub zipf: f64,
     /// Reader threads.
     #[arg(long, default_value_t = 2)]
-    readers: usize,
+    pub readers: usize,
+    /// Gets per second of the readers together (0: as fast as they can).
+    #[arg(long, default_value_t = 20_000)]
+    pub read_rate: u64,
     /// Length of the load in seconds.
     #[arg(long, default_value_t = 60)]
-    seconds: u64,
+    pub seconds: u64,
     /// How compactions run.
     #[arg(long, value_enum, default_value_t = ModeArg::Concurrent)]
-    compaction: ModeArg,
+    pub compaction: ModeArg,
+    /// Run the load twice, concurrent then blocking compaction, and print
+    /// them side by side with their ratios (`--compaction` is then ignored).
+    #[arg(long)]
+    pub compare: bool,
     /// Compact a vbucket once this fraction of its file is garbage.
     #[arg(long, default_value_t = 0.5)]
-    fragmentation_threshold: f64,
+    pub fragmentation_threshold: f64,
     /// Files smaller than this (bytes) are not compacted.
     #[arg(long, default_value_t = 1 << 20)]
-    min_file_size: u64,
+    pub min_file_size: u64,
     /// Most compactions running at a time.
     #[arg(long, default_value_t = 1)]
-    max_concurrent_compactions: usize,
+    pub max_concurrent_compactions: usize,
     /// Seed of the key and operation choice.
     #[arg(long, default_value_t = 1)]
-    seed: u64,
+    pub seed: u64,
     /// Write the report as JSON to this file.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+    /// Write the SVG chart (flush latency and file size over time) here.
+    #[arg(long, default_value = "bench-chart.svg")]
+    pub chart: PathBuf,
+    /// Do not write the chart.
+    #[arg(long)]
+    pub no_chart: bool,
 }
 
 /// How long a durable writer or the final drain waits for persistence.
 const PERSIST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How often file sizes are sampled.
+const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+
+/// The most bytes the raw-disk baseline writes.
+const MAX_BASELINE_BYTES: u64 = 1 << 30;
 
 /// SplitMix64: a cheap, well-mixed deterministic generator for values.
 fn splitmix64(state: &mut u64) -> u64 {
@@ -114,6 +160,45 @@ fn value_of(vb: u16, index: u64, version: u64, size: usize) -> Vec<u8> {
     }
     value.truncate(size.max(8));
     value
+}
+
+/// The version stored in a value's first 8 bytes (0 when too short).
+fn version_in(value: &[u8]) -> u64 {
+    value
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// Keeps a thread at `per_sec` operations per second: call [`Pacer::wait`]
+/// before each operation. Sleeps only when more than a millisecond ahead, so
+/// high rates do not pay a sleep per operation.
+struct Pacer {
+    start: Instant,
+    interval: Option<Duration>,
+    done: u32,
+}
+
+impl Pacer {
+    fn new(per_sec: f64) -> Self {
+        Self {
+            start: Instant::now(),
+            interval: (per_sec > 0.0).then(|| Duration::from_secs_f64(1.0 / per_sec)),
+            done: 0,
+        }
+    }
+
+    fn wait(&mut self) {
+        let Some(interval) = self.interval else {
+            return;
+        };
+        let due = self.start + interval * self.done;
+        self.done = self.done.saturating_add(1);
+        let now = Instant::now();
+        if due > now + Duration::from_millis(1) {
+            std::thread::sleep(due - now);
+        }
+    }
 }
 
 /// What one writer did, and the last accepted state of every key it wrote:
@@ -151,10 +236,16 @@ fn writer(
     }
     let zipf = Zipf::new(owned as f64, args.zipf)?;
     let mut rng = SmallRng::seed_from_u64(args.seed.wrapping_mul(1000).wrapping_add(id as u64));
+    let paced = args.writers - args.durable_writers.min(args.writers);
+    let mut pacer = Pacer::new(if durable || paced == 0 {
+        0.0
+    } else {
+        args.rate as f64 / paced as f64
+    });
     let mut version: u64 = 0;
     while !counters.stop.load(Ordering::Relaxed) {
-        let vb_index = rng.random_range(0..vbs.len());
-        let vb = &vbs[vb_index];
+        pacer.wait();
+        let vb = &vbs[rng.random_range(0..vbs.len())];
         let vbid = vb.vbid();
         // Zipf samples lie in [1, owned].
         let rank = (zipf.sample(&mut rng) as u64).clamp(1, owned) - 1;
@@ -205,7 +296,9 @@ fn reader(
     }
     let zipf = Zipf::new(args.keys as f64, args.zipf)?;
     let mut rng = SmallRng::seed_from_u64(args.seed.wrapping_mul(7919).wrapping_add(id as u64));
+    let mut pacer = Pacer::new(args.read_rate as f64 / args.readers.max(1) as f64);
     while !counters.stop.load(Ordering::Relaxed) {
+        pacer.wait();
         let vb = &vbs[rng.random_range(0..vbs.len())];
         let index = (zipf.sample(&mut rng) as u64).clamp(1, args.keys) - 1;
         let key = key_of(index);
@@ -222,35 +315,6 @@ fn joined<T>(r: std::thread::Result<Result<T, BoxError>>) -> Result<T, BoxError>
     r.unwrap_or_else(|_| Err("a load thread panicked".into()))
 }
 
-/// Milliseconds as a float, for printing and JSON.
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// p50, p99 and maximum of a histogram, in milliseconds, as JSON.
-fn latency_json(h: &LatencyHistogram) -> serde_json::Value {
-    let s = h.summary();
-    json!({
-        "count": s.count,
-        "p50_ms": ms(s.p50),
-        "p99_ms": ms(s.p99),
-        "max_ms": ms(s.max),
-        "mean_ms": ms(s.mean),
-    })
-}
-
-/// One report line of a histogram.
-fn latency_line(name: &str, h: &LatencyHistogram) -> String {
-    let s = h.summary();
-    format!(
-        "{name:<28} p50 {:>9.3} ms   p99 {:>9.3} ms   max {:>9.3} ms   ({} samples)",
-        ms(s.p50),
-        ms(s.p99),
-        ms(s.max),
-        s.count
-    )
-}
-
 /// Sums of high and persisted seqnos over the vbuckets.
 fn seqno_sums(vbs: &[VBucket]) -> (u64, u64) {
     vbs.iter().fold((0, 0), |(h, p), vb| {
@@ -259,33 +323,106 @@ fn seqno_sums(vbs: &[VBucket]) -> (u64, u64) {
 }
 
 /// Bytes as MiB.
-fn mib(bytes: u64) -> f64 {
+pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// Runs the load, prints the report and does the final check; `Ok(false)`
-/// when a key read back differs from what was persisted.
-pub fn main(args: &Args) -> Result<bool, BoxError> {
-    if args.vbuckets == 0 || args.writers == 0 {
-        return Err("--vbuckets and --writers must be at least 1".into());
-    }
-    let temp;
-    let dir = match &args.dir {
-        Some(dir) => {
-            // The read-back model assumes the store starts empty.
-            if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
-                return Err(format!("--dir {} is not empty", dir.display()).into());
-            }
-            dir.clone()
-        }
-        None => {
-            temp = tempfile::tempdir()?;
-            temp.path().to_path_buf()
-        }
-    };
-    let mode = match args.compaction {
-        ModeArg::Concurrent => CompactionMode::Concurrent,
-        ModeArg::Blocking => CompactionMode::Blocking,
+/// File size and live data at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct SizeSample {
+    /// Seconds since the load started.
+    pub t: f64,
+    /// Sum of the vbuckets' file sizes.
+    pub file_size: u64,
+    /// Sum of the space their latest headers use.
+    pub space_used: u64,
+}
+
+/// One flush-batch commit on the run's clock.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitSample {
+    /// Seconds since the load started, when the commit began.
+    pub t: f64,
+    /// Its latency.
+    pub latency: Duration,
+}
+
+/// One compaction on the run's clock.
+#[derive(Debug, Clone)]
+pub struct CompactionSample {
+    /// The vbucket.
+    pub vbid: u16,
+    /// Seconds since the load started.
+    pub t: f64,
+    /// What it did.
+    pub report: CompactionReport,
+}
+
+/// What the final close, reopen and read-back found.
+#[derive(Debug, Clone, Default)]
+pub struct Check {
+    /// Keys compared.
+    pub checked: u64,
+    /// Keys the writers wrote.
+    pub written: u64,
+    /// Keys whose value differs from the model.
+    pub differ: u64,
+    /// The first few differences, described.
+    pub first_diffs: Vec<String>,
+    /// How long the reopen and read-back took.
+    pub duration: Duration,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The compaction mode.
+    pub mode: ModeArg,
+    /// Length of the load.
+    pub load: Duration,
+    /// Mutations accepted.
+    pub accepted: u64,
+    /// Mutations persisted by the end of the load.
+    pub persisted: u64,
+    /// Mutations refused because a queue was full.
+    pub rejected: u64,
+    /// Persistence waits that failed.
+    pub persist_failures: u64,
+    /// Time to persist the rest after the load.
+    pub drain: Duration,
+    /// Gets done.
+    pub reads: u64,
+    /// Durable writers' set-to-persisted latency.
+    pub persist_latency: LatencyHistogram,
+    /// Get latency.
+    pub read_latency: LatencyHistogram,
+    /// Flush-batch commit latency while a compaction of the vbucket ran.
+    pub commit_during_compaction: LatencyHistogram,
+    /// Flush-batch commit latency otherwise.
+    pub commit_otherwise: LatencyHistogram,
+    /// The flusher's totals.
+    pub flush: flusher::FlushStats,
+    /// Every flush-batch commit.
+    pub commits: Vec<CommitSample>,
+    /// Every successful compaction.
+    pub compactions: Vec<CompactionSample>,
+    /// Failed or cancelled compactions.
+    pub compaction_errors: Vec<String>,
+    /// File size and live data over time.
+    pub sizes: Vec<SizeSample>,
+    /// The raw sequential write-and-sync rate, over the bytes the
+    /// compactions wrote.
+    pub disk: Option<Baseline>,
+    /// The final read-back.
+    pub check: Check,
+}
+
+/// Runs the load in `mode` in `dir` (empty) and does the final check.
+fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
+    let commits: Arc<Mutex<Vec<CommitEvent>>> = Arc::default();
+    let on_commit = {
+        let commits = Arc::clone(&commits);
+        Arc::new(move |event: &CommitEvent| commits.lock().push(*event))
     };
     let config = StoreConfig {
         auto_compaction: Some(AutoCompaction {
@@ -293,46 +430,49 @@ pub fn main(args: &Args) -> Result<bool, BoxError> {
             min_file_size: args.min_file_size,
             max_concurrent: args.max_concurrent_compactions,
             options: CompactionOptions {
-                mode,
+                mode: mode.mode(),
                 ..CompactionOptions::default()
             },
             ..AutoCompaction::default()
         }),
+        on_commit: Some(on_commit),
         ..StoreConfig::default()
     };
     println!(
-        "bench: {} vbuckets x {} keys, {}-byte values, {} writers ({} durable), {} readers, \
-         delete ratio {}, zipf {}, {:?} compaction at fragmentation {}, {} s, in {}",
+        "bench: {} vbuckets x {} keys, {}-byte values, {} writers ({} durable) at {} mutations/s, \
+         {} readers at {} gets/s, delete ratio {}, zipf {}, {} compaction at fragmentation {}, \
+         {} s, in {}",
         args.vbuckets,
         args.keys,
         args.value_size,
         args.writers,
         args.durable_writers.min(args.writers),
+        if args.rate == 0 { "max".to_string() } else { args.rate.to_string() },
         args.readers,
+        if args.read_rate == 0 { "max".to_string() } else { args.read_rate.to_string() },
         args.delete_ratio,
         args.zipf,
-        mode,
+        mode.name(),
         args.fragmentation_threshold,
         args.seconds,
         dir.display()
     );
-    let store = Store::open(&dir, config)?;
+    let store = Store::open(dir, config)?;
     let vbs = (0..args.vbuckets)
         .map(|vbid| store.open_vbucket(vbid))
         .collect::<Result<Vec<_>, _>>()?;
     let counters = Counters::default();
-    let mut compactions: Vec<(u16, Result<CompactionReport, String>)> = Vec::new();
-    // (seconds since start, file size, space used) each second.
-    let mut samples: Vec<(f64, u64, u64)> = Vec::new();
+    let mut compaction_log = Vec::new();
+    let mut sizes = Vec::new();
 
-    let progress = ProgressBar::new_spinner();
+    let progress = ProgressBar::new(args.seconds);
     progress.set_style(ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {msg}",
+        "{spinner} {elapsed_precise} [{bar:20}] {msg}",
     )?);
     let started = Instant::now();
     let duration = Duration::from_secs(args.seconds);
 
-    let (writer_outs, reader_outs, load_elapsed, seqnos_at_end) = std::thread::scope(|s| {
+    let (writer_outs, reader_outs, load, (_, persisted)) = std::thread::scope(|s| {
         let writers: Vec<_> = (0..args.writers)
             .map(|id| {
                 let durable = id < args.durable_writers;
@@ -346,50 +486,53 @@ pub fn main(args: &Args) -> Result<bool, BoxError> {
                 s.spawn(move || reader(args, id, vbs, counters))
             })
             .collect();
-        let mut next_sample = Duration::from_secs(1);
+        let mut next_sample = Duration::ZERO;
         let mut last = (Instant::now(), 0u64);
         let mut sample_error = None;
-        while started.elapsed() < duration && !counters.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(
-                Duration::from_millis(100).min(duration - started.elapsed().min(duration)),
-            );
-            if started.elapsed() < next_sample && started.elapsed() < duration {
+        while started.elapsed() < duration {
+            let now = started.elapsed();
+            if now < next_sample {
+                std::thread::sleep((next_sample - now).min(duration - now));
                 continue;
             }
-            next_sample += Duration::from_secs(1);
+            next_sample += SAMPLE_EVERY;
             let stats = match store.stats() {
                 Ok(stats) => stats,
                 Err(e) => {
                     sample_error = Some(e);
-                    counters.stop.store(true, Ordering::Relaxed);
                     break;
                 }
             };
-            compactions.extend(store.take_compaction_log());
+            compaction_log.extend(store.take_compaction_log());
             let t = stats.total;
-            samples.push((started.elapsed().as_secs_f64(), t.file_size, t.space_used));
+            sizes.push(SizeSample {
+                t: now.as_secs_f64(),
+                file_size: t.file_size,
+                space_used: t.space_used,
+            });
             let mutations = counters.mutations.load(Ordering::Relaxed);
             let rate = (mutations - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-9);
             last = (Instant::now(), mutations);
             let (high, persisted) = seqno_sums(&vbs);
+            progress.set_position(now.as_secs());
             progress.set_message(format!(
-                "{rate:>9.0} mut/s  lag {:>7} seqnos  file {:>8.1} MiB  live {:>8.1} MiB  compactions {}",
+                "{} {rate:>7.0} mut/s  lag {:>6}  file {:>6.1} MiB  live {:>6.1} MiB  compactions {}",
+                mode.name(),
                 high.saturating_sub(persisted),
                 mib(t.file_size),
                 mib(t.space_used),
-                compactions.len()
+                compaction_log.len()
             ));
-            progress.tick();
         }
         counters.stop.store(true, Ordering::Relaxed);
-        let load_elapsed = started.elapsed();
-        let seqnos_at_end = seqno_sums(&vbs);
+        let load = started.elapsed();
+        let seqnos = seqno_sums(&vbs);
         let writer_outs: Vec<_> = writers.into_iter().map(|t| joined(t.join())).collect();
         let reader_outs: Vec<_> = readers.into_iter().map(|t| joined(t.join())).collect();
         if let Some(e) = sample_error {
             return Err::<_, BoxError>(e.into());
         }
-        Ok((writer_outs, reader_outs, load_elapsed, seqnos_at_end))
+        Ok((writer_outs, reader_outs, load, seqnos))
     })?;
     progress.finish_and_clear();
 
@@ -400,7 +543,12 @@ pub fn main(args: &Args) -> Result<bool, BoxError> {
     }
     let drain = drain_started.elapsed();
     let final_stats = store.stats()?;
-    compactions.extend(store.take_compaction_log());
+    compaction_log.extend(store.take_compaction_log());
+    sizes.push(SizeSample {
+        t: started.elapsed().as_secs_f64(),
+        file_size: final_stats.total.file_size,
+        space_used: final_stats.total.space_used,
+    });
 
     let mut model: HashMap<(u16, u64), Option<u64>> = HashMap::new();
     let mut persist_latency = LatencyHistogram::new();
@@ -416,113 +564,88 @@ pub fn main(args: &Args) -> Result<bool, BoxError> {
     for out in reader_outs {
         read_latency.merge(&out?);
     }
-
-    // Report.
-    let secs = load_elapsed.as_secs_f64().max(1e-9);
-    let accepted = counters.mutations.load(Ordering::Relaxed);
-    let (_, persisted_at_end) = seqnos_at_end;
-    let flush = &final_stats.total.flush;
-
-    let mut lock_held = LatencyHistogram::new();
-    let (mut n_ok, mut n_err, mut total_dur, mut bytes_before, mut bytes_after) =
-        (0u64, 0u64, Duration::ZERO, 0u64, 0u64);
-    let (mut rounds, mut flusher_waited) = (0usize, Duration::ZERO);
-    let mut errors = Vec::new();
-    for (vbid, outcome) in &compactions {
+    let since_start = |at: Instant| at.saturating_duration_since(started).as_secs_f64();
+    let mut compactions = Vec::new();
+    let mut compaction_errors = Vec::new();
+    for (vbid, outcome) in compaction_log {
         match outcome {
-            Ok(r) => {
-                n_ok += 1;
-                total_dur += r.duration;
-                bytes_before += r.size_before;
-                bytes_after += r.size_after;
-                rounds += r.rounds.len();
-                flusher_waited += r.flusher_waited;
-                lock_held.record(r.lock_held);
-            }
-            Err(e) => {
-                n_err += 1;
-                errors.push(format!("vbucket {vbid}: {e}"));
-            }
+            Ok(report) => compactions.push(CompactionSample {
+                vbid,
+                t: since_start(report.started),
+                report,
+            }),
+            Err(e) => compaction_errors.push(format!("vbucket {vbid}: {e}")),
         }
     }
-    let mean_dur = if n_ok > 0 {
-        total_dur / n_ok as u32
-    } else {
-        Duration::ZERO
-    };
-    let throughput = mib(bytes_before) / total_dur.as_secs_f64().max(1e-9);
-    let amps: Vec<f64> = samples
+    let commits = commits
+        .lock()
         .iter()
-        .filter(|s| s.2 > 0)
-        .map(|s| s.1 as f64 / s.2 as f64)
+        .map(|e| CommitSample {
+            t: since_start(e.started),
+            latency: e.latency,
+        })
         .collect();
-    let amp_avg = amps.iter().sum::<f64>() / amps.len().max(1) as f64;
-    let amp_max = amps.iter().copied().fold(0.0, f64::max);
-    let amp_final = final_stats.total.file_size as f64 / final_stats.total.space_used.max(1) as f64;
 
-    println!("\n== load: {secs:.1} s ==");
-    println!(
-        "mutations accepted      {accepted:>12}  ({:.0}/s; {rejected} rejected as queue full)",
-        accepted as f64 / secs
-    );
-    println!(
-        "mutations persisted     {persisted_at_end:>12}  ({:.0}/s by the end of the load; the rest in a {:.0} ms drain)",
-        persisted_at_end as f64 / secs,
-        ms(drain)
-    );
-    println!(
-        "reads                   {:>12}  ({:.0}/s)",
-        counters.reads.load(Ordering::Relaxed),
-        counters.reads.load(Ordering::Relaxed) as f64 / secs
-    );
-    println!("{}", latency_line("persistence latency", &persist_latency));
-    if persist_failures > 0 {
-        println!("persistence waits failed: {persist_failures}");
-    }
-    println!("{}", latency_line("read latency", &read_latency));
-    println!(
-        "{}",
-        latency_line("flush commit latency", &flush.commit_latency)
-    );
-    println!(
-        "flush: {} batches, {} items, {} deduplicated, {:.1} MiB written",
-        flush.batches_flushed,
-        flush.items_flushed,
-        flush.items_deduplicated,
-        mib(flush.bytes_written)
-    );
-    println!("\n== compactions ({mode:?}) ==");
-    println!(
-        "count {n_ok} ({n_err} failed or cancelled); total {:.1} ms, mean {:.1} ms; \
-         {:.1} MiB -> {:.1} MiB at {throughput:.1} MiB/s",
-        ms(total_dur),
-        ms(mean_dur),
-        mib(bytes_before),
-        mib(bytes_after)
-    );
-    println!(
-        "catch-up rounds {rounds} ({:.2} per compaction); flusher waited {:.3} ms in total",
-        rounds as f64 / n_ok.max(1) as f64,
-        ms(flusher_waited)
-    );
-    println!("{}", latency_line("lock held", &lock_held));
-    for e in errors.iter().take(5) {
-        println!("  {e}");
-    }
-    println!("\n== space amplification (file size / live data, sampled each second) ==");
-    println!(
-        "average {amp_avg:.2}x, max {amp_max:.2}x, final {amp_final:.2}x ({:.1} MiB in files, {:.1} MiB live)",
-        mib(final_stats.total.file_size),
-        mib(final_stats.total.space_used)
-    );
-
-    // Final check: close, reopen, compare every key with the model.
     drop(vbs);
     store.close()?;
-    let check_started = Instant::now();
-    let store = Store::open(&dir, StoreConfig::default())?;
-    let (mut checked, mut differ) = (0u64, 0u64);
-    let mut first_diffs = Vec::new();
+    let check = check(args, dir, &model)?;
+    let disk = baseline(dir, &compactions)?;
+    let total = final_stats.total;
+    Ok(Run {
+        mode,
+        load,
+        accepted: counters.mutations.load(Ordering::Relaxed),
+        persisted,
+        rejected,
+        persist_failures,
+        drain,
+        reads: counters.reads.load(Ordering::Relaxed),
+        persist_latency,
+        read_latency,
+        commit_during_compaction: total.commit_latency_during_compaction,
+        commit_otherwise: total.commit_latency_otherwise,
+        flush: total.flush,
+        commits,
+        compactions,
+        compaction_errors,
+        sizes,
+        disk,
+        check,
+    })
+}
+
+/// The raw-disk baseline over as many bytes as the compactions wrote (at
+/// most [`MAX_BASELINE_BYTES`]), in files of their mean output size, each
+/// synced: the same sequential write-and-sync pattern at full speed.
+fn baseline(dir: &Path, compactions: &[CompactionSample]) -> Result<Option<Baseline>, BoxError> {
+    if compactions.is_empty() {
+        return Ok(None);
+    }
+    let written: u64 = compactions.iter().map(|c| c.report.size_after).sum();
+    let file_size = (written / compactions.len() as u64).max(1);
+    let mut total = Baseline {
+        bytes: 0,
+        duration: Duration::ZERO,
+    };
+    while total.bytes < written.min(MAX_BASELINE_BYTES) {
+        let one = disk::sequential_write_sync(dir, file_size)?;
+        total.bytes += one.bytes;
+        total.duration += one.duration;
+    }
+    Ok(Some(total))
+}
+
+/// Reopens the store in `dir` and compares every key with the model.
+fn check(args: &Args, dir: &Path, model: &HashMap<(u16, u64), Option<u64>>) -> Result<Check, BoxError> {
+    let started = Instant::now();
+    let store = Store::open(dir, StoreConfig::default())?;
+    let mut check = Check {
+        written: model.len() as u64,
+        ..Check::default()
+    };
+    let describe = |v: Option<Vec<u8>>| {
+        v.map_or("absent".to_string(), |v| format!("version {}", version_in(&v)))
+    };
     for vbid in 0..args.vbuckets {
         let vb = store.vbucket(vbid)?;
         for index in 0..args.keys {
@@ -532,91 +655,75 @@ pub fn main(args: &Args) -> Result<bool, BoxError> {
                 .copied()
                 .flatten()
                 .map(|version| value_of(vbid, index, version, args.value_size));
-            checked += 1;
+            check.checked += 1;
             if got != want {
-                differ += 1;
-                if first_diffs.len() < 5 {
-                    first_diffs.push(format!(
+                check.differ += 1;
+                if check.first_diffs.len() < 5 {
+                    check.first_diffs.push(format!(
                         "vbucket {vbid} key {index}: expected {}, found {}",
-                        want.map_or("absent".to_string(), |v| format!(
-                            "version {}",
-                            version_in(&v)
-                        )),
-                        got.map_or("absent".to_string(), |v| format!(
-                            "version {}",
-                            version_in(&v)
-                        )),
+                        describe(want),
+                        describe(got)
                     ));
                 }
             }
         }
     }
     store.close()?;
-    println!("\n== final check (close, reopen, read back) ==");
-    println!(
-        "{checked} keys checked ({} written during the load) in {:.0} ms: {}",
-        model.len(),
-        ms(check_started.elapsed()),
-        if differ == 0 {
-            "none differ".to_string()
-        } else {
-            format!("{differ} DIFFER")
-        }
-    );
-    for d in &first_diffs {
-        println!("  {d}");
-    }
-
-    if let Some(out) = &args.out {
-        let report = json!({
-            "parameters": {
-                "vbuckets": args.vbuckets, "keys_per_vbucket": args.keys,
-                "value_size": args.value_size, "writers": args.writers,
-                "durable_writers": args.durable_writers.min(args.writers),
-                "readers": args.readers, "delete_ratio": args.delete_ratio,
-                "zipf": args.zipf, "seconds": args.seconds,
-                "compaction": format!("{mode:?}").to_lowercase(),
-                "fragmentation_threshold": args.fragmentation_threshold,
-                "min_file_size": args.min_file_size, "seed": args.seed,
-            },
-            "load_seconds": secs,
-            "mutations": {
-                "accepted": accepted, "accepted_per_s": accepted as f64 / secs,
-                "persisted": persisted_at_end, "persisted_per_s": persisted_at_end as f64 / secs,
-                "rejected": rejected, "drain_ms": ms(drain),
-            },
-            "reads": counters.reads.load(Ordering::Relaxed),
-            "persistence_latency": latency_json(&persist_latency),
-            "read_latency": latency_json(&read_latency),
-            "flush_commit_latency": latency_json(&flush.commit_latency),
-            "flush": {
-                "batches": flush.batches_flushed, "items": flush.items_flushed,
-                "deduplicated": flush.items_deduplicated, "bytes_written": flush.bytes_written,
-            },
-            "compactions": {
-                "count": n_ok, "failed": n_err, "errors": errors,
-                "total_ms": ms(total_dur), "mean_ms": ms(mean_dur),
-                "bytes_before": bytes_before, "bytes_after": bytes_after,
-                "throughput_mib_s": throughput, "catch_up_rounds": rounds,
-                "lock_held": latency_json(&lock_held),
-                "flusher_waited_ms": ms(flusher_waited),
-            },
-            "space_amplification": {
-                "average": amp_avg, "max": amp_max, "final": amp_final,
-                "samples": samples.iter().map(|s| json!({"t": s.0, "file_size": s.1, "space_used": s.2})).collect::<Vec<_>>(),
-            },
-            "final_check": { "checked": checked, "written": model.len(), "differ": differ },
-        });
-        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
-        println!("report written to {}", out.display());
-    }
-    Ok(differ == 0)
+    check.duration = started.elapsed();
+    Ok(check)
 }
 
-/// The version stored in a value's first 8 bytes (0 when too short).
-fn version_in(value: &[u8]) -> u64 {
-    value
-        .get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map_or(0, u64::from_le_bytes)
+/// A fresh directory for one run: `--dir` itself (or a subdirectory per
+/// mode when comparing), or a temporary one.
+fn run_in_dir(args: &Args, mode: ModeArg) -> Result<Run, BoxError> {
+    match &args.dir {
+        Some(dir) => {
+            let dir = if args.compare {
+                dir.join(mode.name())
+            } else {
+                dir.clone()
+            };
+            // The read-back model assumes the store starts empty.
+            if std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some()) {
+                return Err(format!("--dir {} is not empty", dir.display()).into());
+            }
+            run(args, mode, &dir)
+        }
+        None => {
+            let temp = tempfile::tempdir()?;
+            run(args, mode, temp.path())
+        }
+    }
+}
+
+/// Runs the workload (once, or in both modes with `--compare`), prints the
+/// report, writes the JSON and the chart; `Ok(false)` when a key read back
+/// differs from what was persisted.
+pub fn main(args: &Args) -> Result<bool, BoxError> {
+    if args.vbuckets == 0 || args.writers == 0 {
+        return Err("--vbuckets and --writers must be at least 1".into());
+    }
+    let modes = if args.compare {
+        vec![ModeArg::Concurrent, ModeArg::Blocking]
+    } else {
+        vec![args.compaction]
+    };
+    let mut runs = Vec::new();
+    for mode in modes {
+        let run = run_in_dir(args, mode)?;
+        report::print(&run);
+        runs.push(run);
+    }
+    if let [concurrent, blocking] = runs.as_slice() {
+        report::print_comparison(concurrent, blocking);
+    }
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report::json(args, &runs))?)?;
+        println!("report written to {}", out.display());
+    }
+    if !args.no_chart {
+        chart::write(&args.chart, &runs)?;
+        println!("chart written to {}", args.chart.display());
+    }
+    Ok(runs.iter().all(|r| r.check.differ == 0))
 }

@@ -105,8 +105,10 @@ pub struct RoundStats {
 }
 
 /// What a compaction did.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CompactionReport {
+    /// When it started.
+    pub started: Instant,
     /// The revision compacted.
     pub revision_before: u64,
     /// The revision written.
@@ -416,6 +418,7 @@ impl VBucket {
         }
         let waited = shared.flusher_lock_wait_nanos.load(Ordering::Relaxed) - waited_before;
         Ok(CompactionReport {
+            started: start,
             revision_before: revision,
             revision_after: new_revision,
             purge_seq: copy.purge_seq.max(latest.header.purge_seq),

@@ -80,7 +80,9 @@ pub use store::{
     AutoCompaction, CompactionLog, Store, StoreConfig, StoreStats, StoreTotals, MAX_KEPT_REPORTS,
 };
 pub use vbstate::{FailoverEntry, VbState, VbucketState, VBSTATE_ID};
-pub use vbucket::{CommittedHeader, VBucket, VBucketStats, MAX_VALUE_SIZE};
+pub use vbucket::{
+    CommitEvent, CommitObserver, CommittedHeader, VBucket, VBucketStats, MAX_VALUE_SIZE,
+};
 
 /// Re-exported so users can configure the flusher and read its statistics.
 pub use flusher::{FlushStats, FlusherConfig, LatencySummary, Vbid};

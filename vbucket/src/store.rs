@@ -4,12 +4,13 @@
 use crate::compaction::{CompactionOptions, CompactionReport};
 use crate::error::{Error, Result};
 use crate::files;
-use crate::vbucket::{VBucket, VBucketStats, VbOptions, VbTarget};
+use crate::vbucket::{CommitObserver, VBucket, VBucketStats, VbOptions, VbTarget};
 use btree::{DbOptions, NodeConfig};
 use couchfile::{Directory, OpenMode, OsDirectory};
-use flusher::{FlushStats, Flusher, FlusherConfig, Vbid};
+use flusher::{FlushStats, Flusher, FlusherConfig, LatencyHistogram, Vbid};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -75,7 +76,8 @@ impl Outcomes {
 }
 
 /// The automatic compaction loop: checks the vbuckets' fragmentation every
-/// interval and starts compactions, at most `max_concurrent` at a time.
+/// interval, and as soon as a compaction ends, and starts compactions, at
+/// most `max_concurrent` at a time.
 fn auto_compaction_loop(
     config: AutoCompaction,
     vbuckets: VbucketMap,
@@ -83,10 +85,20 @@ fn auto_compaction_loop(
     stop: crossbeam_channel::Receiver<()>,
 ) {
     let mut running: HashMap<Vbid, JoinHandle<()>> = HashMap::new();
-    // A message or a disconnected sender means stop.
-    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-        stop.recv_timeout(config.check_interval)
-    {
+    let (finished_tx, finished) = crossbeam_channel::unbounded::<Vbid>();
+    loop {
+        // A message or a disconnected sender on `stop` means stop.
+        crossbeam_channel::select! {
+            recv(stop) -> _ => break,
+            recv(finished) -> vbid => {
+                // Its thread is about to return: join it now, so the slot
+                // is free for the next compaction at once.
+                if let Some(thread) = vbid.ok().and_then(|vbid| running.remove(&vbid)) {
+                    let _ = thread.join();
+                }
+            }
+            default(config.check_interval) => {}
+        }
         running.retain(|_, t| !t.is_finished());
         let free = config.max_concurrent.max(1).saturating_sub(running.len());
         if free == 0 {
@@ -116,9 +128,14 @@ fn auto_compaction_loop(
             tracing::info!(vbid, fragmentation, "starting an automatic compaction");
             let options = config.options.clone();
             let outcomes = Arc::clone(&outcomes);
+            let finished = finished_tx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("compact-{vbid}"))
-                .spawn(move || outcomes.push(vbid, vb.compact(&options)));
+                .spawn(move || {
+                    outcomes.push(vbid, vb.compact(&options));
+                    // The loop may have stopped: nobody to tell, fine.
+                    let _ = finished.send(vbid);
+                });
             match spawned {
                 Ok(thread) => {
                     running.insert(vbid, thread);
@@ -133,7 +150,7 @@ fn auto_compaction_loop(
 }
 
 /// How a [`Store`] runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreConfig {
     /// Flusher threads, batching, queue bounds and retries.
     pub flusher: FlusherConfig,
@@ -146,6 +163,21 @@ pub struct StoreConfig {
     pub open_mode: OpenMode,
     /// Automatic compaction (`None`: only when asked, [`VBucket::compact`]).
     pub auto_compaction: Option<AutoCompaction>,
+    /// Told of every flush-batch commit of every vbucket (metrics, charts).
+    pub on_commit: Option<CommitObserver>,
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("flusher", &self.flusher)
+            .field("compress_bodies", &self.compress_bodies)
+            .field("nodes", &self.nodes)
+            .field("open_mode", &self.open_mode)
+            .field("auto_compaction", &self.auto_compaction)
+            .field("on_commit", &self.on_commit.as_ref().map(|_| "Fn"))
+            .finish()
+    }
 }
 
 impl Default for StoreConfig {
@@ -156,6 +188,7 @@ impl Default for StoreConfig {
             nodes: NodeConfig::default(),
             open_mode: OpenMode::Normal,
             auto_compaction: None,
+            on_commit: None,
         }
     }
 }
@@ -186,6 +219,10 @@ pub struct StoreTotals {
     pub commits: u64,
     /// The flusher's statistics, merged.
     pub flush: FlushStats,
+    /// Flush-batch commit latency while a compaction ran, merged.
+    pub commit_latency_during_compaction: LatencyHistogram,
+    /// Flush-batch commit latency otherwise, merged.
+    pub commit_latency_otherwise: LatencyHistogram,
 }
 
 /// Many vbuckets in one directory, each in its own `<vbid>.couch.<rev>`
@@ -276,6 +313,7 @@ impl Store {
             Arc::clone(&self.dir),
             vbid,
             self.vb_options(),
+            self.config.on_commit.clone(),
             &self.flusher,
         )?;
         vbuckets.insert(vbid, vb.clone());
@@ -361,6 +399,10 @@ impl Store {
             t.dirty_items += s.dirty_items;
             t.commits += s.commits;
             t.flush.merge(&s.flush);
+            t.commit_latency_during_compaction
+                .merge(&s.commit_latency_during_compaction);
+            t.commit_latency_otherwise
+                .merge(&s.commit_latency_otherwise);
             stats.vbuckets.push(s);
         }
         Ok(stats)

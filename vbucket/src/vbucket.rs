@@ -9,7 +9,9 @@ use crate::snapshot::ReadSnapshot;
 use crate::vbstate::{VbState, VbucketState, VBSTATE_ID};
 use btree::{Db, DbOptions, LocalUpdate, Snapshot};
 use couchfile::{CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, MAX_KEY_LEN};
-use flusher::{Batch, Committed, FlushStats, FlushTarget, Flusher, VbQueue, Vbid};
+use flusher::{
+    Batch, Committed, FlushStats, FlushTarget, Flusher, LatencyHistogram, VbQueue, Vbid,
+};
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -19,6 +21,35 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest value accepted (kv-engine's default item size limit).
 pub const MAX_VALUE_SIZE: usize = 20 << 20;
+
+/// One flush-batch commit, as a [`CommitObserver`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitEvent {
+    /// The vbucket.
+    pub vbid: Vbid,
+    /// When the flusher asked for the commit lock.
+    pub started: Instant,
+    /// From then until the header was synced and published (lock wait,
+    /// writes and syncs).
+    pub latency: Duration,
+    /// Items in the batch.
+    pub items: usize,
+    /// Bytes appended to the file.
+    pub bytes_written: u64,
+    /// True when a compaction of the vbucket ran at some point of the commit.
+    pub during_compaction: bool,
+}
+
+/// Called after every successful flush-batch commit, on the flusher's thread
+/// (keep it short: the next batch waits).
+pub type CommitObserver = Arc<dyn Fn(&CommitEvent) + Send + Sync>;
+
+/// Flush-batch commit latencies, split by whether a compaction ran.
+#[derive(Debug, Default)]
+struct CommitLatencies {
+    during_compaction: LatencyHistogram,
+    otherwise: LatencyHistogram,
+}
 
 /// How a vbucket writes its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,9 +150,26 @@ pub(crate) struct Shared {
     pub(crate) flusher_lock_wait_nanos: AtomicU64,
     /// The running compaction's control, so closing can cancel it.
     pub(crate) compaction: Mutex<Option<compactor::Control>>,
+    /// Flush-batch commit latencies.
+    commit_latency: Mutex<CommitLatencies>,
+    /// Told of every flush-batch commit.
+    on_commit: OnCommit,
+}
+
+/// The optional commit observer, debug-printable.
+struct OnCommit(Option<CommitObserver>);
+
+impl std::fmt::Debug for OnCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(Fn)" } else { "None" })
+    }
 }
 
 impl Shared {
+    fn compaction_running(&self) -> bool {
+        self.compaction.lock().is_some()
+    }
+
     /// Makes the writer's last commit the one readers see. Called with the
     /// commit lock held, so headers are published in commit order.
     pub(crate) fn publish(&self, writer: &Writer) {
@@ -248,6 +296,8 @@ impl FlushTarget for VbTarget {
 
     fn commit(&mut self, batch: &Batch<QueuedItem>) -> Result<Committed> {
         let shared = &*self.shared;
+        let started = Instant::now();
+        let compacting_at_start = shared.compaction_running();
         let committed = {
             let mut writer = match shared.writer.try_lock() {
                 Some(writer) => writer,
@@ -267,6 +317,25 @@ impl FlushTarget for VbTarget {
             shared.publish(&writer);
             committed
         };
+        let event = CommitEvent {
+            vbid: shared.vbid,
+            started,
+            latency: started.elapsed(),
+            items: batch.items.len(),
+            bytes_written: committed.bytes_written,
+            during_compaction: compacting_at_start || shared.compaction_running(),
+        };
+        {
+            let mut latencies = shared.commit_latency.lock();
+            if event.during_compaction {
+                latencies.during_compaction.record(event.latency);
+            } else {
+                latencies.otherwise.record(event.latency);
+            }
+        }
+        if let Some(observer) = &shared.on_commit.0 {
+            observer(&event);
+        }
         // Readers see the new header: the dirty entries it covers can go.
         let mut front = shared.front.lock();
         for QueuedItem(item) in &batch.items {
@@ -311,6 +380,11 @@ pub struct VBucketStats {
     pub commits: u64,
     /// The flusher's statistics (persisted seqno, queue, latencies).
     pub flush: FlushStats,
+    /// Latency of the flush-batch commits a compaction overlapped (from
+    /// asking for the commit lock to the published header).
+    pub commit_latency_during_compaction: LatencyHistogram,
+    /// Latency of the other flush-batch commits.
+    pub commit_latency_otherwise: LatencyHistogram,
 }
 
 /// One vbucket of a [`crate::Store`]. Cheap to clone; every clone is the same
@@ -322,11 +396,13 @@ pub struct VBucket {
 }
 
 impl VBucket {
-    /// Opens (or creates) vbucket `vbid` in `dir` and adds it to `flusher`.
+    /// Opens (or creates) vbucket `vbid` in `dir` and adds it to `flusher`;
+    /// `on_commit` is told of each flush-batch commit.
     pub(crate) fn open(
         dir: Arc<dyn Directory>,
         vbid: Vbid,
         options: VbOptions,
+        on_commit: Option<CommitObserver>,
         flusher: &Flusher<VbTarget>,
     ) -> Result<Self> {
         let opened = files::open_newest_revision(&*dir, vbid, &options.db)?;
@@ -369,6 +445,8 @@ impl VBucket {
             header_committed: Condvar::new(),
             flusher_lock_wait_nanos: AtomicU64::new(0),
             compaction: Mutex::new(None),
+            commit_latency: Mutex::new(CommitLatencies::default()),
+            on_commit: OnCommit(on_commit),
         });
         let queue = flusher.add(
             vbid,
@@ -599,6 +677,7 @@ impl VBucket {
             let f = self.shared.front.lock();
             (f.high_seqno, f.dirty.len() as u64)
         };
+        let latencies = self.shared.commit_latency.lock();
         Ok(VBucketStats {
             vbid: self.shared.vbid,
             revision: snapshot.revision(),
@@ -610,6 +689,8 @@ impl VBucket {
             dirty_items,
             commits: self.latest_header().commits,
             flush: self.queue.stats(),
+            commit_latency_during_compaction: latencies.during_compaction.clone(),
+            commit_latency_otherwise: latencies.otherwise.clone(),
         })
     }
 }
