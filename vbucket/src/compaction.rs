@@ -319,6 +319,9 @@ impl VBucket {
             }
             hook(CompactionPhase::BeforeFinalRound);
         }
+        // Make the copy and the rounds durable now, without the lock: the
+        // final commit then syncs only the final round's bytes.
+        db.writer_mut().sync()?;
 
         // The final round: the flusher waits from here until the switch.
         // Neither it nor the replays that wait for the lock are throttled:
@@ -396,25 +399,35 @@ impl VBucket {
         dir.rename(&name, &new_name)
             .map_err(|e| Error::io(dir.path().join(&name), "rename", e))?;
         compact_file.armed = false;
-        let dir_synced = dir.sync();
         w.db = new_db;
         w.revision = new_revision;
         w.needs_recovery = false;
-        if let Err(e) = &dir_synced {
-            // The flusher syncs the directory before its next commit.
-            tracing::warn!(error = %e, "directory sync after the rename failed");
-            w.dir_sync_pending = true;
-        }
+        // The rename is durable once the directory is synced: until then
+        // the flusher syncs the directory before any commit it reports.
+        // The sync itself runs after the lock is released.
+        w.dir_sync_pending = true;
         shared.publish(&w);
         final_round.duration = final_start.elapsed();
         rounds.push(final_round);
         drop(w);
         let lock_held = lock_start.elapsed();
 
-        // Readers of the old revision keep their open handles.
         let old = revision_name(vbid, revision);
-        if let Err(e) = dir.remove(&old).and_then(|()| dir.sync()) {
-            tracing::warn!(file = %old, error = %e, "cannot remove the old revision; the next open will");
+        match dir.sync() {
+            Ok(()) => {
+                shared.writer.lock().dir_sync_pending = false;
+                // Readers of the old revision keep their open handles. It
+                // goes only once the rename is durable, so that a crash
+                // cannot leave neither name.
+                if let Err(e) = dir.remove(&old).and_then(|()| dir.sync()) {
+                    tracing::warn!(file = %old, error = %e, "cannot remove the old revision; the next open will");
+                }
+            }
+            Err(e) => {
+                // The flusher syncs the directory before its next commit;
+                // the next open removes the old revision.
+                tracing::warn!(file = %old, error = %e, "directory sync after the rename failed");
+            }
         }
         let waited = shared.flusher_lock_wait_nanos.load(Ordering::Relaxed) - waited_before;
         Ok(CompactionReport {
