@@ -319,9 +319,6 @@ impl VBucket {
             }
             hook(CompactionPhase::BeforeFinalRound);
         }
-        // Make the copy and the rounds durable now, without the lock: the
-        // final commit then syncs only the final round's bytes.
-        db.writer_mut().sync()?;
 
         // The final round: the flusher waits from here until the switch.
         // Neither it nor the replays that wait for the lock are throttled:
