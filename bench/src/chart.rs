@@ -53,12 +53,7 @@ pub fn write(path: &Path, runs: &[Run]) -> Result<(), BoxError> {
         .iter()
         .map(|r| r.load.as_secs_f64())
         .fold(1.0, f64::max);
-    let latency_max = series
-        .iter()
-        .flatten()
-        .map(|p| p.1)
-        .fold(1.0, f64::max)
-        * 1.1;
+    let latency_max = series.iter().flatten().map(|p| p.1).fold(1.0, f64::max) * 1.1;
     let size_max = runs
         .iter()
         .flat_map(|r| r.sizes.iter())
@@ -83,13 +78,16 @@ pub fn write(path: &Path, runs: &[Run]) -> Result<(), BoxError> {
             .build_cartesian_2d(0.0..t_max, 0.0..latency_max)?;
         latency
             .configure_mesh()
+            .light_line_style(WHITE)
             .x_desc("seconds")
             .y_desc("ms")
             .draw()?;
         latency
-            .draw_series(shaded.iter().map(|&(a, b)| {
-                Rectangle::new([(a, 0.0), (b, latency_max)], COMPACTING.filled())
-            }))?
+            .draw_series(
+                shaded.iter().map(|&(a, b)| {
+                    Rectangle::new([(a, 0.0), (b, latency_max)], COMPACTING.filled())
+                }),
+            )?
             .label("compaction running")
             .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], COMPACTING.filled()));
         latency
@@ -112,6 +110,7 @@ pub fn write(path: &Path, runs: &[Run]) -> Result<(), BoxError> {
             .y_label_area_size(56)
             .build_cartesian_2d(0.0..t_max, 0.0..size_max)?;
         size.configure_mesh()
+            .light_line_style(WHITE)
             .x_desc("seconds")
             .y_desc("MiB")
             .draw()?;

@@ -28,7 +28,13 @@ fn ms(d: Duration) -> f64 {
 struct Figures(Vec<Figure>);
 
 impl Figures {
-    fn add(&mut self, section: &'static str, name: impl Into<String>, value: f64, unit: &'static str) {
+    fn add(
+        &mut self,
+        section: &'static str,
+        name: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+    ) {
         self.0.push(Figure {
             section,
             name: name.into(),
@@ -73,17 +79,37 @@ pub fn figures(run: &Run) -> Vec<Figure> {
     const LOAD: &str = "load";
     f.add(LOAD, "seconds", secs, "s");
     f.add(LOAD, "mutations accepted", run.accepted as f64 / secs, "/s");
-    f.add(LOAD, "mutations persisted", run.persisted as f64 / secs, "/s");
-    f.add(LOAD, "mutations rejected (queue full)", run.rejected as f64, "");
+    f.add(
+        LOAD,
+        "mutations persisted",
+        run.persisted as f64 / secs,
+        "/s",
+    );
+    f.add(
+        LOAD,
+        "mutations rejected (queue full)",
+        run.rejected as f64,
+        "",
+    );
     f.add(LOAD, "drain after the load", ms(run.drain), "ms");
     f.latency(LOAD, "persistence latency", &run.persist_latency);
-    f.add(LOAD, "persistence waits failed", run.persist_failures as f64, "");
+    f.add(
+        LOAD,
+        "persistence waits failed",
+        run.persist_failures as f64,
+        "",
+    );
     f.add(LOAD, "gets", run.reads as f64 / secs, "/s");
     f.latency(LOAD, "read latency", &run.read_latency);
 
     const FLUSH: &str = "flush-batch commits";
     f.add(FLUSH, "batches", run.flush.batches_flushed as f64, "");
-    f.add(FLUSH, "items per batch", run.flush.items_flushed as f64 / run.flush.batches_flushed.max(1) as f64, "");
+    f.add(
+        FLUSH,
+        "items per batch",
+        run.flush.items_flushed as f64 / run.flush.batches_flushed.max(1) as f64,
+        "",
+    );
     f.add(FLUSH, "written", mib(run.flush.bytes_written), "MiB");
     f.latency(FLUSH, "no compaction running:", &run.commit_otherwise);
     f.latency(FLUSH, "compaction running:", &run.commit_during_compaction);
@@ -112,15 +138,39 @@ pub fn figures(run: &Run) -> Vec<Figure> {
         lock_held.record(c.report.lock_held);
         duration.record(c.report.duration);
     }
-    let flusher_waited: Duration = run.compactions.iter().map(|c| c.report.flusher_waited).sum();
+    let flusher_waited: Duration = run
+        .compactions
+        .iter()
+        .map(|c| c.report.flusher_waited)
+        .sum();
     let total_secs = total.as_secs_f64().max(1e-9);
     f.add(COMPACTION, "count", n as f64, "");
-    f.add(COMPACTION, "failed or cancelled", run.compaction_errors.len() as f64, "");
+    f.add(
+        COMPACTION,
+        "failed or cancelled",
+        run.compaction_errors.len() as f64,
+        "",
+    );
     f.latency(COMPACTION, "duration", &duration);
-    f.add(COMPACTION, "throughput (file read)", mib(read) / total_secs, "MiB/s");
-    f.add(COMPACTION, "throughput (file written)", mib(written) / total_secs, "MiB/s");
+    f.add(
+        COMPACTION,
+        "throughput (file read)",
+        mib(read) / total_secs,
+        "MiB/s",
+    );
+    f.add(
+        COMPACTION,
+        "throughput (file written)",
+        mib(written) / total_secs,
+        "MiB/s",
+    );
     if let Some(disk) = &run.disk {
-        f.add(COMPACTION, "raw disk write+sync, same bytes", disk.mib_per_sec(), "MiB/s");
+        f.add(
+            COMPACTION,
+            "raw disk write+sync, same bytes",
+            disk.mib_per_sec(),
+            "MiB/s",
+        );
         f.add(
             COMPACTION,
             "written throughput / raw disk",
@@ -128,9 +178,19 @@ pub fn figures(run: &Run) -> Vec<Figure> {
             "%",
         );
     }
-    f.add(COMPACTION, "catch-up rounds per compaction", unlocked_rounds as f64 / n.max(1) as f64, "");
+    f.add(
+        COMPACTION,
+        "catch-up rounds per compaction",
+        unlocked_rounds as f64 / n.max(1) as f64,
+        "",
+    );
     f.latency(COMPACTION, "commit lock held", &lock_held);
-    f.add(COMPACTION, "flusher waited for the lock (total)", ms(flusher_waited), "ms");
+    f.add(
+        COMPACTION,
+        "flusher waited for the lock (total)",
+        ms(flusher_waited),
+        "ms",
+    );
 
     const SPACE: &str = "space (file size / live data, sampled every 0.5 s)";
     let (average, max) = space_amplification(run);
@@ -143,7 +203,12 @@ pub fn figures(run: &Run) -> Vec<Figure> {
 
     const CHECK: &str = "final check (close, reopen, read back)";
     f.add(CHECK, "keys checked", run.check.checked as f64, "");
-    f.add(CHECK, "keys written during the load", run.check.written as f64, "");
+    f.add(
+        CHECK,
+        "keys written during the load",
+        run.check.written as f64,
+        "",
+    );
     f.add(CHECK, "keys that differ", run.check.differ as f64, "");
     f.add(CHECK, "reopen and read back", ms(run.check.duration), "ms");
     f.0
@@ -185,7 +250,10 @@ pub fn print(run: &Run) {
     println!(
         "  {}",
         if run.check.differ == 0 {
-            format!("all {} keys read back as persisted: none differ", run.check.checked)
+            format!(
+                "all {} keys read back as persisted: none differ",
+                run.check.checked
+            )
         } else {
             format!("{} of {} keys DIFFER", run.check.differ, run.check.checked)
         }
@@ -213,7 +281,11 @@ pub fn print_comparison(a: &Run, b: &Run) {
             println!("-- {section}");
         }
         let ratio = if x.value == 0.0 {
-            if y.value == 0.0 { "=".to_string() } else { "-".to_string() }
+            if y.value == 0.0 {
+                "=".to_string()
+            } else {
+                "-".to_string()
+            }
         } else {
             format!("{:.2}x", y.value / x.value)
         };

@@ -447,9 +447,17 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
         args.value_size,
         args.writers,
         args.durable_writers.min(args.writers),
-        if args.rate == 0 { "max".to_string() } else { args.rate.to_string() },
+        if args.rate == 0 {
+            "max".to_string()
+        } else {
+            args.rate.to_string()
+        },
         args.readers,
-        if args.read_rate == 0 { "max".to_string() } else { args.read_rate.to_string() },
+        if args.read_rate == 0 {
+            "max".to_string()
+        } else {
+            args.read_rate.to_string()
+        },
         args.delete_ratio,
         args.zipf,
         mode.name(),
@@ -636,7 +644,11 @@ fn baseline(dir: &Path, compactions: &[CompactionSample]) -> Result<Option<Basel
 }
 
 /// Reopens the store in `dir` and compares every key with the model.
-fn check(args: &Args, dir: &Path, model: &HashMap<(u16, u64), Option<u64>>) -> Result<Check, BoxError> {
+fn check(
+    args: &Args,
+    dir: &Path,
+    model: &HashMap<(u16, u64), Option<u64>>,
+) -> Result<Check, BoxError> {
     let started = Instant::now();
     let store = Store::open(dir, StoreConfig::default())?;
     let mut check = Check {
@@ -644,7 +656,9 @@ fn check(args: &Args, dir: &Path, model: &HashMap<(u16, u64), Option<u64>>) -> R
         ..Check::default()
     };
     let describe = |v: Option<Vec<u8>>| {
-        v.map_or("absent".to_string(), |v| format!("version {}", version_in(&v)))
+        v.map_or("absent".to_string(), |v| {
+            format!("version {}", version_in(&v))
+        })
     };
     for vbid in 0..args.vbuckets {
         let vb = store.vbucket(vbid)?;
@@ -718,7 +732,10 @@ pub fn main(args: &Args) -> Result<bool, BoxError> {
         report::print_comparison(concurrent, blocking);
     }
     if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&report::json(args, &runs))?)?;
+        std::fs::write(
+            out,
+            serde_json::to_string_pretty(&report::json(args, &runs))?,
+        )?;
         println!("report written to {}", out.display());
     }
     if !args.no_chart {
