@@ -6,7 +6,7 @@ use crate::indexes::{decode_seq_reduce, ById, BySeq, IdReduce, Local};
 use crate::tree::{Action, ActionOp, BTree, EntryFn, NodeConfig};
 use couchfile::{
     encode_seq_key, CouchFile, CrcKind, DbHeader, DocInfo, FileWriter, LocatedHeader, NodePointer,
-    OpenMode, CONTENT_META_COMPRESSED, MAX_U48,
+    OpenMode, SequentialReader, CONTENT_META_COMPRESSED, MAX_U48,
 };
 use std::ops::{Bound, ControlFlow};
 
@@ -187,6 +187,19 @@ impl Snapshot {
             return Ok(None);
         }
         Ok(Some(self.file.read_chunk(info.bp)?))
+    }
+
+    /// [`Snapshot::read_stored_body`] through `reader`, for bodies read in
+    /// ascending file order (a by-seq walk).
+    pub fn read_stored_body_sequential(
+        &self,
+        info: &DocInfo,
+        reader: &mut SequentialReader,
+    ) -> Result<Option<Vec<u8>>> {
+        if info.bp == 0 {
+            return Ok(None);
+        }
+        Ok(Some(reader.read_chunk(&self.file, info.bp)?))
     }
 
     /// Calls `f` with every document whose seq is `since` or later, in seq

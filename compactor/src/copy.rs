@@ -7,7 +7,7 @@ use crate::{CompactionConfig, ExpiryAction, Hooks, PurgeSeqRule};
 use btree::{BTree, ById, BySeq, ChangesFilter, Db, Local, Snapshot};
 use couchfile::{
     encode_seq_key, CrcKind, DbHeader, Directory, DocInfo, FileWriter, LocatedHeader, RevMeta,
-    CURRENT_DISK_VERSION,
+    SequentialReader, CURRENT_DISK_VERSION,
 };
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -49,6 +49,8 @@ struct Copier<'a, 't> {
     hooks: &'a mut dyn Hooks,
     now: u32,
     stats: CopyStats,
+    /// Bodies come in by-seq order, which is (mostly) file order.
+    bodies: SequentialReader,
 }
 
 impl Copier<'_, '_> {
@@ -89,7 +91,10 @@ impl Copier<'_, '_> {
             self.purge(info.db_seq);
             return Ok(());
         }
-        if let Some(body) = self.source.read_stored_body(&info)? {
+        if let Some(body) = self
+            .source
+            .read_stored_body_sequential(&info, &mut self.bodies)?
+        {
             let pos = self.writer.append_chunk(&body)?;
             info.bp = pos.offset;
             info.physical_size = pos.disk_size;
@@ -151,6 +156,7 @@ pub fn copy_snapshot(
             purge_seq: src.purge_seq,
             ..CopyStats::default()
         },
+        bodies: SequentialReader::new(crate::BODY_WINDOW),
     };
     let mut failure = None;
     source.changes_since(

@@ -55,6 +55,9 @@ pub use pacer::{Control, Progress};
 pub use replay::{replay, ReplayStats};
 pub use sort::{ExternalSorter, SortedEntries};
 
+/// Bytes of the source file read at a time when copying or replaying bodies.
+const BODY_WINDOW: usize = 256 << 10;
+
 use btree::NodeConfig;
 use couchfile::DocInfo;
 

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::pacer::{Control, Pacer};
 use crate::CompactionConfig;
 use btree::{Body, ChangesFilter, Db, DocUpdate, LocalUpdate, Snapshot};
-use couchfile::{CouchFile, LocatedHeader};
+use couchfile::{CouchFile, LocatedHeader, SequentialReader};
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -67,6 +67,8 @@ pub fn replay(
     let mut stats = ReplayStats::default();
     let mut batch: Vec<DocUpdate> = Vec::new();
     let mut failure = None;
+    // Bodies below `to` never change; they come in (mostly) file order.
+    let mut bodies = SequentialReader::new(crate::BODY_WINDOW);
     let save = |batch: &mut Vec<DocUpdate>, target: &mut Db, pacer: &mut Pacer<'_>| -> Result<()> {
         let before = target.writer_mut().position();
         target.save(batch, &[])?;
@@ -77,7 +79,7 @@ pub fn replay(
     newer.changes_since(since + 1, ChangesFilter::All, &mut |info| {
         let step = (|| -> Result<()> {
             control.check()?;
-            let body = newer.read_stored_body(&info)?;
+            let body = newer.read_stored_body_sequential(&info, &mut bodies)?;
             let read = body.as_ref().map_or(0, |b| b.len() as u64);
             stats.bytes_read += read;
             stats.docs += 1;

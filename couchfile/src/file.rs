@@ -177,11 +177,24 @@ impl CouchFile {
     /// returns (checksum field, payload). `is_header` selects which way the
     /// length's high bit must be and which length limit applies.
     fn read_chunk_raw(&self, pos: u64, is_header: bool) -> Result<(u32, Vec<u8>)> {
+        self.read_chunk_raw_via(pos, is_header, &mut |offset, physical| {
+            self.read_physical(offset, physical)
+        })
+    }
+
+    /// [`CouchFile::read_chunk_raw`] with the physical reads done by `read`
+    /// (which behaves like [`CouchFile::read_physical`]).
+    fn read_chunk_raw_via(
+        &self,
+        pos: u64,
+        is_header: bool,
+        read: &mut dyn FnMut(u64, &mut [u8]) -> Result<usize>,
+    ) -> Result<(u32, Vec<u8>)> {
         let what = if is_header { "header" } else { "chunk" };
         // One read covering the prefix and, usually, the whole chunk.
         let ahead = READ_AHEAD - pos % BLOCK_SIZE;
         let mut physical = vec![0u8; ahead.max(physical_len(pos, 8)) as usize];
-        let got = self.read_physical(pos, &mut physical)?;
+        let got = read(pos, &mut physical)?;
         physical.truncate(got);
         let mut logical = Vec::with_capacity(physical.len());
         strip_prefixes(pos, &physical, &mut logical);
@@ -241,7 +254,7 @@ impl CouchFile {
             let have_physical = physical.len() as u64;
             let rest_physical = physical_len(pos, total_logical) - have_physical;
             let mut more = vec![0u8; rest_physical as usize];
-            let got = self.read_physical(pos + have_physical, &mut more)?;
+            let got = read(pos + have_physical, &mut more)?;
             if (got as u64) < rest_physical {
                 let file_len = self.len()?;
                 return Err(Error::ShortRead {
@@ -262,6 +275,11 @@ impl CouchFile {
     /// checksum.
     pub fn read_chunk(&self, offset: u64) -> Result<Vec<u8>> {
         let (stored, payload) = self.read_chunk_raw(offset, false)?;
+        self.checked(offset, stored, payload)
+    }
+
+    /// The payload if its checksum is `stored`.
+    fn checked(&self, offset: u64, stored: u32, payload: Vec<u8>) -> Result<Vec<u8>> {
         let computed = self.crc.checksum(&payload);
         if computed != stored {
             return Err(Error::Checksum {
@@ -703,5 +721,61 @@ impl FileWriter {
         self.pos = len;
         self.flushed = len;
         Ok(())
+    }
+}
+
+/// Reads data chunks that come in ascending file order (a compaction's walk
+/// of the by-seq index over an append-only file) through one window of the
+/// file, refilled a window at a time: one `pread` serves many chunks instead
+/// of one each. Only bytes below the file's end when read are kept, and the
+/// file is append-only, so the window never holds stale data chunks.
+#[derive(Debug)]
+pub struct SequentialReader {
+    window: Vec<u8>,
+    start: u64,
+    capacity: usize,
+}
+
+impl SequentialReader {
+    /// A reader with a window of `capacity` bytes.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            window: Vec::new(),
+            start: 0,
+            capacity: capacity.max(BLOCK_SIZE as usize),
+        }
+    }
+
+    /// Reads the payload of the data chunk of `file` at `offset`, checking
+    /// its checksum, like [`CouchFile::read_chunk`].
+    pub fn read_chunk(&mut self, file: &CouchFile, offset: u64) -> Result<Vec<u8>> {
+        let (stored, payload) = file.read_chunk_raw_via(offset, false, &mut |at, physical| {
+            self.read(file, at, physical)
+        })?;
+        file.checked(offset, stored, payload)
+    }
+
+    /// Fills `physical` from the window, refilling it at `at` when it does
+    /// not cover the range; larger reads bypass it.
+    fn read(&mut self, file: &CouchFile, at: u64, physical: &mut [u8]) -> Result<usize> {
+        let end = self.start + self.window.len() as u64;
+        let covered = at >= self.start && at + physical.len() as u64 <= end;
+        if !covered {
+            if physical.len() > self.capacity / 2 {
+                return file.read_physical(at, physical);
+            }
+            self.window.resize(self.capacity, 0);
+            let got = file.read_physical(at, &mut self.window)?;
+            self.window.truncate(got);
+            self.start = at;
+        }
+        // Within the window, or the window starts at `at` (and ends at the
+        // end of the file when it is shorter than asked).
+        let from = usize::try_from(at - self.start)
+            .unwrap_or(usize::MAX)
+            .min(self.window.len());
+        let n = physical.len().min(self.window.len() - from);
+        physical[..n].copy_from_slice(&self.window[from..from + n]);
+        Ok(n)
     }
 }

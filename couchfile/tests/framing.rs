@@ -10,7 +10,7 @@
 use couchfile::block::{align_up, physical_len};
 use couchfile::{
     compress, Backend, CouchFile, CrcKind, DbHeader, Error, FileWriter, LocatedHeader, MemBackend,
-    OpenMode, BLOCK_SIZE,
+    OpenMode, SequentialReader, BLOCK_SIZE,
 };
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -357,6 +357,19 @@ fn check_image(image: &[u8], h: &Harness) {
     file.set_crc(CrcKind::for_version(newest_first[0].header.disk_version));
     for c in &h.chunks {
         assert_reads_back(&file, c, "from the image");
+    }
+    // In file order through a window smaller than the larger chunks, and
+    // through one larger than most images.
+    for window in [BLOCK_SIZE as usize * 2, 1 << 20] {
+        let mut reader = SequentialReader::new(window);
+        for c in &h.chunks {
+            let got = reader.read_chunk(&file, c.offset).unwrap();
+            assert!(
+                got == file.read_chunk(c.offset).unwrap(),
+                "chunk at {} through a {window}-byte window",
+                c.offset
+            );
+        }
     }
     for (i, c) in h.headers.iter().enumerate() {
         assert_eq!(
