@@ -12,9 +12,9 @@
 //! `cargo xtask bench`.
 
 mod chart;
-mod report;
 mod disk;
 mod peers;
+mod report;
 mod workload;
 
 use clap::{Parser, Subcommand};
