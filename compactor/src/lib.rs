@@ -150,7 +150,10 @@ pub struct CompactionConfig {
     pub id_sort_memory: usize,
     /// Node sizes of the trees written.
     pub nodes: NodeConfig,
-    /// Documents saved per batch by the catch-up replay.
+    /// Documents saved per batch by the catch-up replay. Large batches make
+    /// the replay cheaper per document than the flusher's commits it
+    /// replays (each tree node is rewritten once per batch), which is what
+    /// lets the catch-up rounds converge under a saturating writer.
     pub replay_batch: usize,
 }
 
@@ -164,7 +167,7 @@ impl Default for CompactionConfig {
             throttle_bytes_per_sec: None,
             id_sort_memory: 64 << 20,
             nodes: NodeConfig::default(),
-            replay_batch: 1000,
+            replay_batch: 100_000,
         }
     }
 }

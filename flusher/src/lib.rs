@@ -137,7 +137,16 @@ pub struct FlusherConfig {
     /// How long removing a vbucket (or shutting down) keeps retrying a
     /// failing commit before giving up on its queued items.
     pub close_timeout: Duration,
+    /// Group commit: before cutting a batch, the flusher waits while the
+    /// queue is still growing (checked every [`GATHER_POLL`]), for at most
+    /// this long, so a writer's burst lands in one commit instead of being
+    /// split at whatever point the flusher woke. A queue that does not grow
+    /// between two checks is cut at once. Zero: always cut at once.
+    pub gather_max: Duration,
 }
+
+/// How often a gathering flusher checks whether the queue still grows.
+pub const GATHER_POLL: Duration = Duration::from_micros(50);
 
 impl Default for FlusherConfig {
     fn default() -> Self {
@@ -150,6 +159,7 @@ impl Default for FlusherConfig {
             retry_backoff_min: Duration::from_millis(1),
             retry_backoff_max: Duration::from_secs(1),
             close_timeout: Duration::from_secs(10),
+            gather_max: Duration::ZERO,
         }
     }
 }

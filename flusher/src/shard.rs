@@ -234,6 +234,23 @@ impl<T: FlushTarget> Slot<T> {
         self.retry.is_some() || !self.items.is_empty()
     }
 
+    /// Waits while the queue grows, up to `config.gather_max` (group commit).
+    fn gather(&self, config: &FlusherConfig) {
+        if config.gather_max.is_zero() {
+            return;
+        }
+        let deadline = Instant::now() + config.gather_max;
+        let mut queued = self.items.len();
+        while queued > 0 && queued < config.max_batch_items && Instant::now() < deadline {
+            std::thread::sleep(crate::GATHER_POLL);
+            let now_queued = self.items.len();
+            if now_queued == queued {
+                return;
+            }
+            queued = now_queued;
+        }
+    }
+
     /// Drains up to one batch's worth of items and keeps the newest of each key.
     fn cut_batch(&self, config: &FlusherConfig) -> Option<Batch<T::Item>> {
         let mut items = Vec::new();
@@ -263,6 +280,7 @@ impl<T: FlushTarget> Slot<T> {
                 batch
             }
             None => {
+                self.gather(config);
                 self.shared.clear_scheduled();
                 match self.cut_batch(config) {
                     Some(batch) => batch,

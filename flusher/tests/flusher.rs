@@ -218,6 +218,7 @@ fn config() -> FlusherConfig {
         retry_backoff_min: Duration::from_millis(1),
         retry_backoff_max: Duration::from_millis(10),
         close_timeout: LONG,
+        gather_max: Duration::ZERO,
     }
 }
 
@@ -305,6 +306,38 @@ fn batches_are_cut_by_max_batch_items() {
     let highs: Vec<u64> = model.batches.iter().map(|b| b.high_seqno).collect();
     assert_eq!(highs, vec![1, 5, 9, 11]);
     assert_eq!(model.seqnos(), (1..=11).collect::<Vec<_>>());
+}
+
+#[test]
+fn gathering_puts_a_trickling_burst_in_few_commits_and_cuts_a_still_queue_at_once() {
+    let gather_max = Duration::from_secs(5);
+    let flusher = Flusher::new(FlusherConfig {
+        gather_max,
+        ..config()
+    })
+    .unwrap();
+    let (target, model) = plain_target();
+    let queue = flusher.add(0, target, 0).unwrap();
+    // A burst that trickles in, an item every ~10 us (a writer busy between
+    // its sets): without gathering, the flusher would commit whatever it
+    // finds each time it wakes.
+    for s in 1..=500u64 {
+        queue.enqueue(item(&format!("k{s}"), s, s)).unwrap();
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_micros(10) {
+            std::hint::spin_loop();
+        }
+    }
+    queue.wait_persisted(500, LONG).unwrap();
+    let batches = model.lock().unwrap().batches.len();
+    // One batch unless the writer was descheduled for more than a poll.
+    assert!(batches <= 10, "{batches} batches for a 500-item burst");
+
+    // A queue that stops growing is cut after one poll, not gather_max.
+    let started = Instant::now();
+    queue.enqueue(item("alone", 0, 501)).unwrap();
+    queue.wait_persisted(501, LONG).unwrap();
+    assert!(started.elapsed() < gather_max / 2, "{:?}", started.elapsed());
 }
 
 #[test]
