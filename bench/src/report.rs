@@ -330,7 +330,8 @@ pub fn json(args: &Args, runs: &[Run]) -> Value {
             "delete_ratio": args.delete_ratio, "zipf": args.zipf, "seconds": args.seconds,
             "fragmentation_threshold": args.fragmentation_threshold,
             "min_file_size": args.min_file_size,
-            "max_concurrent_compactions": args.max_concurrent_compactions, "seed": args.seed,
+            "max_concurrent_compactions": args.max_concurrent_compactions,
+            "flusher_threads": args.flusher_threads, "seed": args.seed,
         },
         "runs": runs.iter().map(|run| json!({
             "compaction": run.mode.name(),

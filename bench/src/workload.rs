@@ -11,7 +11,7 @@
 use crate::disk::{self, Baseline};
 use crate::{chart, report, BoxError};
 use clap::ValueEnum;
-use flusher::LatencyHistogram;
+use flusher::{FlusherConfig, LatencyHistogram};
 use indicatif::{ProgressBar, ProgressStyle};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
@@ -78,7 +78,7 @@ pub struct Args {
     pub durable_writers: usize,
     /// Mutations per second of the other writers together (0: as fast as
     /// they can, which measures the backlog rather than the engine).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 50_000)]
     pub rate: u64,
     /// Fraction of mutations that are deletes.
     #[arg(long, default_value_t = 0.05)]
@@ -111,6 +111,9 @@ pub struct Args {
     /// Most compactions running at a time.
     #[arg(long, default_value_t = 1)]
     pub max_concurrent_compactions: usize,
+    /// Flusher threads (vbucket v is flushed by thread v % threads).
+    #[arg(long, default_value_t = 1)]
+    pub flusher_threads: usize,
     /// Seed of the key and operation choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -436,12 +439,16 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
             ..AutoCompaction::default()
         }),
         on_commit: Some(on_commit),
+        flusher: FlusherConfig {
+            threads: args.flusher_threads.max(1),
+            ..FlusherConfig::default()
+        },
         ..StoreConfig::default()
     };
     println!(
         "bench: {} vbuckets x {} keys, {}-byte values, {} writers ({} durable) at {} mutations/s, \
          {} readers at {} gets/s, delete ratio {}, zipf {}, {} compaction at fragmentation {}, \
-         {} s, in {}",
+         {} flusher threads, {} s, in {}",
         args.vbuckets,
         args.keys,
         args.value_size,
@@ -462,6 +469,7 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
         args.zipf,
         mode.name(),
         args.fragmentation_threshold,
+        args.flusher_threads,
         args.seconds,
         dir.display()
     );
