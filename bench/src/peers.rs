@@ -16,7 +16,8 @@
 //! and compared with the last value written to it.
 //!
 //! Sizes are measured alike for every engine: the sum of the lengths of the
-//! files under its directory. The report gives, per engine, the time of each
+//! files under its directory; the size after compaction includes what the
+//! writer added while it ran (the `cp commits` column). The report gives, per engine, the time of each
 //! pass, commits per second, commit latency, the size after the passes and
 //! after compaction (also as a multiple of the live data, keys times key and
 //! value size), the compaction time, the commit latency while compacting,
@@ -494,27 +495,50 @@ fn run_engine(spec: &EngineSpec, workload: &Workload, dir: &Path) -> Result<Outc
     })
 }
 
-/// The figures of the report, in column order: header and value.
-fn figures(o: &Outcome, live: u64) -> Vec<(&'static str, f64)> {
+/// The figures of the report, in column order: table header, JSON name
+/// and value.
+fn figures(o: &Outcome, live: u64) -> Vec<(&'static str, &'static str, f64)> {
     let commit = o.commit_latency.summary();
     let compacting = o.latency_while_compacting.summary();
+    let x_live = |bytes: u64| bytes as f64 / live.max(1) as f64;
     vec![
-        ("insert s", o.insert.as_secs_f64()),
-        ("overwr s", o.overwrite.as_secs_f64()),
-        ("commits/s", o.commits_per_sec()),
-        ("p50 ms", ms(commit.p50)),
-        ("p99 ms", ms(commit.p99)),
-        ("size MiB", mib(o.size_after_passes)),
-        ("x live", o.size_after_passes as f64 / live.max(1) as f64),
-        ("compact MiB", mib(o.size_after_compaction)),
+        ("insert s", "insert_s", o.insert.as_secs_f64()),
+        ("overwr s", "overwrite_s", o.overwrite.as_secs_f64()),
+        ("commits/s", "commits_per_sec", o.commits_per_sec()),
+        ("p50 ms", "commit_p50_ms", ms(commit.p50)),
+        ("p99 ms", "commit_p99_ms", ms(commit.p99)),
+        (
+            "size MiB",
+            "size_after_passes_mib",
+            mib(o.size_after_passes),
+        ),
         (
             "x live",
-            o.size_after_compaction as f64 / live.max(1) as f64,
+            "size_after_passes_x_live",
+            x_live(o.size_after_passes),
         ),
-        ("compact s", o.compaction.as_secs_f64()),
-        ("cp p99 ms", ms(compacting.p99)),
-        ("cp max ms", ms(compacting.max)),
-        ("read s", o.read_back.as_secs_f64()),
+        (
+            "compact MiB",
+            "size_after_compaction_mib",
+            mib(o.size_after_compaction),
+        ),
+        (
+            "x live",
+            "size_after_compaction_x_live",
+            x_live(o.size_after_compaction),
+        ),
+        ("compact s", "compaction_s", o.compaction.as_secs_f64()),
+        (
+            "cp p99 ms",
+            "commit_p99_while_compacting_ms",
+            ms(compacting.p99),
+        ),
+        (
+            "cp max ms",
+            "commit_max_while_compacting_ms",
+            ms(compacting.max),
+        ),
+        ("read s", "read_back_s", o.read_back.as_secs_f64()),
     ]
 }
 
@@ -535,7 +559,7 @@ fn print_report(outcomes: &[Outcome], live: u64) {
     println!("\n{line}");
     for o in outcomes {
         let mut line = format!("{:<8}", o.name);
-        for (_, value) in figures(o, live) {
+        for (_, _, value) in figures(o, live) {
             line.push_str(&format!(" {:>11}", format_value(value)));
         }
         line.push_str(&format!(
@@ -545,6 +569,9 @@ fn print_report(outcomes: &[Outcome], live: u64) {
             o.mismatches
         ));
         println!("{line}");
+    }
+    if outcomes.len() < 2 {
+        return;
     }
     println!(
         "\nratios engine / {} (commits/s: above 1 the peer is faster; every other column: above 1 the peer is slower or bigger, so below 1 is better for the peer):",
@@ -558,7 +585,7 @@ fn print_report(outcomes: &[Outcome], live: u64) {
     let base = figures(ours, live);
     for o in outcomes.iter().skip(1) {
         let mut line = format!("{:<8}", o.name);
-        for ((_, value), (_, ours)) in figures(o, live).iter().zip(&base) {
+        for ((_, _, value), (_, _, ours)) in figures(o, live).iter().zip(&base) {
             line.push_str(&format!(" {:>11}", format_ratio(*value, *ours)));
         }
         println!("{line}");
@@ -699,11 +726,9 @@ pub fn main(args: &Args) -> Result<bool, BoxError> {
                     Some(base) => figures(o, live)
                         .iter()
                         .zip(base)
-                        .enumerate()
-                        .map(|(i, ((h, v), (_, b)))| {
-                            let key = format!("{i:02} {h}");
+                        .map(|((_, key, v), (_, _, b))| {
                             let ratio = if *b > 0.0 { json!(v / b) } else { json!(null) };
-                            (key, ratio)
+                            (key.to_string(), ratio)
                         })
                         .collect(),
                     None => serde_json::Map::new(),
