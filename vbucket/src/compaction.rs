@@ -61,7 +61,8 @@ pub struct CompactionOptions {
     /// Most unlocked catch-up rounds before the final one.
     pub max_rounds: usize,
     /// The unlocked rounds stop once the remaining gap is estimated (from
-    /// the rate of the rounds so far) to replay within this time.
+    /// the rate of the last round) to replay within this time; the first
+    /// round runs whenever there is a gap, to measure that rate.
     pub lock_budget: Duration,
     /// Test hook.
     pub hook: Option<CompactionHook>,
@@ -298,7 +299,11 @@ impl VBucket {
         let mut last = source.located_header().clone();
         let mut rounds = Vec::new();
         if held.is_none() {
-            let mut cost = per_doc(copy.duration, copy.docs_copied);
+            // The cost of replaying a document, once a round measured it:
+            // the copy's cost per document says little about it (a bulk
+            // build against a replay into the trees), so the first round
+            // always runs when there is anything to catch up.
+            let mut cost: Option<Duration> = None;
             for round in 1..=options.max_rounds {
                 self.check_running(control)?;
                 let (latest, _) = self.latest_located_header();
@@ -308,11 +313,13 @@ impl VBucket {
                 let newer = btree::Snapshot::new(source.file().clone(), latest.clone());
                 let gap =
                     newer.count_changes(last.header.update_seq + 1, latest.header.update_seq)?;
-                if cost * u32::try_from(gap).unwrap_or(u32::MAX) <= options.lock_budget {
+                if cost.is_some_and(|cost| {
+                    cost * u32::try_from(gap).unwrap_or(u32::MAX) <= options.lock_budget
+                }) {
                     break;
                 }
                 let round_stats = catch_up(&mut db, &last, &latest, &options.compactor, false)?;
-                cost = per_doc(round_stats.duration, round_stats.docs);
+                cost = Some(per_doc(round_stats.duration, round_stats.docs));
                 rounds.push(round_stats);
                 last = latest;
                 hook(CompactionPhase::RoundDone(round));
