@@ -337,7 +337,11 @@ fn gathering_puts_a_trickling_burst_in_few_commits_and_cuts_a_still_queue_at_onc
     let started = Instant::now();
     queue.enqueue(item("alone", 0, 501)).unwrap();
     queue.wait_persisted(501, LONG).unwrap();
-    assert!(started.elapsed() < gather_max / 2, "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < gather_max / 2,
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

@@ -8,10 +8,10 @@
 
 use super::{Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
 use crate::BoxError;
+use flusher::FlusherConfig;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
-use flusher::FlusherConfig;
 use vbucket::{CompactionOptions, CompactionReport, ItemMeta, Store, StoreConfig, VBucket};
 
 /// How long the flusher waits for a growing queue to stop growing.
