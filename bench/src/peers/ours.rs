@@ -1,8 +1,8 @@
 //! This project: a [`Store`] with one vbucket (vbid 0) in the engine's
 //! directory, default configuration but for the flusher's group commit
 //! (`gather_max`, off by default). A durable commit of a batch is a `set`
-//! of each item followed by `wait_persisted` of the last seqno (the flusher
-//! may cut the batch into more than one file commit); compaction is
+//! of each item followed by `wait_persisted` of the last seqno (with the
+//! group commit, one file commit per batch); compaction is
 //! [`VBucket::compact`] with the default options (concurrent with the
 //! flusher).
 
