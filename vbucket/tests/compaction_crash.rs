@@ -45,13 +45,12 @@ use couchfile::{
     OpenMode, TornTail,
 };
 use std::collections::BTreeMap;
-use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{assert_doc, model, Accepted, Rng};
+use support::{check_against_model, Accepted, Rng};
 use vbucket::tool::verify_snapshot;
 use vbucket::{
-    CompactionConfig, CompactionHook, CompactionMode, CompactionOptions, CompactionPhase, Document,
+    CompactionConfig, CompactionHook, CompactionMode, CompactionOptions, CompactionPhase,
     FlusherConfig, ItemMeta, Store, StoreConfig, VBucket, VbucketState, DATATYPE_JSON,
 };
 
@@ -359,18 +358,7 @@ fn allowed_states(states: &[StateChange], high: u64) -> Vec<VbucketState> {
 
 /// Checks vbucket `vb` against the run; returns its high seqno.
 fn check_vbucket(vb: &VBucket, run: &Run, what: &str) -> u64 {
-    let snapshot = vb.snapshot();
-    let high = snapshot.high_seqno();
-    let last = run.accepted.last().map_or(0, |a| a.seqno);
-    assert!(
-        run.persisted <= high && high <= last,
-        "{what}: high seqno {high}, persisted {}, last accepted {last}",
-        run.persisted
-    );
-    assert_eq!(vb.high_seqno(), high, "{what}");
-    assert_eq!(vb.persisted_seqno(), high, "{what}");
-    let vbstate = snapshot.vbstate().unwrap().expect("a vbstate");
-    assert_eq!(vbstate.persisted_seqno, high, "{what}: vbstate");
+    let (high, _, vbstate) = check_against_model(vb, &run.accepted, run.persisted, what);
     let allowed = allowed_states(&run.states, high);
     assert!(
         allowed.contains(&vbstate.state),
@@ -378,41 +366,6 @@ fn check_vbucket(vb: &VBucket, run: &Run, what: &str) -> u64 {
         vbstate.state,
         run.states
     );
-    let expected = model(&run.accepted, high);
-    let mut found = Vec::new();
-    snapshot
-        .changes_since(0, &mut |doc| {
-            found.push(doc);
-            ControlFlow::Continue(())
-        })
-        .unwrap_or_else(|e| panic!("{what}: changes_since: {e}"));
-    assert!(
-        found.windows(2).all(|w| w[0].seqno < w[1].seqno),
-        "{what}: changes out of seqno order"
-    );
-    let found: BTreeMap<Vec<u8>, Document> =
-        found.into_iter().map(|d| (d.key.clone(), d)).collect();
-    assert_eq!(
-        found
-            .keys()
-            .map(|k| String::from_utf8_lossy(k))
-            .collect::<Vec<_>>(),
-        expected
-            .keys()
-            .map(|k| String::from_utf8_lossy(k))
-            .collect::<Vec<_>>(),
-        "{what}: the keys on disk at high seqno {high}"
-    );
-    for (key, a) in &expected {
-        assert_doc(&found[key], a, what);
-    }
-    for a in &run.accepted {
-        let doc = vb.get_including_deleted(&a.key).unwrap();
-        match expected.get(&a.key) {
-            Some(e) => assert_doc(&doc.expect("a document"), e, what),
-            None => assert_eq!(doc, None, "{what}"),
-        }
-    }
     high
 }
 

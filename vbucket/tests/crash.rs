@@ -37,15 +37,12 @@ use btree::{NodeConfig, Snapshot};
 use couchfile::{
     CouchFile, Directory, FaultController, FaultyDirectory, NameTail, OpenMode, TornTail,
 };
-use std::collections::BTreeMap;
-use std::ops::ControlFlow;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use support::{assert_doc, model, Accepted, Rng};
+use support::{check_against_model, Accepted, Rng};
 use vbucket::tool::verify_snapshot;
 use vbucket::{
-    revision_name, Document, FlusherConfig, ItemMeta, Store, StoreConfig, VBucket, Vbid,
-    DATATYPE_JSON,
+    revision_name, FlusherConfig, ItemMeta, Store, StoreConfig, VBucket, Vbid, DATATYPE_JSON,
 };
 
 /// Vbuckets of the workload.
@@ -318,52 +315,9 @@ fn run(bursts: &[Burst], crash_at: Option<u64>) -> Run {
 /// seqno.
 fn check_vbucket(vb: &VBucket, accepted: &[Accepted], persisted: u64, what: &str) -> u64 {
     let what = format!("{what}, vbucket {}", vb.vbid());
-    let snapshot = vb.snapshot();
-    let high = snapshot.high_seqno();
-    let last = accepted.last().map_or(0, |a| a.seqno);
-    assert!(
-        persisted <= high && high <= last,
-        "{what}: high seqno {high}, persisted {persisted}, last accepted {last}"
-    );
-    assert_eq!(vb.high_seqno(), high, "{what}");
-    assert_eq!(vb.persisted_seqno(), high, "{what}");
-    let vbstate = snapshot.vbstate().unwrap().expect("a vbstate");
-    assert_eq!(vbstate.persisted_seqno, high, "{what}: vbstate");
-    let expected = model(accepted, high);
-    let mut found = Vec::new();
-    snapshot
-        .changes_since(0, &mut |doc| {
-            found.push(doc);
-            ControlFlow::Continue(())
-        })
-        .unwrap_or_else(|e| panic!("{what}: changes_since: {e}"));
-    assert!(
-        found.windows(2).all(|w| w[0].seqno < w[1].seqno),
-        "{what}: changes out of seqno order"
-    );
-    let found: BTreeMap<Vec<u8>, Document> =
-        found.into_iter().map(|d| (d.key.clone(), d)).collect();
-    assert_eq!(
-        found
-            .keys()
-            .map(|k| String::from_utf8_lossy(k))
-            .collect::<Vec<_>>(),
-        expected
-            .keys()
-            .map(|k| String::from_utf8_lossy(k))
-            .collect::<Vec<_>>(),
-        "{what}: the keys on disk at high seqno {high}"
-    );
-    for (key, a) in &expected {
-        assert_doc(&found[key], a, &what);
-    }
-    // Point reads of every key ever written, through the vbucket.
+    let (high, expected, _) = check_against_model(vb, accepted, persisted, &what);
+    // `get` returns live documents only.
     for a in accepted {
-        let doc = vb.get_including_deleted(&a.key).unwrap();
-        match expected.get(&a.key) {
-            Some(e) => assert_doc(&doc.expect("a document"), e, &what),
-            None => assert_eq!(doc, None, "{what}"),
-        }
         let live = vb.get(&a.key).unwrap();
         let expected_live = expected.get(&a.key).and_then(|e| e.value.clone());
         assert_eq!(live.map(|d| d.value), expected_live, "{what}: get");

@@ -5,10 +5,11 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use vbucket::Document;
+use vbucket::{Document, VBucket, VbState};
 
 /// The independent reader of the format, beside the repository.
 pub const COUCHREAD: &str = concat!(
@@ -120,4 +121,65 @@ pub fn assert_doc(doc: &Document, a: &Accepted, what: &str) {
     assert_eq!(doc.meta.cas, a.cas, "{what}: cas of {key}");
     assert_eq!(doc.meta.flags, a.flags, "{what}: flags of {key}");
     assert_eq!(doc.meta.datatype, a.datatype, "{what}: datatype of {key}");
+}
+
+/// Checks `vb`, reopened after a crash, against the mutations it accepted:
+/// its high seqno lies between `persisted` and the last accepted one and
+/// is its persisted seqno (in the vbstate too), its documents in seqno order
+/// are exactly `accepted` up to that seqno, and point reads of every key ever
+/// written agree. Returns the high seqno, the model at it and the vbstate.
+pub fn check_against_model<'a>(
+    vb: &VBucket,
+    accepted: &'a [Accepted],
+    persisted: u64,
+    what: &str,
+) -> (u64, BTreeMap<Vec<u8>, &'a Accepted>, VbState) {
+    let snapshot = vb.snapshot();
+    let high = snapshot.high_seqno();
+    let last = accepted.last().map_or(0, |a| a.seqno);
+    assert!(
+        persisted <= high && high <= last,
+        "{what}: high seqno {high}, persisted {persisted}, last accepted {last}"
+    );
+    assert_eq!(vb.high_seqno(), high, "{what}");
+    assert_eq!(vb.persisted_seqno(), high, "{what}");
+    let vbstate = snapshot.vbstate().unwrap().expect("a vbstate");
+    assert_eq!(vbstate.persisted_seqno, high, "{what}: vbstate");
+    let expected = model(accepted, high);
+    let mut found = Vec::new();
+    snapshot
+        .changes_since(0, &mut |doc| {
+            found.push(doc);
+            ControlFlow::Continue(())
+        })
+        .unwrap_or_else(|e| panic!("{what}: changes_since: {e}"));
+    assert!(
+        found.windows(2).all(|w| w[0].seqno < w[1].seqno),
+        "{what}: changes out of seqno order"
+    );
+    let found: BTreeMap<Vec<u8>, Document> =
+        found.into_iter().map(|d| (d.key.clone(), d)).collect();
+    assert_eq!(
+        found
+            .keys()
+            .map(|k| String::from_utf8_lossy(k))
+            .collect::<Vec<_>>(),
+        expected
+            .keys()
+            .map(|k| String::from_utf8_lossy(k))
+            .collect::<Vec<_>>(),
+        "{what}: the keys on disk at high seqno {high}"
+    );
+    for (key, a) in &expected {
+        assert_doc(&found[key], a, what);
+    }
+    // Point reads of every key ever written, through the vbucket.
+    for a in accepted {
+        let doc = vb.get_including_deleted(&a.key).unwrap();
+        match expected.get(&a.key) {
+            Some(e) => assert_doc(&doc.expect("a document"), e, what),
+            None => assert_eq!(doc, None, "{what}"),
+        }
+    }
+    (high, expected, vbstate)
 }
