@@ -4,8 +4,8 @@
 //! compaction intervals shaded. Runs side by side share the latency scale,
 //! so a blocking compaction's stall stands out.
 
-use crate::workload::{mib, Run};
-use crate::BoxError;
+use crate::workload::Run;
+use crate::{mib, ms, BoxError};
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -21,8 +21,8 @@ fn latency_series(run: &Run) -> Vec<(f64, f64)> {
     let mut max = vec![None::<f64>; buckets];
     for c in &run.commits {
         let i = ((c.t / BUCKET) as usize).min(buckets - 1);
-        let ms = c.latency.as_secs_f64() * 1e3;
-        max[i] = Some(max[i].map_or(ms, |m: f64| m.max(ms)));
+        let latency = ms(c.latency);
+        max[i] = Some(max[i].map_or(latency, |m: f64| m.max(latency)));
     }
     max.into_iter()
         .enumerate()

@@ -3,7 +3,9 @@
 //! in 1 MiB chunks, synced, and its directory synced, as a compaction does).
 //! Compaction throughput is reported as a fraction of this rate.
 
-use crate::BoxError;
+use crate::{mib, ms, work_dir, BoxError};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -32,7 +34,7 @@ pub struct Baseline {
 impl Baseline {
     /// The rate in MiB/s.
     pub fn mib_per_sec(&self) -> f64 {
-        self.bytes as f64 / (1024.0 * 1024.0) / self.duration.as_secs_f64().max(1e-9)
+        mib(self.bytes) / self.duration.as_secs_f64().max(1e-9)
     }
 }
 
@@ -44,15 +46,8 @@ const CHUNK: usize = 1 << 20;
 pub fn sequential_write_sync(dir: &Path, bytes: u64) -> std::io::Result<Baseline> {
     let path = dir.join("bench-disk-baseline.tmp");
     // Incompressible-looking data, so a compressing file system cannot cheat.
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let chunk: Vec<u8> = (0..CHUNK)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let mut chunk = vec![0u8; CHUNK];
+    SmallRng::seed_from_u64(1).fill(&mut chunk[..]);
     let started = Instant::now();
     let mut file = OpenOptions::new()
         .write(true)
@@ -74,19 +69,12 @@ pub fn sequential_write_sync(dir: &Path, bytes: u64) -> std::io::Result<Baseline
 
 /// Runs `bench disk`.
 pub fn main(args: &Args) -> Result<bool, BoxError> {
-    let temp;
-    let dir = match &args.dir {
-        Some(dir) => dir.as_path(),
-        None => {
-            temp = tempfile::tempdir()?;
-            temp.path()
-        }
-    };
-    let baseline = sequential_write_sync(dir, args.bytes)?;
+    let (dir, _temp) = work_dir(args.dir.as_deref())?;
+    let baseline = sequential_write_sync(&dir, args.bytes)?;
     println!(
         "raw disk: {:.1} MiB written and synced sequentially in {:.1} ms: {:.1} MiB/s ({})",
-        args.bytes as f64 / (1024.0 * 1024.0),
-        baseline.duration.as_secs_f64() * 1e3,
+        mib(args.bytes),
+        ms(baseline.duration),
         baseline.mib_per_sec(),
         dir.display()
     );

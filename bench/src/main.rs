@@ -18,10 +18,37 @@ mod report;
 mod workload;
 
 use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// The error type of the runner's plumbing (the engines' errors, I/O, JSON).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Bytes as MiB.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// A duration in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The directory to work in: `dir` (created if missing), or else a fresh
+/// temporary one, removed when the returned guard is dropped.
+pub fn work_dir(dir: Option<&Path>) -> std::io::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            Ok((dir.to_path_buf(), None))
+        }
+        None => {
+            let temp = tempfile::tempdir()?;
+            Ok((temp.path().to_path_buf(), Some(temp)))
+        }
+    }
+}
 
 /// The workload runner (default), the peers comparison and the disk baseline.
 #[derive(Debug, Parser)]

@@ -53,7 +53,7 @@ mod rocksdb;
 #[cfg(feature = "sled")]
 mod sled;
 
-use crate::BoxError;
+use crate::{mib, ms, work_dir, BoxError};
 use flusher::LatencyHistogram;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
@@ -337,16 +337,6 @@ fn dir_size(dir: &Path) -> Result<u64, BoxError> {
         }
     }
     Ok(total)
-}
-
-/// Bytes to MiB.
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// A duration in milliseconds.
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// One full pass over order `order` with values of version `version`:
@@ -649,17 +639,7 @@ pub fn main(args: &Args) -> Result<bool, BoxError> {
         println!("{name}: not built in (build with --features {feature})");
     }
 
-    let temp;
-    let dir = match &args.dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            dir.clone()
-        }
-        None => {
-            temp = tempfile::tempdir()?;
-            temp.path().to_path_buf()
-        }
-    };
+    let (dir, _temp) = work_dir(args.dir.as_deref())?;
 
     let workload = Workload::new(args);
     let live = workload.live_bytes();

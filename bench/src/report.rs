@@ -1,7 +1,8 @@
 //! The workload runner's report: the figures of a [`Run`], printed one per
 //! line by section, side by side for two runs (`--compare`), and as JSON.
 
-use crate::workload::{mib, Args, Run};
+use crate::workload::{Args, Run};
+use crate::{mib, ms};
 use flusher::LatencyHistogram;
 use serde_json::{json, Map, Value};
 use std::time::Duration;
@@ -17,11 +18,6 @@ pub struct Figure {
     pub value: f64,
     /// The unit: "ms", "/s", "x", "MiB", "MiB/s", "%", or "" for counts.
     pub unit: &'static str,
-}
-
-/// Milliseconds as a float.
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// Collects the figures of a run, in report order.

@@ -9,7 +9,7 @@
 //! [`crate::chart`] draws it.
 
 use crate::disk::{self, Baseline};
-use crate::{chart, report, BoxError};
+use crate::{chart, mib, report, work_dir, BoxError};
 use clap::ValueEnum;
 use flusher::{FlusherConfig, LatencyHistogram};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -137,15 +137,6 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 /// The most bytes the raw-disk baseline writes.
 const MAX_BASELINE_BYTES: u64 = 1 << 30;
 
-/// SplitMix64: a cheap, well-mixed deterministic generator for values.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// The key of index `index` (the same in every vbucket).
 fn key_of(index: u64) -> Vec<u8> {
     format!("key:{index:010}").into_bytes()
@@ -155,13 +146,10 @@ fn key_of(index: u64) -> Vec<u8> {
 /// version in the first 8 bytes (little-endian), then pseudo-random filler
 /// determined by (vb, key, version), so any mismatch is detectable.
 fn value_of(vb: u16, index: u64, version: u64, size: usize) -> Vec<u8> {
-    let mut value = Vec::with_capacity(size.max(8));
-    value.extend_from_slice(&version.to_le_bytes());
-    let mut state = (u64::from(vb) << 48) ^ index.rotate_left(17) ^ version.wrapping_mul(31);
-    while value.len() < size {
-        value.extend_from_slice(&splitmix64(&mut state).to_le_bytes());
-    }
-    value.truncate(size.max(8));
+    let mut value = vec![0u8; size.max(8)];
+    value[..8].copy_from_slice(&version.to_le_bytes());
+    let seed = (u64::from(vb) << 48) ^ index.rotate_left(17) ^ version.wrapping_mul(31);
+    SmallRng::seed_from_u64(seed).fill(&mut value[8..]);
     value
 }
 
@@ -323,11 +311,6 @@ fn seqno_sums(vbs: &[VBucket]) -> (u64, u64) {
     vbs.iter().fold((0, 0), |(h, p), vb| {
         (h + vb.high_seqno(), p + vb.persisted_seqno())
     })
-}
-
-/// Bytes as MiB.
-pub fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// File size and live data at one moment.
@@ -698,24 +681,16 @@ fn check(
 /// A fresh directory for one run: `--dir` itself (or a subdirectory per
 /// mode when comparing), or a temporary one.
 fn run_in_dir(args: &Args, mode: ModeArg) -> Result<Run, BoxError> {
-    match &args.dir {
-        Some(dir) => {
-            let dir = if args.compare {
-                dir.join(mode.name())
-            } else {
-                dir.clone()
-            };
-            // The read-back model assumes the store starts empty.
-            if std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some()) {
-                return Err(format!("--dir {} is not empty", dir.display()).into());
-            }
-            run(args, mode, &dir)
-        }
-        None => {
-            let temp = tempfile::tempdir()?;
-            run(args, mode, temp.path())
-        }
+    let dir = match &args.dir {
+        Some(dir) if args.compare => Some(dir.join(mode.name())),
+        other => other.clone(),
+    };
+    let (dir, _temp) = work_dir(dir.as_deref())?;
+    // The read-back model assumes the store starts empty.
+    if std::fs::read_dir(&dir)?.next().is_some() {
+        return Err(format!("--dir {} is not empty", dir.display()).into());
     }
+    run(args, mode, &dir)
 }
 
 /// Runs the workload (once, or in both modes with `--compare`), prints the
