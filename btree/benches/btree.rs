@@ -9,6 +9,8 @@
 use btree::{Body, ChangesFilter, Db, DbOptions, DocUpdate, Snapshot};
 use couchfile::{CouchFile, FileBackend, RevMeta, CONTENT_META_COMPRESSED};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
 use std::collections::BTreeSet;
 use std::hint::black_box;
 use std::ops::ControlFlow;
@@ -19,19 +21,6 @@ use std::time::{Duration, Instant};
 const DOCS: u64 = 1_000_000;
 const BUILD_BATCH: u64 = 20_000;
 const BATCH: usize = 1_000;
-
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
 
 /// A 16-byte key.
 fn key(i: u64) -> Vec<u8> {
@@ -91,7 +80,7 @@ fn vbucket(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("0.couch.1");
     let mut db = build(&path);
-    let mut rng = Rng(1);
+    let mut rng = SmallRng::seed_from_u64(1);
 
     let snap: Snapshot = db.snapshot();
     let mut g = c.benchmark_group("vbucket_1M");
@@ -100,7 +89,7 @@ fn vbucket(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     g.bench_function("lookup_doc_info_and_body", |b| {
         b.iter(|| {
-            let k = key(rng.next() % DOCS);
+            let k = key(rng.random::<u64>() % DOCS);
             let info = snap.doc_info(&k).unwrap().expect("present");
             black_box(snap.read_body(&info).unwrap())
         })
@@ -110,7 +99,7 @@ fn vbucket(c: &mut Criterion) {
         b.iter_batched(
             || {
                 (0..BATCH)
-                    .map(|_| key(rng.next() % DOCS))
+                    .map(|_| key(rng.random::<u64>() % DOCS))
                     .collect::<BTreeSet<_>>()
             },
             |keys| {
@@ -151,7 +140,7 @@ fn vbucket(c: &mut Criterion) {
         b.iter_batched(
             || {
                 round += 1;
-                let ids: BTreeSet<u64> = (0..BATCH).map(|_| rng.next() % DOCS).collect();
+                let ids: BTreeSet<u64> = (0..BATCH).map(|_| rng.random::<u64>() % DOCS).collect();
                 let docs: Vec<DocUpdate> = ids.into_iter().map(|i| doc(i, round)).collect();
                 (docs, round)
             },

@@ -18,6 +18,8 @@
 
 use couchfile::{FaultController, FaultKind, FaultRule, FaultyDirectory, OpKind};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,34 +31,20 @@ const UNFLUSHED: u64 = 1_000;
 const VALUE_LEN: usize = 256;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len.div_ceil(8))
-            .flat_map(|_| self.next().to_le_bytes())
-            .take(len)
-            .collect()
-    }
-}
-
 /// A 16-byte key.
 fn key(i: u64) -> Vec<u8> {
     format!("key{i:013}").into_bytes()
 }
 
 /// Random values to pick from.
-fn values(rng: &mut Rng) -> Vec<Vec<u8>> {
-    (0..256).map(|_| rng.bytes(VALUE_LEN)).collect()
+fn values(rng: &mut SmallRng) -> Vec<Vec<u8>> {
+    (0..256)
+        .map(|_| {
+            let mut value = vec![0u8; VALUE_LEN];
+            rng.fill(&mut value[..]);
+            value
+        })
+        .collect()
 }
 
 fn config() -> StoreConfig {
@@ -71,10 +59,10 @@ fn config() -> StoreConfig {
 }
 
 /// Sets keys `from..to`, then waits until they are persisted.
-fn fill(vb: &VBucket, from: u64, to: u64, values: &[Vec<u8>], rng: &mut Rng) -> u64 {
+fn fill(vb: &VBucket, from: u64, to: u64, values: &[Vec<u8>], rng: &mut SmallRng) -> u64 {
     let mut last = 0;
     for i in from..to {
-        let value = &values[(rng.next() % values.len() as u64) as usize];
+        let value = &values[(rng.random::<u64>() % values.len() as u64) as usize];
         last = vb.set(&key(i), value, ItemMeta::default()).unwrap().seqno;
     }
     vb.wait_persisted(last, TIMEOUT).unwrap()
@@ -84,7 +72,7 @@ fn durable_batches(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), config()).unwrap();
     let vb = store.open_vbucket(0).unwrap();
-    let mut rng = Rng(1);
+    let mut rng = SmallRng::seed_from_u64(1);
     let values = values(&mut rng);
     let mut next = 0u64;
     let commits_before = vb.stats().unwrap().commits;
@@ -99,7 +87,7 @@ fn durable_batches(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let batch: Vec<(Vec<u8>, usize)> = (next..next + BATCH as u64)
-                    .map(|i| (key(i), (rng.next() % values.len() as u64) as usize))
+                    .map(|i| (key(i), (rng.random::<u64>() % values.len() as u64) as usize))
                     .collect();
                 next += BATCH as u64;
                 iterations += 1;
@@ -132,7 +120,7 @@ fn persisted_reads(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), config()).unwrap();
     let vb = store.open_vbucket(0).unwrap();
-    let mut rng = Rng(2);
+    let mut rng = SmallRng::seed_from_u64(2);
     let values = values(&mut rng);
     let start = Instant::now();
     fill(&vb, 0, PERSISTED, &values, &mut rng);
@@ -152,7 +140,7 @@ fn persisted_reads(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     g.bench_function("get_persisted_100k", |b| {
         b.iter(|| {
-            let k = key(rng.next() % PERSISTED);
+            let k = key(rng.random::<u64>() % PERSISTED);
             black_box(vb.get(&k).unwrap().expect("present"))
         })
     });
@@ -172,11 +160,11 @@ fn unflushed_reads(c: &mut Criterion) {
     let store = Store::open_in(dir, config).unwrap();
     let vb = store.open_vbucket(0).unwrap();
     controller.inject(FaultRule::always(OpKind::Write, FaultKind::Eio));
-    let mut rng = Rng(3);
+    let mut rng = SmallRng::seed_from_u64(3);
     let values = values(&mut rng);
     let mut last = 0;
     for i in 0..UNFLUSHED {
-        let value = &values[(rng.next() % values.len() as u64) as usize];
+        let value = &values[(rng.random::<u64>() % values.len() as u64) as usize];
         last = vb.set(&key(i), value, ItemMeta::default()).unwrap().seqno;
     }
     assert_eq!(vb.stats().unwrap().dirty_items, UNFLUSHED);
@@ -187,7 +175,7 @@ fn unflushed_reads(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     g.bench_function("get_unflushed", |b| {
         b.iter(|| {
-            let k = key(rng.next() % UNFLUSHED);
+            let k = key(rng.random::<u64>() % UNFLUSHED);
             black_box(vb.get(&k).unwrap().expect("present"))
         })
     });
