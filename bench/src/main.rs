@@ -22,6 +22,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// The allocator of the binary, as a server would link one (see
+/// `Cargo.toml`); the engine's crates leave the choice to their user.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The error type of the runner's plumbing (the engines' errors, I/O, JSON).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -114,6 +114,10 @@ pub struct Args {
     /// Flusher threads (vbucket v is flushed by thread v % threads).
     #[arg(long, default_value_t = 1)]
     pub flusher_threads: usize,
+    /// MiB of decompressed B-tree nodes the store keeps in memory (0: none,
+    /// the store's default).
+    #[arg(long, default_value_t = 0)]
+    pub node_cache_mib: u64,
     /// Seed of the key and operation choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -426,6 +430,7 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
             threads: args.flusher_threads.max(1),
             ..FlusherConfig::default()
         },
+        node_cache_bytes: args.node_cache_mib << 20,
         ..StoreConfig::default()
     };
     println!(

@@ -3,26 +3,29 @@
 
 use crate::error::{Error, Result};
 use couchfile::{decode_kv_length, encode_kv_length, CouchFile};
+use std::sync::Arc;
 
 /// Type byte of a leaf (key-value) node.
 pub const LEAF: u8 = 1;
 /// Type byte of an interior (key-pointer) node.
 pub const INTERIOR: u8 = 0;
 
-/// A decoded node: its bytes and where each entry's key and value lie.
+/// A decoded node: its bytes (shared with the file's chunk cache) and where
+/// each entry's key and value lie.
 #[derive(Debug, Clone)]
 pub struct Node {
     /// True for a leaf.
     pub is_leaf: bool,
-    bytes: Vec<u8>,
+    bytes: Arc<[u8]>,
     /// (key start, key length, value length) of each entry.
     spans: Vec<(u32, u16, u32)>,
 }
 
 impl Node {
-    /// Reads and decodes the node stored at `offset`.
+    /// Reads and decodes the node stored at `offset`, through the file's
+    /// chunk cache if it has one.
     pub fn read(file: &CouchFile, offset: u64) -> Result<Self> {
-        let bytes = file.read_compressed_chunk(offset)?;
+        let bytes = file.read_cached_chunk(offset)?;
         Self::decode(bytes).map_err(|detail| Error::CorruptNode {
             path: file.path().to_path_buf(),
             offset,
@@ -31,7 +34,8 @@ impl Node {
     }
 
     /// Decodes node bytes (already decompressed).
-    pub fn decode(bytes: Vec<u8>) -> std::result::Result<Self, String> {
+    pub fn decode(bytes: impl Into<Arc<[u8]>>) -> std::result::Result<Self, String> {
+        let bytes: Arc<[u8]> = bytes.into();
         let is_leaf = match bytes.first() {
             Some(&LEAF) => true,
             Some(&INTERIOR) => false,

@@ -2,8 +2,8 @@
 //! reduces and the bottom-up builder, generic over key order and reduce.
 
 use crate::error::{Error, Result};
-use crate::node::{encode_node, Node};
-use couchfile::{CouchFile, FileWriter, NodePointer};
+use crate::node::{Node, INTERIOR, LEAF};
+use couchfile::{encode_kv_length, CouchFile, FileWriter, NodePointer, NodePointerRef};
 use std::cmp::Ordering;
 use std::ops::{Bound, ControlFlow};
 
@@ -77,28 +77,55 @@ impl<'a> Action<'a> {
 
 /// Collects the entries of the nodes being written at one level and cuts them
 /// into nodes as they fill (couchstore's `couchfile_modify_result`).
+///
+/// Entries are encoded as they arrive, straight into the bytes of the node
+/// being collected, so a node is written without copying its entries again
+/// and without an allocation per entry.
 struct Collector {
     is_leaf: bool,
     compacting: bool,
     threshold: usize,
-    items: Vec<(Vec<u8>, Vec<u8>)>,
-    node_len: usize,
+    /// The node being collected: its type byte, then each entry as
+    /// `kvlen(5) key value`.
+    encoded: Vec<u8>,
+    /// Where each collected entry's key starts in `encoded`, with the key's
+    /// and the value's lengths.
+    spans: Vec<EntrySpan>,
     /// Pointers to the nodes written so far, with their last key.
     written: Vec<(Vec<u8>, NodePointer)>,
 }
 
+/// Where one entry lies in a [`Collector`]'s encoded node.
+#[derive(Debug, Clone, Copy)]
+struct EntrySpan {
+    key_start: usize,
+    key_len: usize,
+    value_len: usize,
+}
+
+impl EntrySpan {
+    fn end(&self) -> usize {
+        self.key_start + self.key_len + self.value_len
+    }
+}
+
 impl Collector {
     fn new(is_leaf: bool, compacting: bool, config: &NodeConfig) -> Self {
+        let threshold = if is_leaf {
+            config.leaf_threshold
+        } else {
+            config.interior_threshold
+        };
+        // A node is cut just past the threshold: room for that and one more
+        // entry of typical size without growing.
+        let mut encoded = Vec::with_capacity(threshold + threshold / 2);
+        encoded.push(if is_leaf { LEAF } else { INTERIOR });
         Self {
             is_leaf,
             compacting,
-            threshold: if is_leaf {
-                config.leaf_threshold
-            } else {
-                config.interior_threshold
-            },
-            items: Vec::new(),
-            node_len: 0,
+            threshold,
+            encoded,
+            spans: Vec::new(),
             written: Vec::new(),
         }
     }
@@ -107,84 +134,109 @@ impl Collector {
         self.threshold * 2 / 3
     }
 
+    /// Entries collected.
+    fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// Bytes of the collected entries, as couchstore counts a node's size.
+    fn node_len(&self) -> usize {
+        self.encoded.len() - 1
+    }
+
+    /// Key and value of collected entry `i`.
+    fn entry(&self, i: usize) -> (&[u8], &[u8]) {
+        let span = self.spans[i];
+        let value_start = span.key_start + span.key_len;
+        (
+            &self.encoded[span.key_start..value_start],
+            &self.encoded[value_start..span.end()],
+        )
+    }
+
     fn push<O: TreeOps + ?Sized>(
         &mut self,
         ops: &O,
         w: &mut FileWriter,
-        key: Vec<u8>,
-        value: Vec<u8>,
+        key: &[u8],
+        value: &[u8],
     ) -> Result<()> {
-        self.node_len += 5 + key.len() + value.len();
-        self.items.push((key, value));
-        if self.compacting {
-            if self.node_len > self.quota() && (self.is_leaf || self.items.len() > 1) {
-                self.flush(ops, w, self.items.len())?;
-            }
-        } else if self.items.len() > 3 && self.node_len > self.threshold {
-            // Write the first items up to two thirds of the threshold (an
-            // interior node at least two), keep the rest for the next node.
-            let quota = self.quota();
-            let mut len = 0;
-            let mut n = 0;
-            for (k, v) in &self.items {
-                len += 5 + k.len() + v.len();
-                n += 1;
-                if len >= quota && (self.is_leaf || n >= 2) {
-                    break;
-                }
-            }
-            self.flush(ops, w, n)?;
-        }
-        Ok(())
+        self.encoded
+            .extend_from_slice(&encode_kv_length(key.len(), value.len())?);
+        let key_start = self.encoded.len();
+        self.encoded.extend_from_slice(key);
+        self.encoded.extend_from_slice(value);
+        self.spans.push(EntrySpan {
+            key_start,
+            key_len: key.len(),
+            value_len: value.len(),
+        });
+        self.cut_if_full(ops, w)
     }
 
     fn push_pointer<O: TreeOps + ?Sized>(
         &mut self,
         ops: &O,
         w: &mut FileWriter,
-        key: Vec<u8>,
+        key: &[u8],
         pointer: &NodePointer,
     ) -> Result<()> {
-        let mut value = Vec::with_capacity(14 + pointer.reduce.len());
-        pointer.encode_kp_value(&mut value)?;
-        self.push(ops, w, key, value)
+        let value_len = 14 + pointer.reduce.len();
+        self.encoded
+            .extend_from_slice(&encode_kv_length(key.len(), value_len)?);
+        let key_start = self.encoded.len();
+        self.encoded.extend_from_slice(key);
+        pointer.encode_kp_value(&mut self.encoded)?;
+        self.spans.push(EntrySpan {
+            key_start,
+            key_len: key.len(),
+            value_len,
+        });
+        self.cut_if_full(ops, w)
     }
 
-    /// Writes the first `n` queued items as one node.
+    /// Writes a node if the entries collected are over the size rules.
+    fn cut_if_full<O: TreeOps + ?Sized>(&mut self, ops: &O, w: &mut FileWriter) -> Result<()> {
+        if self.compacting {
+            if self.node_len() > self.quota() && (self.is_leaf || self.len() > 1) {
+                self.flush(ops, w, self.len())?;
+            }
+        } else if self.len() > 3 && self.node_len() > self.threshold {
+            // Write the first entries up to two thirds of the threshold (an
+            // interior node at least two), keep the rest for the next node.
+            let quota = self.quota();
+            // Entries 0..=i hold `span.end() - 1` bytes (after the type byte).
+            let min_entries = if self.is_leaf { 1 } else { 2 };
+            let n = self
+                .spans
+                .iter()
+                .enumerate()
+                .position(|(i, span)| span.end() > quota && i + 1 >= min_entries)
+                .map_or(self.len(), |i| i + 1);
+            self.flush(ops, w, n)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the first `n` collected entries as one node.
     fn flush<O: TreeOps + ?Sized>(&mut self, ops: &O, w: &mut FileWriter, n: usize) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        let rest = self.items.split_off(n);
-        let items = std::mem::replace(&mut self.items, rest);
-        let len: usize = items.iter().map(|(k, v)| 5 + k.len() + v.len()).sum();
-        self.node_len -= len;
-        let bytes = encode_node(
-            self.is_leaf,
-            items.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
-            len,
-        )?;
         let (reduce, children_size) = if self.is_leaf {
-            (
-                ops.reduce(&mut items.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))?,
-                0,
-            )
+            (ops.reduce(&mut (0..n).map(|i| self.entry(i)))?, 0)
         } else {
-            let children: Vec<NodePointer> = items
-                .iter()
-                .map(|(_, v)| NodePointer::decode_kp_value(v))
+            let children: Vec<NodePointerRef<'_>> = (0..n)
+                .map(|i| NodePointerRef::decode_kp_value(self.entry(i).1))
                 .collect::<couchfile::Result<_>>()?;
             (
-                ops.rereduce(&mut children.iter().map(|c| c.reduce.as_slice()))?,
+                ops.rereduce(&mut children.iter().map(|c| c.reduce))?,
                 children.iter().map(|c| c.subtree_size).sum(),
             )
         };
-        let pos = w.append_compressed_chunk(&bytes)?;
-        let last_key = items
-            .into_iter()
-            .next_back()
-            .map(|(k, _)| k)
-            .unwrap_or_default();
+        let end = self.spans[n - 1].end();
+        let pos = w.append_cached_chunk(&self.encoded[..end])?;
+        let last_key = self.entry(n - 1).0.to_vec();
         self.written.push((
             last_key,
             NodePointer {
@@ -193,16 +245,23 @@ impl Collector {
                 reduce,
             },
         ));
+        // Keep the type byte and the entries after the node.
+        self.encoded.drain(1..end);
+        self.spans.drain(..n);
+        for span in &mut self.spans {
+            span.key_start -= end - 1;
+        }
         Ok(())
     }
 
-    /// Writes everything queued and returns the pointers of every node written.
+    /// Writes everything collected and returns the pointers of every node
+    /// written.
     fn finish<O: TreeOps + ?Sized>(
         mut self,
         ops: &O,
         w: &mut FileWriter,
     ) -> Result<Vec<(Vec<u8>, NodePointer)>> {
-        self.flush(ops, w, self.items.len())?;
+        self.flush(ops, w, self.len())?;
         Ok(self.written)
     }
 }
@@ -316,8 +375,8 @@ impl<O: TreeOps> BTree<O> {
     ) -> Result<Option<NodePointer>> {
         while pointers.len() > 1 {
             let mut level = Collector::new(false, compacting, &self.config);
-            for (key, p) in pointers {
-                level.push_pointer(&self.ops, writer, key, &p)?;
+            for (key, p) in &pointers {
+                level.push_pointer(&self.ops, writer, key, p)?;
             }
             pointers = level.finish(&self.ops, writer)?;
         }
@@ -368,16 +427,11 @@ impl<O: TreeOps> BTree<O> {
         for i in 0..node.len() {
             match results.next_if(|(j, _)| *j == i) {
                 Some((_, Outcome::Replaced(pointers))) => {
-                    for (key, p) in pointers {
-                        out.push_pointer(&self.ops, writer, key, &p)?;
+                    for (key, p) in &pointers {
+                        out.push_pointer(&self.ops, writer, key, p)?;
                     }
                 }
-                _ => out.push(
-                    &self.ops,
-                    writer,
-                    node.key(i).to_vec(),
-                    node.value(i).to_vec(),
-                )?,
+                _ => out.push(&self.ops, writer, node.key(i), node.value(i))?,
             }
         }
         Ok(Outcome::Replaced(out.finish(&self.ops, writer)?))
@@ -430,7 +484,7 @@ impl<O: TreeOps> BTree<O> {
         }
         let mut out = Collector::new(true, false, &self.config);
         for (k, v) in merged {
-            out.push(&self.ops, writer, k.to_vec(), v.to_vec())?;
+            out.push(&self.ops, writer, k, v)?;
         }
         Ok(Outcome::Replaced(out.finish(&self.ops, writer)?))
     }
@@ -669,8 +723,14 @@ impl<O: TreeOps> Builder<'_, O> {
                 });
             }
         }
-        self.last_key = Some(key.to_vec());
-        self.levels[0].push(&self.tree.ops, writer, key.to_vec(), value.to_vec())?;
+        match &mut self.last_key {
+            Some(last) => {
+                last.clear();
+                last.extend_from_slice(key);
+            }
+            None => self.last_key = Some(key.to_vec()),
+        }
+        self.levels[0].push(&self.tree.ops, writer, key, value)?;
         self.promote(writer, 0)
     }
 
@@ -684,8 +744,8 @@ impl<O: TreeOps> Builder<'_, O> {
             self.levels
                 .push(Collector::new(false, true, &self.tree.config));
         }
-        for (key, p) in written {
-            self.levels[level + 1].push_pointer(&self.tree.ops, writer, key, &p)?;
+        for (key, p) in &written {
+            self.levels[level + 1].push_pointer(&self.tree.ops, writer, key, p)?;
         }
         self.promote(writer, level + 1)
     }
@@ -694,7 +754,7 @@ impl<O: TreeOps> Builder<'_, O> {
     pub fn finish(mut self, writer: &mut FileWriter) -> Result<Option<NodePointer>> {
         let mut level = 0;
         while level < self.levels.len() {
-            let n = self.levels[level].items.len();
+            let n = self.levels[level].len();
             self.levels[level].flush(&self.tree.ops, writer, n)?;
             let is_top = level + 1 == self.levels.len();
             if is_top {

@@ -174,11 +174,31 @@ impl NodePointer {
 
     /// Decodes an interior-node value; the slice must be exactly one pointer.
     pub fn decode_kp_value(bytes: &[u8]) -> Result<Self> {
+        Ok(NodePointerRef::decode_kp_value(bytes)?.to_owned())
+    }
+}
+
+/// A [`NodePointer`] borrowing its reduce from the bytes it was decoded
+/// from: what a walk over an interior node's entries reads without
+/// allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodePointerRef<'a> {
+    /// Stored offset of the node's chunk.
+    pub pointer: u64,
+    /// Disk size of the node and all its descendants.
+    pub subtree_size: u64,
+    /// The subtree's reduce value.
+    pub reduce: &'a [u8],
+}
+
+impl<'a> NodePointerRef<'a> {
+    /// Decodes an interior-node value; the slice must be exactly one pointer.
+    pub fn decode_kp_value(bytes: &'a [u8]) -> Result<Self> {
         let mut r = Reader::new(bytes, "node pointer");
         let pointer = r.uint(6)?;
         let subtree_size = r.uint(6)?;
         let reduce_len = r.uint(2)? as usize;
-        let reduce = r.take(reduce_len)?.to_vec();
+        let reduce = r.take(reduce_len)?;
         if !r.rest().is_empty() {
             return Err(Error::malformed(
                 "node pointer",
@@ -190,6 +210,15 @@ impl NodePointer {
             subtree_size,
             reduce,
         })
+    }
+
+    /// The owned pointer.
+    pub fn to_owned(&self) -> NodePointer {
+        NodePointer {
+            pointer: self.pointer,
+            subtree_size: self.subtree_size,
+            reduce: self.reduce.to_vec(),
+        }
     }
 }
 

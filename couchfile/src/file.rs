@@ -3,6 +3,7 @@
 
 use crate::backend::Backend;
 use crate::block::{add_prefixes, align_up, physical_len, strip_prefixes, BlockType, BLOCK_SIZE};
+use crate::cache::{CacheId, ChunkCache};
 use crate::codec::{DbHeader, CURRENT_DISK_VERSION, OLDEST_DISK_VERSION};
 use crate::crc::CrcKind;
 use crate::error::{Error, IoOp, Result};
@@ -59,6 +60,10 @@ struct Shared {
     path: PathBuf,
     /// The file length as last seen; grows as the writer flushes.
     known_len: AtomicU64,
+    /// Where decompressed chunks read or written through the cache go.
+    cache: Option<Arc<ChunkCache>>,
+    /// This file's contents in `cache`.
+    cache_id: CacheId,
 }
 
 /// Read access to a couchstore file: chunks, compressed chunks and headers.
@@ -84,9 +89,42 @@ impl CouchFile {
                 backend,
                 path,
                 known_len: AtomicU64::new(len),
+                cache: None,
+                cache_id: CacheId::new(),
             }),
             crc: CrcKind::Crc32c,
         })
+    }
+
+    /// This file reading and writing its cached chunks through `cache`
+    /// (which any number of files can share). Only for a new handle: clones
+    /// made before keep reading without it.
+    pub fn with_cache(self, cache: Arc<ChunkCache>) -> Self {
+        self.share(self.shared.path.clone(), Some(cache))
+    }
+
+    /// A handle on the same file under another name, after a rename: the
+    /// same backend and cached chunks, with `path` in errors.
+    pub fn renamed(&self, path: impl Into<PathBuf>) -> Self {
+        self.share(path.into(), self.shared.cache.clone())
+    }
+
+    fn share(&self, path: PathBuf, cache: Option<Arc<ChunkCache>>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                backend: Arc::clone(&self.shared.backend),
+                path,
+                known_len: AtomicU64::new(self.shared.known_len.load(Ordering::Acquire)),
+                cache,
+                cache_id: self.shared.cache_id.copy(),
+            }),
+            crc: self.crc,
+        }
+    }
+
+    /// The chunk cache, if the file has one.
+    pub fn cache(&self) -> Option<&Arc<ChunkCache>> {
+        self.shared.cache.as_ref()
     }
 
     /// Opens a real file read-only.
@@ -296,6 +334,22 @@ impl CouchFile {
     pub fn read_compressed_chunk(&self, offset: u64) -> Result<Vec<u8>> {
         let compressed = self.read_chunk(offset)?;
         decompress(&compressed).map_err(|e| e.located(self.path(), offset))
+    }
+
+    /// [`CouchFile::read_compressed_chunk`] through the file's
+    /// [`ChunkCache`]: from the cache when it holds the chunk, else read,
+    /// checked, decompressed and cached. Without a cache, a plain read.
+    pub fn read_cached_chunk(&self, offset: u64) -> Result<Arc<[u8]>> {
+        let Some(cache) = &self.shared.cache else {
+            return Ok(self.read_compressed_chunk(offset)?.into());
+        };
+        let id = self.shared.cache_id.get();
+        if let Some(chunk) = cache.get(id, offset) {
+            return Ok(chunk);
+        }
+        let chunk: Arc<[u8]> = self.read_compressed_chunk(offset)?.into();
+        cache.insert(id, offset, Arc::clone(&chunk));
+        Ok(chunk)
     }
 
     /// Reads and decodes the header whose block starts at `offset`, checking
@@ -632,6 +686,17 @@ impl FileWriter {
         self.append_chunk(&compress(data))
     }
 
+    /// [`FileWriter::append_compressed_chunk`], also putting `data` in the
+    /// file's [`ChunkCache`] (if it has one) for
+    /// [`CouchFile::read_cached_chunk`].
+    pub fn append_cached_chunk(&mut self, data: &[u8]) -> Result<ChunkPos> {
+        let pos = self.append_compressed_chunk(data)?;
+        if let Some(cache) = &self.file.shared.cache {
+            cache.insert(self.file.shared.cache_id.get(), pos.offset, data.into());
+        }
+        Ok(pos)
+    }
+
     /// Writes the buffered bytes to the backend (without syncing).
     pub fn flush(&mut self) -> Result<()> {
         if self.buffer.is_empty() {
@@ -713,6 +778,8 @@ impl FileWriter {
     /// partial tail) and continues appending there.
     pub fn truncate(&mut self, len: u64) -> Result<()> {
         self.buffer.clear();
+        // Chunks may now be written where cached ones were: forget them all.
+        self.file.shared.cache_id.renew();
         self.file
             .shared
             .backend

@@ -4,7 +4,9 @@
 //! chunks, header chunks with couchstore's two-phase commit, finding the last
 //! valid header on open (normal and recovery mode) and walking older and newer
 //! headers, and the codecs of the structures stored in chunks: the database
-//! header, node pointers, by-id and by-seq values and kv-engine's rev_meta.
+//! header, node pointers, by-id and by-seq values and kv-engine's rev_meta,
+//! and a bounded cache of decompressed chunks that files can share
+//! ([`ChunkCache`], where the `btree` crate keeps nodes).
 //! All I/O goes through the small [`Backend`] trait, implemented for real
 //! files ([`FileBackend`]), memory ([`MemBackend`]) and fault injection
 //! ([`FaultyBackend`]: crashes at the N-th write or sync, torn tails, ENOSPC,
@@ -39,6 +41,7 @@
 
 mod backend;
 pub mod block;
+mod cache;
 mod codec;
 mod crc;
 mod dir;
@@ -49,11 +52,12 @@ pub mod fuzzing;
 
 pub use backend::{sync_directory, Backend, FileBackend, MemBackend};
 pub use block::{BlockType, BLOCK_SIZE};
+pub use cache::ChunkCache;
 pub use codec::{
     decode_kv_length, decode_seq_key, decode_u48, encode_kv_length, encode_seq_key, encode_u48,
-    DbHeader, DocInfo, NodePointer, RevMeta, RevMetaTail, RevMetaV1, CONTENT_META_COMPRESSED,
-    CURRENT_DISK_VERSION, MAX_BODY_OFFSET, MAX_KEY_LEN, MAX_U48, MAX_VALUE_LEN, NO_PREV_HEADER_POS,
-    OLDEST_DISK_VERSION,
+    DbHeader, DocInfo, NodePointer, NodePointerRef, RevMeta, RevMetaTail, RevMetaV1,
+    CONTENT_META_COMPRESSED, CURRENT_DISK_VERSION, MAX_BODY_OFFSET, MAX_KEY_LEN, MAX_U48,
+    MAX_VALUE_LEN, NO_PREV_HEADER_POS, OLDEST_DISK_VERSION,
 };
 pub use crc::CrcKind;
 pub use dir::{Directory, FaultyDirectory, NameTail, OsDirectory};

@@ -5,7 +5,7 @@
 //! file to the next revision and switch to it.
 
 use crate::error::{Error, Result};
-use crate::files::{compact_name, revision_name};
+use crate::files::{self, compact_name, revision_name};
 use crate::vbucket::VBucket;
 use btree::Db;
 use compactor::{copy_snapshot, replay, CompactionConfig, Control, CopyStats, Hooks, NoHooks};
@@ -262,10 +262,10 @@ impl VBucket {
             name: name.clone(),
             armed: true,
         };
-        let target = FileWriter::create_without_header(CouchFile::new(
-            Arc::clone(&backend),
-            dir.path().join(&name),
-        )?)?;
+        let target = FileWriter::create_without_header(files::with_cache(
+            CouchFile::new(backend, dir.path().join(&name))?,
+            &shared.options,
+        ))?;
         let (mut db, copy) = copy_snapshot(
             &source,
             target,
@@ -393,7 +393,8 @@ impl VBucket {
         // Everything that can fail before the rename happens before it, so
         // that once the new revision has its name the switch cannot fail.
         let new_name = revision_name(vbid, new_revision);
-        let mut final_file = CouchFile::new(backend, dir.path().join(&new_name))?;
+        // The same file under its new name, keeping the nodes it cached.
+        let mut final_file = db.writer_mut().file().renamed(dir.path().join(&new_name));
         final_file.set_crc(CrcKind::for_version(CURRENT_DISK_VERSION));
         let new_db = Db::from_writer(
             FileWriter::new(final_file)?,

@@ -3,10 +3,12 @@
 //! of the vbucket is removed.
 
 use crate::error::{Error, Result};
+use crate::vbucket::VbOptions;
 use btree::{Db, DbOptions};
 use couchfile::{CouchFile, CrcKind, Directory, FileWriter, LocatedHeader};
 use flusher::Vbid;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// Name of revision `rev` of vbucket `vbid`.
 pub fn revision_name(vbid: Vbid, rev: u64) -> String {
@@ -78,11 +80,21 @@ fn last_header(file: &CouchFile, options: &DbOptions) -> Result<Option<LocatedHe
     }
 }
 
-/// Opens a file of `dir` as a [`CouchFile`] named by its path.
-pub(crate) fn open_file(dir: &dyn Directory, name: &str) -> Result<CouchFile> {
+/// Opens a file of `dir` as a [`CouchFile`] named by its path, reading its
+/// nodes through the store's node cache.
+pub(crate) fn open_file(dir: &dyn Directory, name: &str, options: &VbOptions) -> Result<CouchFile> {
     let path = dir.path().join(name);
     let backend = dir.open(name).map_err(|e| Error::io(&path, "open", e))?;
-    Ok(CouchFile::new(backend, path)?)
+    Ok(with_cache(CouchFile::new(backend, path)?, options))
+}
+
+/// `file` reading and writing its nodes through the store's node cache, if
+/// it has one.
+pub(crate) fn with_cache(file: CouchFile, options: &VbOptions) -> CouchFile {
+    match &options.node_cache {
+        Some(cache) => file.with_cache(Arc::clone(cache)),
+        None => file,
+    }
 }
 
 /// Opens the newest complete revision of `vbid` (creating revision 1 when
@@ -90,8 +102,9 @@ pub(crate) fn open_file(dir: &dyn Directory, name: &str) -> Result<CouchFile> {
 pub(crate) fn open_newest_revision(
     dir: &dyn Directory,
     vbid: Vbid,
-    options: &DbOptions,
+    vb_options: &VbOptions,
 ) -> Result<OpenedRevision> {
+    let options = &vb_options.db;
     let _span = tracing::info_span!("recovery", vbid).entered();
     let names = dir.list().map_err(|e| Error::io(dir.path(), "list", e))?;
     let mut files: Vec<(VbFile, &String)> = names
@@ -111,7 +124,7 @@ pub(crate) fn open_newest_revision(
     revisions.sort_unstable_by(|a, b| b.cmp(a));
     let mut chosen = None;
     for rev in revisions {
-        let mut file = open_file(dir, &revision_name(vbid, rev))?;
+        let mut file = open_file(dir, &revision_name(vbid, rev), vb_options)?;
         if file.len()? == 0 {
             tracing::info!(vbid, rev, "revision is empty: incomplete");
             continue;
@@ -147,7 +160,10 @@ pub(crate) fn open_newest_revision(
             let backend = dir
                 .create(&name)
                 .map_err(|e| Error::io(&path, "create", e))?;
-            let db = Db::open(CouchFile::new(backend, path)?, options)?;
+            let db = Db::open(
+                with_cache(CouchFile::new(backend, path)?, vb_options),
+                options,
+            )?;
             tracing::info!(vbid, "created revision 1");
             OpenedRevision { revision: 1, db }
         }

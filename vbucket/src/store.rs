@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::files;
 use crate::vbucket::{CommitObserver, VBucket, VBucketStats, VbOptions, VbTarget};
 use btree::{DbOptions, NodeConfig};
-use couchfile::{Directory, OpenMode, OsDirectory};
+use couchfile::{ChunkCache, Directory, OpenMode, OsDirectory};
 use flusher::{FlushStats, Flusher, FlusherConfig, LatencyHistogram, Vbid};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -165,6 +165,15 @@ pub struct StoreConfig {
     pub auto_compaction: Option<AutoCompaction>,
     /// Told of every flush-batch commit of every vbucket (metrics, charts).
     pub on_commit: Option<CommitObserver>,
+    /// Bytes of decompressed B-tree nodes kept in memory, shared by all the
+    /// vbuckets' files (0, the default: none). With a cache, a node is read
+    /// from disk, checked and decompressed once rather than on each use, and
+    /// the nodes a commit writes go in as they are written. Measured on
+    /// `bench peers` (200,000 keys, 64 MiB): point reads 2.3x faster, but
+    /// durable batch commits about 12% slower, since the commit path's reads
+    /// are already served by the OS page cache about as fast as the cache's
+    /// own upkeep costs. Worth it for a read-heavy vbucket.
+    pub node_cache_bytes: u64,
 }
 
 impl fmt::Debug for StoreConfig {
@@ -176,6 +185,7 @@ impl fmt::Debug for StoreConfig {
             .field("open_mode", &self.open_mode)
             .field("auto_compaction", &self.auto_compaction)
             .field("on_commit", &self.on_commit.as_ref().map(|_| "Fn"))
+            .field("node_cache_bytes", &self.node_cache_bytes)
             .finish()
     }
 }
@@ -189,6 +199,7 @@ impl Default for StoreConfig {
             open_mode: OpenMode::Normal,
             auto_compaction: None,
             on_commit: None,
+            node_cache_bytes: 0,
         }
     }
 }
@@ -232,6 +243,9 @@ pub struct StoreTotals {
 pub struct Store {
     dir: Arc<dyn Directory>,
     config: StoreConfig,
+    /// The node cache every vbucket's files share (`None` when configured
+    /// to 0 bytes).
+    node_cache: Option<Arc<ChunkCache>>,
     vbuckets: VbucketMap,
     auto: Mutex<AutoState>,
     outcomes: Arc<Outcomes>,
@@ -254,6 +268,8 @@ impl Store {
         let _span = tracing::info_span!("open_store", dir = %dir.path().display()).entered();
         let store = Self {
             flusher: Flusher::new(config.flusher.clone())?,
+            node_cache: (config.node_cache_bytes > 0)
+                .then(|| Arc::new(ChunkCache::new(config.node_cache_bytes))),
             dir,
             config,
             vbuckets: Arc::new(RwLock::new(BTreeMap::new())),
@@ -289,6 +305,12 @@ impl Store {
         &self.config
     }
 
+    /// The node cache the vbuckets' files share (`None` when configured to
+    /// 0 bytes), for its size and hit counts.
+    pub fn node_cache(&self) -> Option<&Arc<ChunkCache>> {
+        self.node_cache.as_ref()
+    }
+
     fn vb_options(&self) -> VbOptions {
         VbOptions {
             db: DbOptions {
@@ -296,6 +318,7 @@ impl Store {
                 nodes: self.config.nodes,
                 ..DbOptions::default()
             },
+            node_cache: self.node_cache.clone(),
             compress_bodies: self.config.compress_bodies,
             write_timeout: self.config.flusher.backpressure_timeout,
         }

@@ -8,7 +8,9 @@ use crate::item::{Document, Item, ItemMeta, Mutation, QueuedItem};
 use crate::snapshot::ReadSnapshot;
 use crate::vbstate::{VbState, VbucketState, VBSTATE_ID};
 use btree::{Db, DbOptions, LocalUpdate, Snapshot};
-use couchfile::{CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, MAX_KEY_LEN};
+use couchfile::{
+    ChunkCache, CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, MAX_KEY_LEN,
+};
 use flusher::{
     Batch, Committed, FlushStats, FlushTarget, Flusher, LatencyHistogram, VbQueue, Vbid,
 };
@@ -52,9 +54,11 @@ struct CommitLatencies {
 }
 
 /// How a vbucket writes its file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct VbOptions {
     pub(crate) db: DbOptions,
+    /// The store's node cache, shared by every vbucket's files.
+    pub(crate) node_cache: Option<Arc<ChunkCache>>,
     pub(crate) compress_bodies: bool,
     /// How long a writer waits for room in a full queue.
     pub(crate) write_timeout: Duration,
@@ -241,7 +245,7 @@ impl Writer {
     fn recover(&mut self, shared: &Shared) -> Result<()> {
         let _span = tracing::info_span!("recovery", vbid = shared.vbid).entered();
         let name = revision_name(shared.vbid, self.revision);
-        let mut file = files::open_file(&*shared.dir, &name)?;
+        let mut file = files::open_file(&*shared.dir, &name, &shared.options)?;
         let committed = self.db.committed().header.update_seq;
         let header = match file.find_last_header(shared.options.db.mode) {
             Ok(Some(header)) if header.header.update_seq >= committed => header,
@@ -405,7 +409,7 @@ impl VBucket {
         on_commit: Option<CommitObserver>,
         flusher: &Flusher<VbTarget>,
     ) -> Result<Self> {
-        let opened = files::open_newest_revision(&*dir, vbid, &options.db)?;
+        let opened = files::open_newest_revision(&*dir, vbid, &options)?;
         let snapshot = ReadSnapshot::new(vbid, opened.revision, opened.db.snapshot());
         let stored_vbstate = snapshot.vbstate()?;
         let header = opened.db.committed().clone();

@@ -56,6 +56,9 @@ fn config() -> StoreConfig {
             leaf_threshold: 600,
             interior_threshold: 300,
         },
+        // A small node cache: recovery after failed commits and the
+        // switch to a compacted file must never serve a stale node.
+        node_cache_bytes: 1 << 20,
         ..StoreConfig::default()
     }
 }

@@ -82,6 +82,9 @@ fn config() -> StoreConfig {
             leaf_threshold: 400,
             interior_threshold: 200,
         },
+        // A small node cache: recovery after failed commits and the
+        // switch to a compacted file must never serve a stale node.
+        node_cache_bytes: 256 << 10,
         ..StoreConfig::default()
     }
 }

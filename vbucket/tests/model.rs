@@ -587,6 +587,9 @@ fn store_config(case: &Case) -> StoreConfig {
         } else {
             NodeConfig::default()
         },
+        // Small nodes run with a tiny node cache (always evicting), the
+        // defaults without one.
+        node_cache_bytes: if case.small_nodes { 64 << 10 } else { 0 },
         ..StoreConfig::default()
     }
 }

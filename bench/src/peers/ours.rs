@@ -102,6 +102,14 @@ impl Engine for Ours {
             commit.p50.as_secs_f64() * 1e3,
             commit.p99.as_secs_f64() * 1e3,
         );
+        if let Some(cache) = self.store.node_cache() {
+            let (hits, misses) = cache.hits_and_misses();
+            notes.push_str(&format!(
+                "; node cache: {hits} hits, {misses} misses, {:.1} of {:.1} MiB",
+                cache.used() as f64 / (1024.0 * 1024.0),
+                cache.capacity() as f64 / (1024.0 * 1024.0)
+            ));
+        }
         if let Some(report) = self.report.lock().ok()?.as_ref() {
             let unlocked: Duration = report.rounds.iter().map(|r| r.duration).sum();
             let slipped: Duration = report
