@@ -41,8 +41,39 @@ const MAX_NAME_ATTEMPTS: u32 = 1 << 16;
 /// A key and its value.
 type Pair = (Vec<u8>, Vec<u8>);
 
+#[cfg(test)]
 fn by_key(a: &Pair, b: &Pair) -> Ordering {
     a.0.cmp(&b.0)
+}
+
+/// The first 8 bytes of `key`, big-endian, zero-padded: ordered as the keys
+/// are, except that different keys may tie.
+fn key_prefix(key: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    let n = key.len().min(8);
+    bytes[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(bytes)
+}
+
+/// Sorts pairs by key. Comparing keys in place follows two pointers per
+/// comparison to bytes scattered over the heap; this sorts (key prefix,
+/// position) entries that sit together in memory instead, and reads the
+/// keys only to break a tie, then moves the pairs into that order. In
+/// `couchtool compact` of 200,000 random 16-byte keys (perf, one run each)
+/// the sort went from 21% of the samples to 5.5%.
+fn sort_pairs(pairs: &mut Vec<Pair>) {
+    let mut order: Vec<(u64, usize)> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| (key_prefix(key), i))
+        .collect();
+    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| pairs[a.1].0.cmp(&pairs[b.1].0)));
+    let mut sorted = Vec::with_capacity(pairs.len());
+    for (_, i) in order {
+        // Each position comes once: `take` leaves two empty vectors behind.
+        sorted.push(std::mem::take(&mut pairs[i]));
+    }
+    *pairs = sorted;
 }
 
 /// A length as stored in a run record.
@@ -202,7 +233,7 @@ impl<'d> ExternalSorter<'d> {
             mut files,
             ..
         } = self;
-        pending.sort_unstable_by(by_key);
+        sort_pairs(&mut pending);
         if runs.is_empty() {
             return Ok(SortedEntries {
                 state: State::Memory(pending.into_iter()),
@@ -233,7 +264,7 @@ impl<'d> ExternalSorter<'d> {
 
     /// Sorts the buffered pairs and writes them as a new run.
     fn spill(&mut self) -> Result<()> {
-        self.pending.sort_unstable_by(by_key);
+        sort_pairs(&mut self.pending);
         let (name, backend) = self.create_run()?;
         let io_err = |e| Error::io(self.dir.path().join(&name), "write sort run", e);
         let total: usize = self
@@ -633,6 +664,30 @@ mod tests {
         let mut expected = pairs.to_vec();
         expected.sort_by(by_key);
         (sorter, expected)
+    }
+
+    #[test]
+    fn keys_that_share_their_first_eight_bytes_or_are_shorter_sort_by_all_bytes() {
+        let keys: Vec<&[u8]> = vec![
+            b"prefix__b",
+            b"prefix__",
+            b"prefix__a",
+            b"pre",
+            b"",
+            b"pre\0",
+            b"prefix__\0",
+            b"prefix_",
+            b"\xff",
+        ];
+        let mut pairs: Vec<Pair> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.to_vec(), vec![i as u8]))
+            .collect();
+        let mut expected = pairs.clone();
+        expected.sort_by(by_key);
+        sort_pairs(&mut pairs);
+        assert_eq!(pairs, expected);
     }
 
     #[test]
