@@ -1,5 +1,7 @@
 //! The peers comparison, `bench peers`: one durable batch workload against
-//! this project and, when built with the `peers` feature, against redb, sled,
+//! this project (`ours`, and `ours-cached` with a node cache, whose ratios to
+//! `ours` show what the cache changes; neither counts as a peer) and, when
+//! built with the `peers` feature, against redb, sled,
 //! fjall, nebari and heed (LMDB), with RocksDB behind its own `rocksdb`
 //! feature (its C++ build is slow). Without features only this project runs.
 //!
@@ -162,10 +164,15 @@ pub struct EngineSpec {
     pub open: fn(&Path) -> Result<Box<dyn Engine>, BoxError>,
 }
 
+/// True for this project's own engines (not peers of the target).
+fn is_ours(name: &str) -> bool {
+    name == ours::SPEC.name || name == ours::SPEC_CACHED.name
+}
+
 /// The engines this binary was built with, this project first.
 fn built_in() -> Vec<EngineSpec> {
     #[allow(unused_mut)]
-    let mut engines = vec![ours::SPEC];
+    let mut engines = vec![ours::SPEC, ours::SPEC_CACHED];
     #[cfg(feature = "redb")]
     engines.push(self::redb::SPEC);
     #[cfg(feature = "sled")]
@@ -679,7 +686,7 @@ pub fn main(args: &Args) -> Result<bool, BoxError> {
     if let Some(ours) = outcomes.first() {
         let fastest_peer = outcomes
             .iter()
-            .skip(1)
+            .filter(|o| !is_ours(o.name))
             .max_by(|a, b| a.commits_per_sec().total_cmp(&b.commits_per_sec()));
         if let Some(peer) = fastest_peer {
             println!(

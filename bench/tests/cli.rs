@@ -115,3 +115,43 @@ fn a_non_empty_data_directory_is_refused() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not empty"));
 }
+
+#[test]
+fn a_small_peers_run_reads_every_value_back_with_and_without_the_node_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = path(dir.path(), "peers.json");
+    let output = bench(&[
+        "peers",
+        "--keys",
+        "3000",
+        "--batch",
+        "100",
+        "--engines",
+        "ours-cached",
+        "--no-disk-baseline",
+        "--dir",
+        &path(dir.path(), "data"),
+        "--out",
+        &json,
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for engine in ["ours", "ours-cached"] {
+        assert!(
+            stdout.contains(&format!("{engine}: reopen")),
+            "no read-back line for {engine}:\n{stdout}"
+        );
+    }
+    assert_eq!(
+        stdout.matches("read-back of 3000 keys").count(),
+        2,
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let engines = report["engines"].as_array().expect("an engines array");
+    let names: Vec<&str> = engines.iter().filter_map(|e| e["name"].as_str()).collect();
+    assert_eq!(names, ["ours", "ours-cached"]);
+    for engine in engines {
+        assert_eq!(engine["mismatches"], 0, "{engine}");
+    }
+}

@@ -1,6 +1,7 @@
 //! This project: a [`Store`] with one vbucket (vbid 0) in the engine's
 //! directory, default configuration but for the flusher's group commit
-//! (`gather_max`, off by default). A durable commit of a batch is a `set`
+//! (`gather_max`, off by default); `ours-cached` is the same with a 64 MiB
+//! node cache (`StoreConfig::node_cache_bytes`, off by default). A durable commit of a batch is a `set`
 //! of each item followed by `wait_persisted` of the last seqno (with the
 //! group commit, one file commit per batch); compaction is
 //! [`VBucket::compact`] with the default options (concurrent with the
@@ -23,6 +24,15 @@ const PERSIST_TIMEOUT: Duration = Duration::from_secs(300);
 /// The engine of the report.
 pub const SPEC: EngineSpec = EngineSpec { name: "ours", open };
 
+/// The same with a node cache, to show what the cache changes.
+pub const SPEC_CACHED: EngineSpec = EngineSpec {
+    name: "ours-cached",
+    open: open_cached,
+};
+
+/// The node cache of `ours-cached`.
+const NODE_CACHE_BYTES: u64 = 64 << 20;
+
 /// An open store and its one vbucket.
 struct Ours {
     /// The store.
@@ -37,6 +47,15 @@ struct Ours {
 
 /// Opens (or creates) the store in `dir` and its vbucket 0.
 fn open(dir: &Path) -> Result<Box<dyn Engine>, BoxError> {
+    open_with_cache(dir, 0)
+}
+
+/// [`open`] with a node cache.
+fn open_cached(dir: &Path) -> Result<Box<dyn Engine>, BoxError> {
+    open_with_cache(dir, NODE_CACHE_BYTES)
+}
+
+fn open_with_cache(dir: &Path, node_cache_bytes: u64) -> Result<Box<dyn Engine>, BoxError> {
     let store = Store::open(
         dir,
         StoreConfig {
@@ -46,6 +65,7 @@ fn open(dir: &Path) -> Result<Box<dyn Engine>, BoxError> {
                 gather_max: GATHER_MAX,
                 ..FlusherConfig::default()
             },
+            node_cache_bytes,
             ..StoreConfig::default()
         },
     )?;
