@@ -2,7 +2,7 @@
 //! (1 = leaf, 0 = interior) and entries `kvlen(5) key value`.
 
 use crate::error::{Error, Result};
-use couchfile::{decode_kv_length, encode_kv_length, CouchFile};
+use couchfile::{decode_kv_length, CouchFile};
 use std::sync::Arc;
 
 /// Type byte of a leaf (key-value) node.
@@ -16,7 +16,7 @@ pub const INTERIOR: u8 = 0;
 pub struct Node {
     /// True for a leaf.
     pub is_leaf: bool,
-    bytes: Arc<[u8]>,
+    bytes: Arc<Vec<u8>>,
     /// (key start, key length, value length) of each entry.
     spans: Vec<(u32, u16, u32)>,
 }
@@ -34,8 +34,8 @@ impl Node {
     }
 
     /// Decodes node bytes (already decompressed).
-    pub fn decode(bytes: impl Into<Arc<[u8]>>) -> std::result::Result<Self, String> {
-        let bytes: Arc<[u8]> = bytes.into();
+    pub fn decode(bytes: impl Into<Arc<Vec<u8>>>) -> std::result::Result<Self, String> {
+        let bytes: Arc<Vec<u8>> = bytes.into();
         let is_leaf = match bytes.first() {
             Some(&LEAF) => true,
             Some(&INTERIOR) => false,
@@ -99,30 +99,20 @@ impl Node {
     }
 }
 
-/// Encodes a node from its entries.
-pub fn encode_node<'a>(
-    is_leaf: bool,
-    entries: impl Iterator<Item = (&'a [u8], &'a [u8])>,
-    size_hint: usize,
-) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(size_hint + 1);
-    out.push(if is_leaf { LEAF } else { INTERIOR });
-    for (k, v) in entries {
-        out.extend_from_slice(&encode_kv_length(k.len(), v.len())?);
-        out.extend_from_slice(k);
-        out.extend_from_slice(v);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use couchfile::encode_kv_length;
 
     #[test]
     fn node_round_trip() {
         let entries: Vec<(&[u8], &[u8])> = vec![(b"a", b"1"), (b"bb", b""), (b"", b"333")];
-        let bytes = encode_node(true, entries.iter().copied(), 32).unwrap();
+        let mut bytes = vec![LEAF];
+        for (k, v) in &entries {
+            bytes.extend_from_slice(&encode_kv_length(k.len(), v.len()).unwrap());
+            bytes.extend_from_slice(k);
+            bytes.extend_from_slice(v);
+        }
         let node = Node::decode(bytes).unwrap();
         assert!(node.is_leaf);
         assert_eq!(node.entries().collect::<Vec<_>>(), entries);

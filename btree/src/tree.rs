@@ -161,17 +161,10 @@ impl Collector {
         key: &[u8],
         value: &[u8],
     ) -> Result<()> {
-        self.encoded
-            .extend_from_slice(&encode_kv_length(key.len(), value.len())?);
-        let key_start = self.encoded.len();
-        self.encoded.extend_from_slice(key);
-        self.encoded.extend_from_slice(value);
-        self.spans.push(EntrySpan {
-            key_start,
-            key_len: key.len(),
-            value_len: value.len(),
-        });
-        self.cut_if_full(ops, w)
+        self.push_entry(ops, w, key, value.len(), |encoded| {
+            encoded.extend_from_slice(value);
+            Ok(())
+        })
     }
 
     fn push_pointer<O: TreeOps + ?Sized>(
@@ -182,11 +175,26 @@ impl Collector {
         pointer: &NodePointer,
     ) -> Result<()> {
         let value_len = 14 + pointer.reduce.len();
+        self.push_entry(ops, w, key, value_len, |encoded| {
+            Ok(pointer.encode_kp_value(encoded)?)
+        })
+    }
+
+    /// Appends an entry whose value of `value_len` bytes `write_value`
+    /// encodes in place, then cuts a node if the level is full.
+    fn push_entry<O: TreeOps + ?Sized>(
+        &mut self,
+        ops: &O,
+        w: &mut FileWriter,
+        key: &[u8],
+        value_len: usize,
+        write_value: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+    ) -> Result<()> {
         self.encoded
             .extend_from_slice(&encode_kv_length(key.len(), value_len)?);
         let key_start = self.encoded.len();
         self.encoded.extend_from_slice(key);
-        pointer.encode_kp_value(&mut self.encoded)?;
+        write_value(&mut self.encoded)?;
         self.spans.push(EntrySpan {
             key_start,
             key_len: key.len(),
@@ -723,13 +731,9 @@ impl<O: TreeOps> Builder<'_, O> {
                 });
             }
         }
-        match &mut self.last_key {
-            Some(last) => {
-                last.clear();
-                last.extend_from_slice(key);
-            }
-            None => self.last_key = Some(key.to_vec()),
-        }
+        let last = self.last_key.get_or_insert_with(Vec::new);
+        last.clear();
+        last.extend_from_slice(key);
         self.levels[0].push(&self.tree.ops, writer, key, value)?;
         self.promote(writer, 0)
     }

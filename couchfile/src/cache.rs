@@ -20,8 +20,8 @@ type ChunkKey = (u64, u64);
 #[derive(Debug, Clone, Copy)]
 struct ByLen;
 
-impl Weighter<ChunkKey, Arc<[u8]>> for ByLen {
-    fn weight(&self, _key: &ChunkKey, value: &Arc<[u8]>) -> u64 {
+impl Weighter<ChunkKey, Arc<Vec<u8>>> for ByLen {
+    fn weight(&self, _key: &ChunkKey, value: &Arc<Vec<u8>>) -> u64 {
         value.len() as u64 + ENTRY_OVERHEAD
     }
 }
@@ -41,7 +41,7 @@ impl Weighter<ChunkKey, Arc<[u8]>> for ByLen {
 /// for [`FileWriter::truncate`](crate::FileWriter::truncate), which gives the
 /// file a new [`CacheId`] so nothing cached before it is found again.
 pub struct ChunkCache {
-    chunks: Cache<ChunkKey, Arc<[u8]>, ByLen>,
+    chunks: Cache<ChunkKey, Arc<Vec<u8>>, ByLen>,
     capacity: u64,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -106,7 +106,7 @@ impl ChunkCache {
         )
     }
 
-    pub(crate) fn get(&self, file: u64, offset: u64) -> Option<Arc<[u8]>> {
+    pub(crate) fn get(&self, file: u64, offset: u64) -> Option<Arc<Vec<u8>>> {
         let found = self.chunks.get(&(file, offset));
         let counter = if found.is_some() {
             &self.hits
@@ -117,7 +117,7 @@ impl ChunkCache {
         found
     }
 
-    pub(crate) fn insert(&self, file: u64, offset: u64, chunk: Arc<[u8]>) {
+    pub(crate) fn insert(&self, file: u64, offset: u64, chunk: Arc<Vec<u8>>) {
         self.chunks.insert((file, offset), chunk);
     }
 }

@@ -339,15 +339,16 @@ impl CouchFile {
     /// [`CouchFile::read_compressed_chunk`] through the file's
     /// [`ChunkCache`]: from the cache when it holds the chunk, else read,
     /// checked, decompressed and cached. Without a cache, a plain read.
-    pub fn read_cached_chunk(&self, offset: u64) -> Result<Arc<[u8]>> {
+    /// The bytes are shared, not copied, whether cached or not.
+    pub fn read_cached_chunk(&self, offset: u64) -> Result<Arc<Vec<u8>>> {
         let Some(cache) = &self.shared.cache else {
-            return Ok(self.read_compressed_chunk(offset)?.into());
+            return Ok(Arc::new(self.read_compressed_chunk(offset)?));
         };
         let id = self.shared.cache_id.get();
         if let Some(chunk) = cache.get(id, offset) {
             return Ok(chunk);
         }
-        let chunk: Arc<[u8]> = self.read_compressed_chunk(offset)?.into();
+        let chunk = Arc::new(self.read_compressed_chunk(offset)?);
         cache.insert(id, offset, Arc::clone(&chunk));
         Ok(chunk)
     }
@@ -692,7 +693,8 @@ impl FileWriter {
     pub fn append_cached_chunk(&mut self, data: &[u8]) -> Result<ChunkPos> {
         let pos = self.append_compressed_chunk(data)?;
         if let Some(cache) = &self.file.shared.cache {
-            cache.insert(self.file.shared.cache_id.get(), pos.offset, data.into());
+            let chunk = Arc::new(data.to_vec());
+            cache.insert(self.file.shared.cache_id.get(), pos.offset, chunk);
         }
         Ok(pos)
     }
