@@ -39,7 +39,7 @@
 
 mod support;
 
-use btree::{NodeConfig, Snapshot};
+use btree::Snapshot;
 use couchfile::{
     CouchFile, Directory, FaultController, FaultKind, FaultRule, FaultyDirectory, NameTail, OpKind,
     OpenMode, TornTail,
@@ -47,11 +47,11 @@ use couchfile::{
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{check_against_model, Accepted, Rng};
+use support::{check_against_model, crash_config as config, Accepted, Rng};
 use vbucket::tool::verify_snapshot;
 use vbucket::{
-    CompactionConfig, CompactionHook, CompactionMode, CompactionOptions, CompactionPhase,
-    FlusherConfig, ItemMeta, Store, StoreConfig, VBucket, VbucketState, DATATYPE_JSON,
+    CompactionConfig, CompactionHook, CompactionMode, CompactionOptions, CompactionPhase, ItemMeta,
+    Store, VBucket, VbucketState, DATATYPE_JSON,
 };
 
 /// Keys of the workload: few, so that keys are often set again and deleted.
@@ -64,30 +64,6 @@ const SHORT: Duration = Duration::from_millis(100);
 /// Crash points tried after the compaction returned (its first flushes
 /// into the new revision).
 const AFTER: u64 = 16;
-
-/// One flusher thread, small batches, small nodes, quick retries and a
-/// short close timeout (a crashed store gives up at once).
-fn config() -> StoreConfig {
-    StoreConfig {
-        flusher: FlusherConfig {
-            threads: 1,
-            max_batch_items: 8,
-            max_batch_bytes: 64 << 10,
-            retry_backoff_min: Duration::from_micros(100),
-            retry_backoff_max: Duration::from_millis(1),
-            close_timeout: Duration::from_millis(20),
-            ..FlusherConfig::default()
-        },
-        nodes: NodeConfig {
-            leaf_threshold: 400,
-            interior_threshold: 200,
-        },
-        // A small node cache: recovery after failed commits and the
-        // switch to a compacted file must never serve a stale node.
-        node_cache_bytes: 256 << 10,
-        ..StoreConfig::default()
-    }
-}
 
 /// The compaction of the workload: every code path that does I/O.
 fn compaction_options(hook: Option<CompactionHook>) -> CompactionOptions {

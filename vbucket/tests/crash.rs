@@ -33,17 +33,15 @@
 
 mod support;
 
-use btree::{NodeConfig, Snapshot};
+use btree::Snapshot;
 use couchfile::{
     CouchFile, Directory, FaultController, FaultyDirectory, NameTail, OpenMode, TornTail,
 };
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use support::{check_against_model, Accepted, Rng};
+use support::{check_against_model, crash_config as config, Accepted, Rng};
 use vbucket::tool::verify_snapshot;
-use vbucket::{
-    revision_name, FlusherConfig, ItemMeta, Store, StoreConfig, VBucket, Vbid, DATATYPE_JSON,
-};
+use vbucket::{revision_name, ItemMeta, Store, VBucket, Vbid, DATATYPE_JSON};
 
 /// Vbuckets of the workload.
 const VBUCKETS: Vbid = 3;
@@ -156,31 +154,6 @@ fn workload(seed: u64) -> Vec<Burst> {
         });
     }
     bursts
-}
-
-/// A store configuration for the sweeps: one flusher thread, small batches
-/// (many commits), small nodes (trees of several levels), quick retries and
-/// a short close timeout so that a crashed store gives up at once.
-fn config() -> StoreConfig {
-    StoreConfig {
-        flusher: FlusherConfig {
-            threads: 1,
-            max_batch_items: 8,
-            max_batch_bytes: 64 << 10,
-            retry_backoff_min: Duration::from_micros(100),
-            retry_backoff_max: Duration::from_millis(1),
-            close_timeout: Duration::from_millis(20),
-            ..FlusherConfig::default()
-        },
-        nodes: NodeConfig {
-            leaf_threshold: 400,
-            interior_threshold: 200,
-        },
-        // A small node cache: recovery after failed commits and the
-        // switch to a compacted file must never serve a stale node.
-        node_cache_bytes: 256 << 10,
-        ..StoreConfig::default()
-    }
 }
 
 /// What one run of the workload did.

@@ -4,12 +4,14 @@
 //! sweeps check reopened vbuckets against. Each test crate uses a part.
 #![allow(dead_code)]
 
+use btree::NodeConfig;
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use vbucket::{Document, VBucket, VbState};
+use std::time::Duration;
+use vbucket::{Document, FlusherConfig, StoreConfig, VBucket, VbState};
 
 /// The independent reader of the format, beside the repository.
 pub const COUCHREAD: &str = concat!(
@@ -182,4 +184,29 @@ pub fn check_against_model<'a>(
         }
     }
     (high, expected, vbstate)
+}
+
+/// The store configuration of the crash sweeps: one flusher thread, small
+/// batches (many commits), small nodes (trees of several levels), quick
+/// retries, a short close timeout so that a crashed store gives up at once,
+/// and a small node cache: recovery after failed commits and the switch to a
+/// compacted file must never serve a stale node.
+pub fn crash_config() -> StoreConfig {
+    StoreConfig {
+        flusher: FlusherConfig {
+            threads: 1,
+            max_batch_items: 8,
+            max_batch_bytes: 64 << 10,
+            retry_backoff_min: Duration::from_micros(100),
+            retry_backoff_max: Duration::from_millis(1),
+            close_timeout: Duration::from_millis(20),
+            ..FlusherConfig::default()
+        },
+        nodes: NodeConfig {
+            leaf_threshold: 400,
+            interior_threshold: 200,
+        },
+        node_cache_bytes: 256 << 10,
+        ..StoreConfig::default()
+    }
 }
