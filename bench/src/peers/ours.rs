@@ -1,11 +1,11 @@
 //! This project: a [`Store`] with one vbucket (vbid 0) in the engine's
 //! directory, default configuration but for the flusher's group commit
 //! (`gather_max`, off by default); `ours-cached` is the same with a 64 MiB
-//! node cache (`StoreConfig::node_cache_bytes`, off by default). A durable commit of a batch is a `set`
-//! of each item followed by `wait_persisted` of the last seqno (with the
-//! group commit, one file commit per batch); compaction is
-//! [`VBucket::compact`] with the default options (concurrent with the
-//! flusher).
+//! node cache (`StoreConfig::node_cache_bytes`, off by default). A durable
+//! commit of a batch is a `set` of each item followed by `wait_persisted` of
+//! the last seqno (with the group commit, one file commit per batch);
+//! compaction is [`VBucket::compact`] with the default options (concurrent
+//! with the flusher).
 
 use super::{Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
 use crate::BoxError;
