@@ -1,8 +1,10 @@
 //! Compaction of a vbucket while its flusher keeps committing (design.md):
 //! copy a snapshot at header H0 without the lock, catch up from the headers
 //! the flusher publishes in unlocked rounds until the gap fits the lock-time
-//! budget, then replay the rest under the commit lock, rename the `.compact`
-//! file to the next revision and switch to it.
+//! budget, then take the commit lock between two commits, replay what is
+//! left (usually nothing: the unlocked rounds commit, and the last one runs
+//! just before the lock is taken), rename the `.compact` file to the next
+//! revision and switch to it.
 
 use crate::error::{Error, Result};
 use crate::files::{self, compact_name, revision_name};
@@ -118,8 +120,10 @@ pub struct CompactionReport {
     pub copy: CopyStats,
     /// The catch-up rounds, the final (locked) one last.
     pub rounds: Vec<RoundStats>,
-    /// Unlocked replays of the commits that were in flight when the final
-    /// round first tried to take the lock (it slips in between commits).
+    /// Unlocked replays (each committed) run while taking the lock: of the
+    /// small gap the unlocked rounds left, and of the commits that landed
+    /// meanwhile. The lock is taken between two commits, once the new file
+    /// has caught up with the latest.
     pub rounds_waiting_for_commit: Vec<RoundStats>,
     /// How long the commit lock was held.
     pub lock_held: Duration,
@@ -277,8 +281,13 @@ impl VBucket {
         )?;
         hook(CompactionPhase::Copied);
         // One catch-up round: replays `from..to` of the source into the new
-        // file; an unlocked round syncs it, so the locked round has little
-        // to sync (the locked round's commit syncs).
+        // file. An unlocked round also commits it (a header, synced), so
+        // that when no flush lands before the lock is taken, the locked
+        // round has neither a replay nor a sync to do: the new file's last
+        // header already covers everything, and the lock is held only for
+        // the rename and the switch. Invariant: the new file's committed
+        // header covers `last` whenever no round is in progress (the copy
+        // commits too).
         let catch_up = |db: &mut Db,
                         from: &LocatedHeader,
                         to: &LocatedHeader,
@@ -287,7 +296,7 @@ impl VBucket {
          -> Result<RoundStats> {
             let stats = replay(source.file(), from, to, db, config, control)?;
             if !locked {
-                db.writer_mut().sync()?;
+                db.commit(unix_nanos())?;
             }
             Ok(RoundStats {
                 docs: stats.docs,
@@ -337,27 +346,18 @@ impl VBucket {
         let mut rounds_waiting_for_commit = Vec::new();
         let mut w = match held.take() {
             Some(w) => w,
-            // Take the lock between two commits: while the flusher is in
-            // the middle of one, let it land and replay it without the
-            // lock, so the locked round finds little or nothing to do.
+            // Take the lock between two commits, and only once the new file
+            // has caught up with the latest one: a commit that lands first
+            // (in flight, or left by the unlocked rounds) is replayed and
+            // committed without the lock, so the locked round usually has
+            // nothing to do but the rename. After MAX_LOCK_ATTEMPTS tries
+            // (a flusher that never pauses), the locked round replays what
+            // is left, as the design's step 4 does.
             None => {
                 let mut attempts = 0;
                 loop {
-                    let (_, seen) = self.latest_located_header();
-                    if let Some(w) = shared.writer.try_lock() {
-                        break w;
-                    }
-                    attempts += 1;
-                    if attempts > MAX_LOCK_ATTEMPTS {
-                        break shared.writer.lock();
-                    }
-                    self.wait_for_header(seen.commits, LOCK_RETRY_WAIT);
-                    if self.is_closed() || control.is_cancelled() {
-                        // Aborted: the check under the lock reports it, as
-                        // it would have without the wait.
-                        break shared.writer.lock();
-                    }
-                    let (latest, _) = self.latest_located_header();
+                    self.check_running(control)?;
+                    let (latest, seen) = self.latest_located_header();
                     if latest.offset != last.offset {
                         rounds_waiting_for_commit.push(catch_up(
                             &mut db,
@@ -368,6 +368,18 @@ impl VBucket {
                         )?);
                         last = latest;
                     }
+                    attempts += 1;
+                    if let Some(w) = shared.writer.try_lock() {
+                        if w.db.committed().offset == last.offset || attempts > MAX_LOCK_ATTEMPTS {
+                            break w;
+                        }
+                        // A commit landed since the replay: catch it up too.
+                        continue;
+                    }
+                    if attempts > MAX_LOCK_ATTEMPTS {
+                        break shared.writer.lock();
+                    }
+                    self.wait_for_header(seen.commits, LOCK_RETRY_WAIT);
                 }
             }
         };
@@ -381,14 +393,16 @@ impl VBucket {
         self.check_running(control)?;
         let latest = w.db.committed().clone();
         let mut final_round = if latest.offset != last.offset {
-            catch_up(&mut db, &last, &latest, &unthrottled, true)?
+            let round = catch_up(&mut db, &last, &latest, &unthrottled, true)?;
+            db.commit(unix_nanos())?;
+            round
         } else {
+            // Nothing landed since the last round, whose header is synced.
             RoundStats {
                 locked: true,
                 ..RoundStats::default()
             }
         };
-        db.commit(unix_nanos())?;
         let size_after = db.writer_mut().position();
         // Everything that can fail before the rename happens before it, so
         // that once the new revision has its name the switch cannot fail.

@@ -1045,16 +1045,13 @@ fn abort_compaction(how: Abort, at: CompactionPhase, mode: CompactionMode) {
     if let Some(thread) = closer.lock().unwrap().take() {
         thread.join().unwrap().unwrap();
     }
-    // It stopped at its next check: the next round, or under the lock.
+    // It stopped at its next check: the next round, the first try to take
+    // the lock (concurrent), or under the lock (blocking).
     let seen = seen.lock().unwrap().clone();
     let i = seen.iter().position(|p| *p == at).expect("reached");
     let expected_after: &[CompactionPhase] = match (mode, at) {
         (CompactionMode::Blocking, CompactionPhase::Copied) => &[CompactionPhase::FinalRoundLocked],
-        (_, CompactionPhase::RoundDone(MAX_ROUNDS)) => &[
-            CompactionPhase::BeforeFinalRound,
-            CompactionPhase::FinalRoundLocked,
-        ],
-        (_, CompactionPhase::BeforeFinalRound) => &[CompactionPhase::FinalRoundLocked],
+        (_, CompactionPhase::RoundDone(MAX_ROUNDS)) => &[CompactionPhase::BeforeFinalRound],
         _ => &[],
     };
     assert_eq!(&seen[i + 1..], expected_after, "{what}: {seen:?}");
@@ -1273,8 +1270,9 @@ fn compacted_files_pass_verify_and_couchread() {
 
 // --- the final round and the commit lock ----------------------------------
 
-/// The final round runs under the commit lock, so throttling it would
-/// stall the flusher for bytes/rate. The copy of a vbucket of tombstones
+/// The final round runs under the commit lock, and the replays just before
+/// it decide when the lock is taken, so throttling them would stall the
+/// flusher for bytes/rate. The copy of a vbucket of tombstones
 /// (no bodies) writes nothing the throttle counts; the bodies persisted
 /// just before the final round must then replay at full speed even at one
 /// byte per second (a throttled replay would take hours: a watchdog cancels
@@ -1324,10 +1322,78 @@ fn the_final_round_is_not_throttled() {
     drop((opts, done));
     watchdog.join().unwrap();
     let report = result.expect("the final round was throttled");
+    // No unlocked round: the 20 documents were replayed while taking the
+    // lock, or under it, unthrottled either way.
     assert_eq!(report.rounds.len(), 1, "{report:?}");
-    assert_eq!(report.rounds[0].docs, 20, "{report:?}");
+    let replayed: u64 = report
+        .rounds_waiting_for_commit
+        .iter()
+        .chain(&report.rounds)
+        .map(|r| r.docs)
+        .sum();
+    assert_eq!(replayed, 20, "{report:?}");
     let w = Arc::try_unwrap(w).ok().unwrap().into_inner().unwrap();
     check(&vb, &w.model, "after an unthrottled final round");
+    store.close().unwrap();
+}
+
+/// Commits that land after the unlocked rounds are replayed, and the new
+/// file committed, before the lock is taken: with no flush in between, the
+/// locked round replays nothing and only renames and switches.
+#[test]
+fn a_gap_left_by_the_rounds_is_replayed_before_the_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path(), config()).unwrap();
+    let vb = store.open_vbucket(0).unwrap();
+    let mut w = Workload::new(vb.clone(), 0x5eed_0051, 100);
+    prefill(&mut w, 2);
+    let w = Arc::new(Mutex::new(w));
+    let hook: CompactionHook = {
+        let w = Arc::clone(&w);
+        Arc::new(move |phase| {
+            if phase == CompactionPhase::BeforeFinalRound {
+                let mut w = w.lock().unwrap();
+                for i in 0..20 {
+                    w.set_value(&Workload::key(i), &[b'c'; 100]);
+                }
+                w.wait_all();
+            }
+        })
+    };
+    // A budget of an hour: the unlocked rounds leave any gap to the lock.
+    let opts = options(
+        CompactionMode::Concurrent,
+        Duration::from_secs(3600),
+        4,
+        Some(hook),
+    );
+    let report = vb.compact(&opts).unwrap();
+    drop(opts);
+    let waiting: u64 = report
+        .rounds_waiting_for_commit
+        .iter()
+        .map(|r| r.docs)
+        .sum();
+    assert_eq!(waiting, 20, "{report:?}");
+    let locked = report.rounds.last().expect("a final round");
+    assert!(locked.locked, "{report:?}");
+    assert_eq!(locked.docs, 0, "{report:?}");
+    assert_eq!(locked.bytes_written, 0, "{report:?}");
+    let w = Arc::try_unwrap(w).ok().unwrap().into_inner().unwrap();
+    check(
+        &vb,
+        &w.model,
+        "after a compaction whose locked round was empty",
+    );
+    drop(vb);
+    store.close().unwrap();
+    let store = Store::open(tmp.path(), config()).unwrap();
+    let vb = store.open_vbucket(0).unwrap();
+    check(
+        &vb,
+        &w.model,
+        "reopened after a compaction whose locked round was empty",
+    );
     store.close().unwrap();
 }
 
