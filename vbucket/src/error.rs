@@ -1,9 +1,10 @@
 //! The vbucket crate's errors.
 
+use couchfile::OpenMode;
 use flusher::Vbid;
 use std::path::PathBuf;
 
-/// Errors of vbuckets and stores.
+/// Errors of vbuckets, stores and the couchtool library ([`crate::tool`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A directory operation failed.
@@ -86,6 +87,20 @@ pub enum Error {
         /// Mutations left unflushed.
         items: usize,
     },
+    /// Writing a couchtool listing failed (a closed pipe, a full disk).
+    #[error("writing the output: {0}")]
+    Output(#[source] std::io::Error),
+    /// couchtool could not open a file at a header.
+    #[error("cannot open ({} mode): {}: {source}", crate::tool::mode_name(*mode), source.couchstore_name())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// How it was opened.
+        mode: OpenMode,
+        /// Why it failed.
+        #[source]
+        source: btree::Error,
+    },
     /// The file reopened after a failed commit is older than what had been
     /// committed: durable data was lost underneath us.
     #[error("{path}: after a failed commit the last valid header has seq {found}, below the committed {committed}")]
@@ -108,6 +123,11 @@ impl Error {
     /// True when a wait for persistence timed out.
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Flusher(flusher::Error::Timeout { .. }))
+    }
+
+    /// True when the error is a write to a closed pipe (`couchtool ... | head`).
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, Error::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {

@@ -304,7 +304,7 @@ fn a_failed_compaction_leaves_no_target() {
         &CompactOptions::default(),
     )
     .unwrap_err();
-    assert!(matches!(e, tool::Error::Compact(_)), "{e}");
+    assert!(matches!(e, tool::Error::Compaction(_)), "{e}");
     assert!(e.to_string().contains("flipped_body_bit.couch"), "{e}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 

@@ -137,7 +137,7 @@ fn run(command: &Command, out: &mut dyn Write) -> tool::Result<Outcome> {
                 purge_before_seq: purge_before_seq.unwrap_or(0),
             };
             let summary = tool::compact(src, dst, &options)?;
-            writeln!(out, "{summary}")?;
+            writeln!(out, "{summary}").map_err(tool::Error::Output)?;
             Ok(Outcome::default())
         }
     }
@@ -159,7 +159,7 @@ fn main() -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     let result = run(&cli.command, &mut out).and_then(|outcome| {
-        out.flush()?;
+        out.flush().map_err(tool::Error::Output)?;
         Ok(outcome)
     });
     match result {

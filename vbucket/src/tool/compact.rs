@@ -86,7 +86,7 @@ impl Drop for PartialTarget<'_> {
 }
 
 fn io_error(path: &Path, op: &'static str, source: std::io::Error) -> Error {
-    Error::Compact(compactor::Error::Io {
+    Error::Compaction(compactor::Error::Io {
         path: path.to_path_buf(),
         op,
         source,
@@ -102,7 +102,7 @@ fn io_error(path: &Path, op: &'static str, source: std::io::Error) -> Error {
 /// and its directory. On error `dst` is removed.
 pub fn compact(src: &Path, dst: &Path, options: &CompactOptions) -> Result<CompactSummary> {
     if options.drop_deletes && options.purge_before_seq != 0 {
-        return Err(Error::Compact(compactor::Error::InvalidArgument(
+        return Err(Error::Compaction(compactor::Error::InvalidArgument(
             "drop-deletes drops every tombstone: purge-before-seq cannot be combined with it"
                 .into(),
         )));
@@ -110,7 +110,7 @@ pub fn compact(src: &Path, dst: &Path, options: &CompactOptions) -> Result<Compa
     let source = open_or_error(src, &options.open)?;
     let size_before = source.file().len()?;
     let name = dst.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
-        Error::Compact(compactor::Error::InvalidArgument(format!(
+        Error::Compaction(compactor::Error::InvalidArgument(format!(
             "{}: the target must be a file name in UTF-8",
             dst.display()
         )))

@@ -31,48 +31,18 @@ use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// Convenient alias for results of the tool.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub use crate::error::{Error, Result};
 
-/// What stops a command before it has listed or checked everything.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Writing the output failed (a closed pipe, a full disk).
-    #[error("writing the output: {0}")]
-    Output(#[from] io::Error),
-    /// The file could not be opened at a header.
-    #[error("cannot open ({} mode): {}: {source}", mode_name(*mode), source.couchstore_name())]
-    Open {
-        /// The file.
-        path: PathBuf,
-        /// How it was opened.
-        mode: OpenMode,
-        /// Why it failed.
-        #[source]
-        source: btree::Error,
-    },
-    /// Reading the file failed after it was opened (a corrupt node, an
-    /// unreadable header further back).
-    #[error(transparent)]
-    Read(#[from] btree::Error),
-    /// A compaction failed (the target exists, a write failed, bad
-    /// options).
-    #[error(transparent)]
-    Compact(#[from] compactor::Error),
+/// Turns a failed write of a listing into [`Error::Output`].
+trait OutputResult<T> {
+    fn output(self) -> Result<T>;
 }
 
-impl From<couchfile::Error> for Error {
-    fn from(e: couchfile::Error) -> Self {
-        Error::Read(e.into())
-    }
-}
-
-impl Error {
-    /// True when the error is a write to a closed pipe (`couchtool ... | head`).
-    pub fn is_broken_pipe(&self) -> bool {
-        matches!(self, Error::Output(e) if e.kind() == io::ErrorKind::BrokenPipe)
+impl<T> OutputResult<T> for io::Result<T> {
+    fn output(self) -> Result<T> {
+        self.map_err(Error::Output)
     }
 }
 
@@ -321,7 +291,7 @@ fn open_for_jsonl(
     match open(path, options) {
         Ok(snapshot) => Ok(Some(snapshot)),
         Err(source) => {
-            write_open_error(out, options.mode, &source)?;
+            write_open_error(out, options.mode, &source).output()?;
             let e = Error::Open {
                 path: path.to_path_buf(),
                 mode: options.mode,
@@ -385,7 +355,7 @@ pub fn dump_jsonl(path: &Path, options: &OpenOptions, out: &mut dyn Write) -> Re
     let Some(snapshot) = open_for_jsonl(path, options, out, &mut outcome)? else {
         return Ok(outcome);
     };
-    HeaderSummary::of(&snapshot)?.write_jsonl(out)?;
+    HeaderSummary::of(&snapshot)?.write_jsonl(out).output()?;
     let mut docs = 0u64;
     each_doc(&snapshot, &mut |info| {
         docs += 1;
@@ -399,21 +369,23 @@ pub fn dump_jsonl(path: &Path, options: &OpenOptions, out: &mut dyn Write) -> Re
             info.content_meta,
             hex(&info.rev_meta),
             info.physical_size
-        )?;
+        ).output()?;
         match snapshot.read_body(&info) {
             Ok(Some(body)) => writeln!(
                 out,
                 "\"body_len\":{},\"body_sha256\":\"{}\"}}",
                 body.len(),
                 hex(&Sha256::digest(&body))
-            )?,
-            Ok(None) => writeln!(out, "\"body_len\":null,\"body_sha256\":null}}")?,
+            )
+            .output()?,
+            Ok(None) => writeln!(out, "\"body_len\":null,\"body_sha256\":null}}").output()?,
             Err(e) => {
                 writeln!(
                     out,
                     "\"body_len\":null,\"body_sha256\":null,\"body_error\":{}}}",
-                    json_string(e.couchstore_name())?
-                )?;
+                    json_string(e.couchstore_name()).output()?
+                )
+                .output()?;
                 outcome.problems.push(body_problem(&snapshot, &info, &e));
             }
         }
@@ -425,15 +397,17 @@ pub fn dump_jsonl(path: &Path, options: &OpenOptions, out: &mut dyn Write) -> Re
         writeln!(
             out,
             "{{\"type\":\"local\",\"id\":{},\"value\":{}}}",
-            json_string(&String::from_utf8_lossy(id))?,
-            json_string(&String::from_utf8_lossy(value))?
-        )?;
+            json_string(&String::from_utf8_lossy(id)).output()?,
+            json_string(&String::from_utf8_lossy(value)).output()?
+        )
+        .output()?;
         Ok(())
     })?;
     writeln!(
         out,
         "{{\"type\":\"end\",\"docs\":{docs},\"locals\":{locals}}}"
-    )?;
+    )
+    .output()?;
     Ok(outcome)
 }
 
@@ -449,7 +423,7 @@ const BODY_PREVIEW: usize = 60;
 pub fn dump_text(path: &Path, options: &OpenOptions, out: &mut dyn Write) -> Result<Outcome> {
     let mut outcome = Outcome::default();
     let snapshot = open_or_error(path, options)?;
-    HeaderSummary::of(&snapshot)?.write_text(out)?;
+    HeaderSummary::of(&snapshot)?.write_text(out).output()?;
     let mut docs = 0u64;
     each_doc(&snapshot, &mut |info| {
         docs += 1;
@@ -464,21 +438,22 @@ pub fn dump_text(path: &Path, options: &OpenOptions, out: &mut dyn Write) -> Res
             info.bp,
             info.physical_size,
             hex(&info.rev_meta)
-        )?;
+        ).output()?;
         match snapshot.read_body(&info) {
             Ok(Some(body)) => {
                 let shown = &body[..body.len().min(BODY_PREVIEW)];
                 let more = if body.len() > BODY_PREVIEW { "..." } else { "" };
-                writeln!(out, " body[{}]={}{more}", body.len(), printable(shown))?;
+                writeln!(out, " body[{}]={}{more}", body.len(), printable(shown)).output()?;
             }
-            Ok(None) => writeln!(out)?,
+            Ok(None) => writeln!(out).output()?,
             Err(e) => {
                 writeln!(
                     out,
                     " body_error={} ({})",
                     e.couchstore_name(),
                     describe_btree(&e)
-                )?;
+                )
+                .output()?;
                 outcome.problems.push(body_problem(&snapshot, &info, &e));
             }
         }
@@ -487,10 +462,10 @@ pub fn dump_text(path: &Path, options: &OpenOptions, out: &mut dyn Write) -> Res
     let mut locals = 0u64;
     each_local(&snapshot, &mut |id, value| {
         locals += 1;
-        writeln!(out, "local id={} json={}", printable(id), printable(value))?;
+        writeln!(out, "local id={} json={}", printable(id), printable(value)).output()?;
         Ok(())
     })?;
-    writeln!(out, "total docs={docs} locals={locals}")?;
+    writeln!(out, "total docs={docs} locals={locals}").output()?;
     Ok(outcome)
 }
 
@@ -530,8 +505,8 @@ pub fn headers_jsonl(path: &Path, mode: OpenMode, out: &mut dyn Write) -> Result
     let Some(snapshot) = open_for_jsonl(path, &options, out, &mut outcome)? else {
         return Ok(outcome);
     };
-    let n = each_header(&snapshot, mode, &mut |h| Ok(h.write_jsonl(out)?))?;
-    writeln!(out, "{{\"type\":\"end\",\"headers\":{n}}}")?;
+    let n = each_header(&snapshot, mode, &mut |h| h.write_jsonl(out).output())?;
+    writeln!(out, "{{\"type\":\"end\",\"headers\":{n}}}").output()?;
     Ok(outcome)
 }
 
@@ -543,8 +518,8 @@ pub fn headers_text(path: &Path, mode: OpenMode, out: &mut dyn Write) -> Result<
         header_offset: None,
     };
     let snapshot = open_or_error(path, &options)?;
-    let n = each_header(&snapshot, mode, &mut |h| Ok(h.write_text(out)?))?;
-    writeln!(out, "{n} headers")?;
+    let n = each_header(&snapshot, mode, &mut |h| h.write_text(out).output())?;
+    writeln!(out, "{n} headers").output()?;
     Ok(Outcome::default())
 }
 
@@ -564,30 +539,33 @@ pub fn info(path: &Path, options: &OpenOptions, out: &mut dyn Write) -> Result<O
     let file = snapshot.file();
     let s = HeaderSummary::of(&snapshot)?;
     let file_size = file.len()?;
-    writeln!(out, "file: {}", path.display())?;
-    writeln!(out, "file size: {file_size} bytes")?;
+    writeln!(out, "file: {}", path.display()).output()?;
+    writeln!(out, "file size: {file_size} bytes").output()?;
     writeln!(
         out,
         "header at offset {}: disk version {} ({})",
         s.offset,
         s.disk_version,
         crc_name(CrcKind::for_version(s.disk_version))
-    )?;
-    writeln!(out, "  update_seq: {}", s.update_seq)?;
-    writeln!(out, "  purge_seq: {}", s.purge_seq)?;
-    writeln!(out, "  timestamp: {}", s.timestamp)?;
+    )
+    .output()?;
+    writeln!(out, "  update_seq: {}", s.update_seq).output()?;
+    writeln!(out, "  purge_seq: {}", s.purge_seq).output()?;
+    writeln!(out, "  timestamp: {}", s.timestamp).output()?;
     writeln!(
         out,
         "  documents: {} live, {} deleted",
         s.doc_count, s.deleted_count
-    )?;
-    writeln!(out, "  bodies: {} bytes", s.body_size)?;
+    )
+    .output()?;
+    writeln!(out, "  bodies: {} bytes", s.body_size).output()?;
     writeln!(
         out,
         "  trees: by-id {} bytes, by-seq {} bytes, local {} bytes",
         s.by_id_size, s.by_seq_size, s.local_size
-    )?;
-    writeln!(out, "  space used: {} bytes", s.space_used)?;
+    )
+    .output()?;
+    writeln!(out, "  space used: {} bytes", s.space_used).output()?;
     let unused = file_size.saturating_sub(s.space_used);
     let percent = if file_size == 0 {
         0.0
@@ -597,16 +575,17 @@ pub fn info(path: &Path, options: &OpenOptions, out: &mut dyn Write) -> Result<O
     writeln!(
         out,
         "fragmentation: {percent:.1}% ({unused} of {file_size} bytes not used by this header)"
-    )?;
+    )
+    .output()?;
     match file.headers_from(snapshot.located_header().clone(), options.mode) {
         Ok(headers) => {
-            writeln!(out, "headers: {} (newest first)", headers.len())?;
+            writeln!(out, "headers: {} (newest first)", headers.len()).output()?;
             for h in &headers {
-                HeaderSummary::new(file, h)?.write_text(out)?;
+                HeaderSummary::new(file, h)?.write_text(out).output()?;
             }
         }
         Err(e) => {
-            writeln!(out, "headers: cannot walk back: {e}")?;
+            writeln!(out, "headers: cannot walk back: {e}").output()?;
             outcome.problems.push(format!(
                 "walking back the headers of {}: {e}",
                 path.display()
@@ -620,7 +599,7 @@ pub fn info(path: &Path, options: &OpenOptions, out: &mut dyn Write) -> Result<O
 /// and writes each problem (file and offset) then a one-line summary.
 pub fn verify_command(path: &Path, options: &OpenOptions, out: &mut dyn Write) -> Result<Outcome> {
     let report = verify_with(path, options)?;
-    report.write_to(out)?;
+    report.write_to(out).output()?;
     Ok(Outcome {
         problems: if report.is_ok() {
             Vec::new()
