@@ -1270,6 +1270,21 @@ fn compacted_files_pass_verify_and_couchread() {
 
 // --- the final round and the commit lock ----------------------------------
 
+/// A hook that, just before the final round, sets keys 0 to 19 to `value`
+/// and waits until they are persisted.
+fn persist_20_before_final_round(w: &Arc<Mutex<Workload>>, value: &[u8]) -> CompactionHook {
+    let (w, value) = (Arc::clone(w), value.to_vec());
+    Arc::new(move |phase| {
+        if phase == CompactionPhase::BeforeFinalRound {
+            let mut w = w.lock().unwrap();
+            for i in 0..20 {
+                w.set_value(&Workload::key(i), &value);
+            }
+            w.wait_all();
+        }
+    })
+}
+
 /// The final round runs under the commit lock, and the replays just before
 /// it decide when the lock is taken, so throttling them would stall the
 /// flusher for bytes/rate. The copy of a vbucket of tombstones
@@ -1288,18 +1303,7 @@ fn the_final_round_is_not_throttled() {
     }
     w.wait_all();
     let w = Arc::new(Mutex::new(w));
-    let hook: CompactionHook = {
-        let w = Arc::clone(&w);
-        Arc::new(move |phase| {
-            if phase == CompactionPhase::BeforeFinalRound {
-                let mut w = w.lock().unwrap();
-                for i in 0..20 {
-                    w.set_value(&Workload::key(i), &[b'b'; 300]);
-                }
-                w.wait_all();
-            }
-        })
-    };
+    let hook = persist_20_before_final_round(&w, &[b'b'; 300]);
     let mut opts = options(
         CompactionMode::Concurrent,
         Duration::from_secs(3600),
@@ -1348,18 +1352,7 @@ fn a_gap_left_by_the_rounds_is_replayed_before_the_lock() {
     let mut w = Workload::new(vb.clone(), 0x5eed_0051, 100);
     prefill(&mut w, 2);
     let w = Arc::new(Mutex::new(w));
-    let hook: CompactionHook = {
-        let w = Arc::clone(&w);
-        Arc::new(move |phase| {
-            if phase == CompactionPhase::BeforeFinalRound {
-                let mut w = w.lock().unwrap();
-                for i in 0..20 {
-                    w.set_value(&Workload::key(i), &[b'c'; 100]);
-                }
-                w.wait_all();
-            }
-        })
-    };
+    let hook = persist_20_before_final_round(&w, &[b'c'; 100]);
     // A budget of an hour: the unlocked rounds leave any gap to the lock.
     let opts = options(
         CompactionMode::Concurrent,
