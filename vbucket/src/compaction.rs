@@ -281,13 +281,12 @@ impl VBucket {
         )?;
         hook(CompactionPhase::Copied);
         // One catch-up round: replays `from..to` of the source into the new
-        // file. An unlocked round also commits it (a header, synced), so
-        // that when no flush lands before the lock is taken, the locked
-        // round has neither a replay nor a sync to do: the new file's last
-        // header already covers everything, and the lock is held only for
-        // the rename and the switch. Invariant: the new file's committed
-        // header covers `last` whenever no round is in progress (the copy
-        // commits too).
+        // file and commits it (a header, synced). So when no flush lands
+        // before the lock is taken, the locked round has neither a replay
+        // nor a sync to do: the new file's last header already covers
+        // everything, and the lock is held only for the rename and the
+        // switch. Invariant: the new file's committed header covers `last`
+        // whenever no round is in progress (the copy commits too).
         let catch_up = |db: &mut Db,
                         from: &LocatedHeader,
                         to: &LocatedHeader,
@@ -295,9 +294,7 @@ impl VBucket {
                         locked: bool|
          -> Result<RoundStats> {
             let stats = replay(source.file(), from, to, db, config, control)?;
-            if !locked {
-                db.commit(unix_nanos())?;
-            }
+            db.commit(unix_nanos())?;
             Ok(RoundStats {
                 docs: stats.docs,
                 bytes_written: stats.bytes_written,
@@ -393,9 +390,7 @@ impl VBucket {
         self.check_running(control)?;
         let latest = w.db.committed().clone();
         let mut final_round = if latest.offset != last.offset {
-            let round = catch_up(&mut db, &last, &latest, &unthrottled, true)?;
-            db.commit(unix_nanos())?;
-            round
+            catch_up(&mut db, &last, &latest, &unthrottled, true)?
         } else {
             // Nothing landed since the last round, whose header is synced.
             RoundStats {
