@@ -133,6 +133,24 @@ impl CompactionKind {
 /// Receives each key's value as read back: the key's index and its value.
 pub type ReadBackCheck<'a> = dyn FnMut(usize, Option<&[u8]>) + 'a;
 
+/// The loop of an [`Engine::read_back`]: looks every key up with `get` and
+/// hands `check` its index and value.
+fn read_each<V, E>(
+    keys: &[Vec<u8>],
+    check: &mut ReadBackCheck<'_>,
+    mut get: impl FnMut(&[u8]) -> Result<Option<V>, E>,
+) -> Result<(), BoxError>
+where
+    V: AsRef<[u8]>,
+    E: Into<BoxError>,
+{
+    for (i, key) in keys.iter().enumerate() {
+        let value = get(key).map_err(Into::into)?;
+        check(i, value.as_ref().map(AsRef::as_ref));
+    }
+    Ok(())
+}
+
 /// An open engine. Shared by a writer thread and a compacting thread, so
 /// every operation takes `&self`.
 pub trait Engine: Send + Sync {

@@ -3,7 +3,7 @@
 //! memtable is flushed to a table, then a major compaction merges every
 //! table; writers go on meanwhile ([`CompactionKind::Concurrent`]).
 
-use super::{Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
+use super::{read_each, Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
 use crate::BoxError;
 use ::fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::path::Path;
@@ -50,11 +50,7 @@ impl Engine for Fjall {
     }
 
     fn read_back(&self, keys: &[Vec<u8>], check: &mut ReadBackCheck<'_>) -> Result<(), BoxError> {
-        for (i, key) in keys.iter().enumerate() {
-            let value = self.keyspace.get(key)?;
-            check(i, value.as_deref());
-        }
-        Ok(())
+        read_each(keys, check, |key| self.keyspace.get(key))
     }
 
     fn close(self: Box<Self>) -> Result<(), BoxError> {

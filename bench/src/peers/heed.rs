@@ -7,7 +7,7 @@
 //! whose `EnvOpenOptions::open` is safe (later ones make it `unsafe`, which
 //! this workspace forbids).
 
-use super::{Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
+use super::{read_each, Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
 use crate::BoxError;
 use ::heed::types::ByteSlice;
 use ::heed::{CompactionOption, Database, Env, EnvOpenOptions};
@@ -104,11 +104,7 @@ impl Engine for Heed {
         let guard = self.env.read().map_err(poisoned)?;
         let (env, db) = guard.as_ref().ok_or("heed: the environment is closed")?;
         let tx = env.read_txn().map_err(heed_error)?;
-        for (i, key) in keys.iter().enumerate() {
-            let value = db.get(&tx, key.as_slice()).map_err(heed_error)?;
-            check(i, value);
-        }
-        Ok(())
+        read_each(keys, check, |key| db.get(&tx, key).map_err(heed_error))
     }
 
     fn close(self: Box<Self>) -> Result<(), BoxError> {

@@ -3,7 +3,7 @@
 //! Compaction: `Tree::compact`, which rewrites the tree file while writers
 //! go on ([`CompactionKind::Concurrent`]).
 
-use super::{Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
+use super::{read_each, Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
 use crate::BoxError;
 use ::nebari::io::fs::StdFile;
 use ::nebari::tree::{Operation, Root, Unversioned};
@@ -62,11 +62,7 @@ impl Engine for Nebari {
     }
 
     fn read_back(&self, keys: &[Vec<u8>], check: &mut ReadBackCheck<'_>) -> Result<(), BoxError> {
-        for (i, key) in keys.iter().enumerate() {
-            let value = self.tree.get(key)?;
-            check(i, value.as_deref());
-        }
-        Ok(())
+        read_each(keys, check, |key| self.tree.get(key))
     }
 
     fn close(self: Box<Self>) -> Result<(), BoxError> {

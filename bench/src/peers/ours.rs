@@ -7,7 +7,7 @@
 //! compaction is [`VBucket::compact`] with the default options (concurrent
 //! with the flusher).
 
-use super::{Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
+use super::{read_each, Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
 use crate::BoxError;
 use flusher::FlusherConfig;
 use std::path::Path;
@@ -105,11 +105,9 @@ impl Engine for Ours {
 
     fn read_back(&self, keys: &[Vec<u8>], check: &mut ReadBackCheck<'_>) -> Result<(), BoxError> {
         let snapshot = self.vb.snapshot();
-        for (i, key) in keys.iter().enumerate() {
-            let doc = snapshot.get(key)?;
-            check(i, doc.as_ref().map(|d| d.value.as_slice()));
-        }
-        Ok(())
+        read_each(keys, check, |key| {
+            snapshot.get(key).map(|doc| doc.map(|d| d.value))
+        })
     }
 
     fn notes(&self) -> Option<String> {

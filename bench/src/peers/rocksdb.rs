@@ -3,7 +3,7 @@
 //! WAL is synced). Compaction: a memtable flush, then `compact_range` over
 //! every key; writers go on meanwhile ([`CompactionKind::Concurrent`]).
 
-use super::{Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
+use super::{read_each, Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
 use crate::BoxError;
 use ::rocksdb::{Options, WriteBatch, WriteOptions, DB};
 use std::path::Path;
@@ -51,11 +51,7 @@ impl Engine for Rocks {
     }
 
     fn read_back(&self, keys: &[Vec<u8>], check: &mut ReadBackCheck<'_>) -> Result<(), BoxError> {
-        for (i, key) in keys.iter().enumerate() {
-            let value = self.db.get_pinned(key)?;
-            check(i, value.as_deref());
-        }
-        Ok(())
+        read_each(keys, check, |key| self.db.get_pinned(key))
     }
 
     fn close(self: Box<Self>) -> Result<(), BoxError> {

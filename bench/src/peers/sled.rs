@@ -2,7 +2,7 @@
 //! for durability. sled has no explicit compaction
 //! ([`CompactionKind::None`]): it reclaims space in the background.
 
-use super::{Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
+use super::{read_each, Batch, CompactionKind, Engine, EngineSpec, ReadBackCheck};
 use crate::BoxError;
 use std::path::Path;
 
@@ -41,11 +41,7 @@ impl Engine for Sled {
     }
 
     fn read_back(&self, keys: &[Vec<u8>], check: &mut ReadBackCheck<'_>) -> Result<(), BoxError> {
-        for (i, key) in keys.iter().enumerate() {
-            let value = self.db.get(key)?;
-            check(i, value.as_deref());
-        }
-        Ok(())
+        read_each(keys, check, |key| self.db.get(key))
     }
 
     fn close(self: Box<Self>) -> Result<(), BoxError> {
