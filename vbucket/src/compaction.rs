@@ -12,6 +12,7 @@ use crate::vbucket::VBucket;
 use btree::Db;
 use compactor::{copy_snapshot, replay, CompactionConfig, Control, CopyStats, Hooks, NoHooks};
 use couchfile::{CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, CURRENT_DISK_VERSION};
+use parking_lot::MutexGuard;
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -423,13 +424,24 @@ impl VBucket {
         shared.publish(&w);
         final_round.duration = final_start.elapsed();
         rounds.push(final_round);
-        drop(w);
+        // Fairly: a flusher waiting for the lock gets it now, and adds its
+        // wait to the counter before anyone else can take the lock.
+        MutexGuard::unlock_fair(w);
         let lock_held = lock_start.elapsed();
 
         let old = revision_name(vbid, revision);
-        match dir.sync() {
+        let dir_synced = dir.sync();
+        let waited = {
+            // Taken after the flusher that was handed the lock, if any, so
+            // its wait is in the counter.
+            let mut w = shared.writer.lock();
+            if dir_synced.is_ok() {
+                w.dir_sync_pending = false;
+            }
+            shared.flusher_lock_wait_nanos.load(Ordering::Relaxed) - waited_before
+        };
+        match dir_synced {
             Ok(()) => {
-                shared.writer.lock().dir_sync_pending = false;
                 // Readers of the old revision keep their open handles. It
                 // goes only once the rename is durable, so that a crash
                 // cannot leave neither name.
@@ -443,7 +455,6 @@ impl VBucket {
                 tracing::warn!(file = %old, error = %e, "directory sync after the rename failed");
             }
         }
-        let waited = shared.flusher_lock_wait_nanos.load(Ordering::Relaxed) - waited_before;
         Ok(CompactionReport {
             started: start,
             revision_before: revision,
