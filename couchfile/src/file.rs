@@ -574,11 +574,46 @@ pub fn decompress(compressed: &[u8]) -> Result<Vec<u8>> {
 
 /// Compresses with snappy (raw block format, as couchstore).
 pub fn compress(data: &[u8]) -> Vec<u8> {
-    // Compression of an in-memory slice fails only when the input exceeds
-    // snappy's maximum (~4 GiB), far above any chunk the format allows.
-    snap::raw::Encoder::new()
-        .compress_vec(data)
-        .unwrap_or_else(|e| unreachable!("snappy compress of {} bytes: {e}", data.len()))
+    let mut compressor = Compressor::new();
+    let len = compressor.compress(data);
+    let mut out = compressor.out;
+    out.truncate(len);
+    out
+}
+
+/// A snappy encoder and its output buffer, kept for the next block: a fresh
+/// encoder allocates its hash table and output for every block, which for
+/// node-sized blocks costs about as much as compressing them.
+#[derive(Debug)]
+struct Compressor {
+    encoder: snap::raw::Encoder,
+    /// The last block compressed, at its start. Never shrinks, so it is
+    /// zeroed only when it grows.
+    out: Vec<u8>,
+}
+
+impl Compressor {
+    fn new() -> Self {
+        Self {
+            encoder: snap::raw::Encoder::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// Compresses `data` (raw block format) into the start of `out`;
+    /// returns its compressed length.
+    fn compress(&mut self, data: &[u8]) -> usize {
+        let max = snap::raw::max_compress_len(data.len());
+        if self.out.len() < max {
+            self.out.resize(max, 0);
+        }
+        // Compression of an in-memory slice fails only when the input
+        // exceeds snappy's maximum (~4 GiB, where `max` is 0), far above any
+        // chunk the format allows; `out` has room for the worst case.
+        self.encoder
+            .compress(data, &mut self.out)
+            .unwrap_or_else(|e| unreachable!("snappy compress of {} bytes: {e}", data.len()))
+    }
 }
 
 /// Appends chunks and commits headers to one file.
@@ -595,6 +630,8 @@ pub struct FileWriter {
     buffer: Vec<u8>,
     /// Physical position of `buffer[0]`.
     flushed: u64,
+    /// For [`FileWriter::append_compressed_chunk`].
+    compressor: Compressor,
 }
 
 impl FileWriter {
@@ -606,6 +643,7 @@ impl FileWriter {
             pos,
             buffer: Vec::with_capacity(64 * 1024),
             flushed: pos,
+            compressor: Compressor::new(),
         })
     }
 
@@ -684,7 +722,12 @@ impl FileWriter {
 
     /// Compresses `data` with snappy and appends it as a data chunk.
     pub fn append_compressed_chunk(&mut self, data: &[u8]) -> Result<ChunkPos> {
-        self.append_chunk(&compress(data))
+        let len = self.compressor.compress(data);
+        // Taken out (no allocation) for the call, then put back.
+        let out = std::mem::take(&mut self.compressor.out);
+        let pos = self.append_chunk(&out[..len]);
+        self.compressor.out = out;
+        pos
     }
 
     /// [`FileWriter::append_compressed_chunk`], also putting `data` in the
@@ -846,5 +889,26 @@ impl SequentialReader {
         let n = physical.len().min(self.window.len() - from);
         physical[..n].copy_from_slice(&self.window[from..from + n]);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reused_compressor_gives_each_block_as_a_fresh_one_does() {
+        let mut compressor = Compressor::new();
+        let text: Vec<u8> = b"a node's keys and values, ".repeat(400);
+        let noise: Vec<u8> = (0u32..5000)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        // Large, then smaller: the buffer keeps the larger block's tail.
+        for block in [&text[..], &noise[..], &text[..10], &[][..], &noise[..300]] {
+            let len = compressor.compress(block);
+            let fresh = snap::raw::Encoder::new().compress_vec(block).unwrap();
+            assert_eq!(&compressor.out[..len], &fresh[..]);
+            assert_eq!(decompress(&compressor.out[..len]).unwrap(), block);
+        }
     }
 }
