@@ -570,7 +570,7 @@ fn sweep(full: bool) {
     // The batching varies from run to run, but most points must crash.
     assert!(crashed * 10 >= points.len() as u64 * 8, "{crashed} crashed");
     println!(
-        "{} sweep: {count} mutating I/Os, {} crash points ({crashed} crashed), \
+        "{} sweep: {count} to {longest} mutating I/Os, {} crash points ({crashed} crashed), \
          {checked} crash images checked, and {reopen_checked} more after a crash \
          while reopening one, in {:.1?}",
         if full { "full" } else { "sample" },
