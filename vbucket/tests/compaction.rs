@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use support::{names, verify_file, Rng};
 use vbucket::{
     CompactionConfig, CompactionHook, CompactionMode, CompactionOptions, CompactionPhase,
-    CompactionReport, Document, Error, FlusherConfig, ItemMeta, Mutation, PurgePolicy, Store,
-    StoreConfig, VBucket, VbucketState, DATATYPE_JSON,
+    CompactionReport, Document, Error, FlusherConfig, ItemMeta, Mutation, PurgePolicy, RoundStats,
+    Store, StoreConfig, VBucket, VbucketState, DATATYPE_JSON,
 };
 
 /// A wait that is expected to succeed.
@@ -61,6 +61,11 @@ fn config() -> StoreConfig {
         node_cache_bytes: 1 << 20,
         ..StoreConfig::default()
     }
+}
+
+/// Documents replayed by `rounds` together.
+fn docs(rounds: &[RoundStats]) -> u64 {
+    rounds.iter().map(|r| r.docs).sum()
 }
 
 /// What the vbucket should hold.
@@ -438,13 +443,8 @@ fn compaction_under_writes(
             assert_eq!(unlocked, 1, "{what}");
             let persisted = changed[phases.len() - 2] as u64;
             assert!(persisted > 0, "{what}");
-            let waiting: u64 = report
-                .rounds_waiting_for_commit
-                .iter()
-                .map(|r| r.docs)
-                .sum();
-            let replayed: u64 = report.rounds.iter().map(|r| r.docs).sum();
-            assert!(replayed + waiting >= persisted, "{what}: {report:?}");
+            let replayed = docs(&report.rounds) + docs(&report.rounds_waiting_for_commit);
+            assert!(replayed >= persisted, "{what}: {report:?}");
         }
     }
     assert_eq!((report.revision_before, report.revision_after), (1, 2));
@@ -1332,12 +1332,7 @@ fn the_final_round_is_not_throttled() {
     // No unlocked round: the 20 documents were replayed while taking the
     // lock, or under it, unthrottled either way.
     assert_eq!(report.rounds.len(), 1, "{report:?}");
-    let replayed: u64 = report
-        .rounds_waiting_for_commit
-        .iter()
-        .chain(&report.rounds)
-        .map(|r| r.docs)
-        .sum();
+    let replayed = docs(&report.rounds_waiting_for_commit) + docs(&report.rounds);
     assert_eq!(replayed, 20, "{report:?}");
     let w = Arc::try_unwrap(w).ok().unwrap().into_inner().unwrap();
     check(&vb, &w.model, "after an unthrottled final round");
@@ -1365,12 +1360,7 @@ fn a_gap_left_by_the_rounds_is_replayed_before_the_lock() {
     );
     let report = vb.compact(&opts).unwrap();
     drop(opts);
-    let waiting: u64 = report
-        .rounds_waiting_for_commit
-        .iter()
-        .map(|r| r.docs)
-        .sum();
-    assert_eq!(waiting, 20, "{report:?}");
+    assert_eq!(docs(&report.rounds_waiting_for_commit), 20, "{report:?}");
     let locked = report.rounds.last().expect("a final round");
     assert!(locked.locked, "{report:?}");
     assert_eq!(locked.docs, 0, "{report:?}");
