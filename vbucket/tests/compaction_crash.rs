@@ -48,7 +48,7 @@ use couchfile::{
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{check_against_model, crash_config as config, Accepted, Rng};
+use support::{check_against_model, crash_config as config, shortest_and_longest, Accepted, Rng};
 use vbucket::tool::verify_snapshot;
 use vbucket::{
     CompactionConfig, CompactionHook, CompactionMode, CompactionOptions, CompactionPhase, ItemMeta,
@@ -446,10 +446,7 @@ fn sweep(full: bool) {
     // one): by about 8 I/Os a batch, from 133 to 199 I/Os in 80 runs. The
     // points are placed by the shortest and the longest of a few dry runs.
     let dry: Vec<Run> = (0..DRY_RUNS).map(|_| run(SEED, None)).collect();
-    let (shortest, longest) = dry
-        .iter()
-        .map(|d| d.window.1 - d.window.0)
-        .fold((u64::MAX, 0), |(lo, hi), w| (lo.min(w), hi.max(w)));
+    let (shortest, longest) = shortest_and_longest(dry.iter().map(|d| d.window.1 - d.window.0));
     assert!(
         (50..5000).contains(&shortest),
         "the compaction window takes {shortest} mutating I/Os"

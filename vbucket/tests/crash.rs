@@ -40,7 +40,7 @@ use couchfile::{
 };
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use support::{check_against_model, crash_config as config, Accepted, Rng};
+use support::{check_against_model, crash_config as config, shortest_and_longest, Accepted, Rng};
 use vbucket::tool::verify_snapshot;
 use vbucket::{revision_name, ItemMeta, Store, VBucket, Vbid, DATATYPE_JSON};
 
@@ -515,10 +515,7 @@ fn sweep(full: bool) {
     // that its points fall inside almost every run; the full sweep goes
     // past the longest.
     let dry: Vec<Run> = (0..DRY_RUNS).map(|_| run(&ops, None)).collect();
-    let (count, longest) = dry
-        .iter()
-        .map(|d| d.mutations)
-        .fold((u64::MAX, 0), |(lo, hi), m| (lo.min(m), hi.max(m)));
+    let (count, longest) = shortest_and_longest(dry.iter().map(|d| d.mutations));
     assert!(
         (100..5000).contains(&count),
         "the workload takes {count} mutating I/Os"

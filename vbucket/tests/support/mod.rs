@@ -186,6 +186,12 @@ pub fn check_against_model<'a>(
     (high, expected, vbstate)
 }
 
+/// The shortest and the longest of the I/O counts of a crash sweep's dry
+/// runs, which vary with the flusher's batching.
+pub fn shortest_and_longest(counts: impl Iterator<Item = u64>) -> (u64, u64) {
+    counts.fold((u64::MAX, 0), |(lo, hi), n| (lo.min(n), hi.max(n)))
+}
+
 /// The store configuration of the crash sweeps: one flusher thread, small
 /// batches (many commits), small nodes (trees of several levels), quick
 /// retries, a short close timeout so that a crashed store gives up at once,
