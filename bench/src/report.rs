@@ -337,6 +337,11 @@ pub fn json(args: &Args, runs: &[Run]) -> Value {
                 "duration_ms": ms(c.report.duration), "lock_held_ms": ms(c.report.lock_held),
                 "size_before": c.report.size_before, "size_after": c.report.size_after,
                 "rounds": c.report.rounds.len(),
+                "copy_ms": ms(c.report.copy.duration),
+                "copy_bytes_written": c.report.copy.bytes_written,
+                "round_ms": c.report.rounds.iter().map(|r| ms(r.duration)).collect::<Vec<_>>(),
+                "rounds_waiting_for_commit_ms": c.report.rounds_waiting_for_commit.iter()
+                    .map(|r| ms(r.duration)).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "sizes": run.sizes.iter().map(|s| json!({
                 "t": s.t, "file_size": s.file_size, "space_used": s.space_used,

@@ -46,28 +46,53 @@ fn by_key(a: &Pair, b: &Pair) -> Ordering {
     a.0.cmp(&b.0)
 }
 
-/// The first 8 bytes of `key`, big-endian, zero-padded: ordered as the keys
-/// are, except that different keys may tie.
-fn key_prefix(key: &[u8]) -> u64 {
-    let mut bytes = [0u8; 8];
-    let n = key.len().min(8);
-    bytes[..n].copy_from_slice(&key[..n]);
-    u64::from_be_bytes(bytes)
+/// The 16 bytes of `key` from `from` on, big-endian, zero-padded: ordered
+/// as the keys' bytes from `from` on are, except that different keys may
+/// tie.
+fn key_prefix(key: &[u8], from: usize) -> u128 {
+    let mut bytes = [0u8; 16];
+    let rest = key.get(from..).unwrap_or_default();
+    let n = rest.len().min(16);
+    bytes[..n].copy_from_slice(&rest[..n]);
+    u128::from_be_bytes(bytes)
+}
+
+/// The length of the longest prefix all of `pairs`' keys share.
+fn common_prefix_len(pairs: &[Pair]) -> usize {
+    let Some(((first, _), rest)) = pairs.split_first() else {
+        return 0;
+    };
+    rest.iter().fold(first.len(), |len, (key, _)| {
+        first[..len]
+            .iter()
+            .zip(key)
+            .take_while(|(a, b)| a == b)
+            .count()
+    })
 }
 
 /// Sorts pairs by key. Comparing keys in place follows two pointers per
 /// comparison to bytes scattered over the heap; this sorts (key prefix,
 /// position) entries that sit together in memory instead, and reads the
-/// keys only to break a tie, then moves the pairs into that order. In
-/// `couchtool compact` of 200,000 random 16-byte keys (perf, one run each)
-/// the sort went from 21% of the samples to 5.5%.
+/// keys only to break a tie, then moves the pairs into that order. The
+/// prefix is taken after the bytes every key shares, since real ids tend to
+/// start alike (`user::`, `key:0000`): there, a prefix of the first bytes
+/// ties on nearly every comparison. `couchtool compact` of a file of 396,429
+/// ids `key:0000000000` to `key:0000999999`: `memcmp` went from 22% of the
+/// perf samples with a prefix of the first 8 bytes to 6% (the builder's
+/// order check), and the sort and by-id build from 460 to 295 ms (medians
+/// of five interleaved runs).
 fn sort_pairs(pairs: &mut Vec<Pair>) {
-    let mut order: Vec<(u64, usize)> = pairs
+    let from = common_prefix_len(pairs);
+    let mut order: Vec<(u128, usize)> = pairs
         .iter()
         .enumerate()
-        .map(|(i, (key, _))| (key_prefix(key), i))
+        .map(|(i, (key, _))| (key_prefix(key, from), i))
         .collect();
-    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| pairs[a.1].0.cmp(&pairs[b.1].0)));
+    order.sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| pairs[a.1].0[from..].cmp(&pairs[b.1].0[from..]))
+    });
     let mut sorted = Vec::with_capacity(pairs.len());
     for (_, i) in order {
         // Each position comes once: `take` leaves two empty vectors behind.
@@ -684,6 +709,31 @@ mod tests {
             .enumerate()
             .map(|(i, k)| (k.to_vec(), vec![i as u8]))
             .collect();
+        let mut expected = pairs.clone();
+        expected.sort_by(by_key);
+        sort_pairs(&mut pairs);
+        assert_eq!(pairs, expected);
+    }
+
+    #[test]
+    fn keys_with_a_long_common_prefix_sort_by_all_bytes() {
+        let common = b"tenant-0042::user::".to_vec();
+        let tails: Vec<&[u8]> = vec![
+            b"b",
+            b"",
+            b"a",
+            b"0123456789abcdef-2",
+            b"0123456789abcdef-1",
+            b"0123456789abcdef",
+            b"0123456789abcdef\0",
+            b"\xff",
+        ];
+        let mut pairs: Vec<Pair> = tails
+            .iter()
+            .enumerate()
+            .map(|(i, tail)| ([common.as_slice(), tail].concat(), vec![i as u8]))
+            .collect();
+        assert_eq!(common_prefix_len(&pairs), common.len());
         let mut expected = pairs.clone();
         expected.sort_by(by_key);
         sort_pairs(&mut pairs);
