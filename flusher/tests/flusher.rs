@@ -330,8 +330,11 @@ fn gathering_puts_a_trickling_burst_in_few_commits_and_cuts_a_still_queue_at_onc
     }
     queue.wait_persisted(500, LONG).unwrap();
     let batches = model.lock().unwrap().batches.len();
-    // One batch unless the writer was descheduled for more than a poll.
-    assert!(batches <= 10, "{batches} batches for a 500-item burst");
+    // One batch unless the writer was descheduled for more than a poll,
+    // which a loaded 2-core machine does now and then: the bound asks for
+    // at least 10 items per commit on average. Without gathering, this
+    // burst took 188 to 287 commits (three runs, debug build).
+    assert!(batches <= 50, "{batches} batches for a 500-item burst");
 
     // A queue that stops growing is cut after one poll, not gather_max.
     let started = Instant::now();
