@@ -691,8 +691,22 @@ mod tests {
         (sorter, expected)
     }
 
+    /// Sorts `keys` (each with its index as value) with [`sort_pairs`] and
+    /// checks the order against `Vec::sort_by`.
+    fn assert_sorts_as_a_vec_does(keys: Vec<Vec<u8>>) {
+        let mut pairs: Vec<Pair> = keys
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| (k, vec![i as u8]))
+            .collect();
+        let mut expected = pairs.clone();
+        expected.sort_by(by_key);
+        sort_pairs(&mut pairs);
+        assert_eq!(pairs, expected);
+    }
+
     #[test]
-    fn keys_that_share_their_first_eight_bytes_or_are_shorter_sort_by_all_bytes() {
+    fn keys_whose_zero_padded_prefixes_tie_sort_by_all_bytes() {
         let keys: Vec<&[u8]> = vec![
             b"prefix__b",
             b"prefix__",
@@ -704,20 +718,12 @@ mod tests {
             b"prefix_",
             b"\xff",
         ];
-        let mut pairs: Vec<Pair> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (k.to_vec(), vec![i as u8]))
-            .collect();
-        let mut expected = pairs.clone();
-        expected.sort_by(by_key);
-        sort_pairs(&mut pairs);
-        assert_eq!(pairs, expected);
+        assert_sorts_as_a_vec_does(keys.into_iter().map(<[u8]>::to_vec).collect());
     }
 
     #[test]
     fn keys_with_a_long_common_prefix_sort_by_all_bytes() {
-        let common = b"tenant-0042::user::".to_vec();
+        let common: &[u8] = b"tenant-0042::user::";
         let tails: Vec<&[u8]> = vec![
             b"b",
             b"",
@@ -728,16 +734,10 @@ mod tests {
             b"0123456789abcdef\0",
             b"\xff",
         ];
-        let mut pairs: Vec<Pair> = tails
-            .iter()
-            .enumerate()
-            .map(|(i, tail)| ([common.as_slice(), tail].concat(), vec![i as u8]))
-            .collect();
+        let keys: Vec<Vec<u8>> = tails.iter().map(|tail| [common, tail].concat()).collect();
+        let pairs: Vec<Pair> = keys.iter().map(|k| (k.clone(), Vec::new())).collect();
         assert_eq!(common_prefix_len(&pairs), common.len());
-        let mut expected = pairs.clone();
-        expected.sort_by(by_key);
-        sort_pairs(&mut pairs);
-        assert_eq!(pairs, expected);
+        assert_sorts_as_a_vec_does(keys);
     }
 
     #[test]
