@@ -401,7 +401,11 @@ impl<O: TreeOps> BTree<O> {
     ) -> Result<Outcome> {
         let node = Node::read(file, ptr.pointer)?;
         if node.is_leaf {
-            return self.modify_leaf(writer, Some(&node), actions, fetched);
+            let outcome = self.modify_leaf(writer, Some(&node), actions, fetched)?;
+            if matches!(outcome, Outcome::Replaced(_)) {
+                file.forget_cached_chunk(ptr.pointer);
+            }
+            return Ok(outcome);
         }
         // Hand each child the run of actions up to its key; the last child
         // takes whatever is left.
@@ -442,6 +446,7 @@ impl<O: TreeOps> BTree<O> {
                 _ => out.push(&self.ops, writer, node.key(i), node.value(i))?,
             }
         }
+        file.forget_cached_chunk(ptr.pointer);
         Ok(Outcome::Replaced(out.finish(&self.ops, writer)?))
     }
 
@@ -769,5 +774,73 @@ impl<O: TreeOps> Builder<'_, O> {
             level += 1;
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::node::Node;
+    use crate::Local;
+    use couchfile::{ChunkCache, MemBackend};
+    use std::sync::Arc;
+
+    #[test]
+    fn a_modify_drops_the_nodes_it_replaces_from_the_cache() {
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let file = CouchFile::new(Arc::new(MemBackend::new()), "cached.couch")
+            .unwrap()
+            .with_cache(Arc::clone(&cache));
+        let mut w = FileWriter::new(file).unwrap();
+        let tree = BTree::new(
+            Local,
+            NodeConfig {
+                leaf_threshold: 64,
+                interior_threshold: 64,
+            },
+        );
+        let keys: Vec<Vec<u8>> = (0..60u32)
+            .map(|i| format!("k{i:03}").into_bytes())
+            .collect();
+        let inserts: Vec<Action<'_>> = keys
+            .iter()
+            .map(|key| Action {
+                key,
+                op: ActionOp::Insert(b"v1"),
+            })
+            .collect();
+        let old = tree
+            .modify(&mut w, None, &inserts, &mut |_, _| Ok(()))
+            .unwrap()
+            .unwrap();
+        let change = [Action {
+            key: &keys[0],
+            op: ActionOp::Insert(b"v2"),
+        }];
+        let new = tree
+            .modify(&mut w, Some(&old), &change, &mut |_, _| Ok(()))
+            .unwrap()
+            .unwrap();
+        w.flush().unwrap();
+        let file = w.file().clone();
+        let (hits, misses) = cache.hits_and_misses();
+
+        // The new root is cached as written; the old one was dropped when
+        // the change replaced it, and is read from the file again.
+        let new_root = Node::read(&file, new.pointer).unwrap();
+        assert_eq!(cache.hits_and_misses(), (hits + 1, misses));
+        let old_root = Node::read(&file, old.pointer).unwrap();
+        assert_eq!(cache.hits_and_misses(), (hits + 1, misses + 1));
+        assert!(!new_root.is_leaf, "the test wants a tree of several levels");
+
+        // The last child, untouched by the change, is shared by both trees
+        // and still cached.
+        let last = new_root.len() - 1;
+        assert_eq!(new_root.value(last), old_root.value(last));
+        let shared = child_pointer(&file, new.pointer, new_root.value(last)).unwrap();
+        Node::read(&file, shared.pointer).unwrap();
+        assert_eq!(cache.hits_and_misses(), (hits + 2, misses + 1));
     }
 }

@@ -120,6 +120,10 @@ impl ChunkCache {
     pub(crate) fn insert(&self, file: u64, offset: u64, chunk: Arc<Vec<u8>>) {
         self.chunks.insert((file, offset), chunk);
     }
+
+    pub(crate) fn remove(&self, file: u64, offset: u64) {
+        self.chunks.remove(&(file, offset));
+    }
 }
 
 impl fmt::Debug for ChunkCache {

@@ -353,6 +353,18 @@ impl CouchFile {
         Ok(chunk)
     }
 
+    /// Drops the chunk at `offset` from the file's [`ChunkCache`], if it
+    /// has one: for a node the writer has just replaced, which the head of
+    /// the file no longer reaches (a reader of an older header that still
+    /// wants it reads it again). Without this, the superseded versions of
+    /// the nodes every commit rewrites fill the cache and push out the live
+    /// ones.
+    pub fn forget_cached_chunk(&self, offset: u64) {
+        if let Some(cache) = &self.shared.cache {
+            cache.remove(self.shared.cache_id.get(), offset);
+        }
+    }
+
     /// Reads and decodes the header whose block starts at `offset`, checking
     /// the block byte, the checksum (either CRC: the version that decides it
     /// is inside), the version, and the positions it holds. Returns
