@@ -1,7 +1,7 @@
 //! The workload runner's report: the figures of a [`Run`], printed one per
 //! line by section, side by side for two runs (`--compare`), and as JSON.
 
-use crate::workload::{Args, Run};
+use crate::workload::{Args, CommitSample, Run};
 use crate::{mib, ms};
 use flusher::LatencyHistogram;
 use serde_json::{json, Map, Value};
@@ -48,15 +48,20 @@ impl Figures {
     }
 }
 
-/// Space amplification (file size over live data) of the samples taken
-/// once the first compaction finished (the steady state), or of all of them
-/// when none did: (average, maximum).
-fn space_amplification(run: &Run) -> (f64, f64) {
-    let steady_from = run
-        .compactions
+/// When the steady state starts: the end of the first compaction, in
+/// seconds since the load started (infinite when none finished).
+fn steady_from(run: &Run) -> f64 {
+    run.compactions
         .iter()
         .map(|c| c.t + c.report.duration.as_secs_f64())
-        .fold(f64::INFINITY, f64::min);
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Space amplification (file size over live data) of the samples taken in
+/// the steady state, or of all of them when no compaction finished:
+/// (average, maximum).
+fn space_amplification(run: &Run) -> (f64, f64) {
+    let steady_from = steady_from(run);
     let amps: Vec<f64> = run
         .sizes
         .iter()
@@ -65,6 +70,23 @@ fn space_amplification(run: &Run) -> (f64, f64) {
         .collect();
     let average = amps.iter().sum::<f64>() / amps.len().max(1) as f64;
     (average, amps.iter().copied().fold(0.0, f64::max))
+}
+
+/// The slowest commit while its vbucket compacted over the p99 of the
+/// others, counting only the commits that began in the steady state: the
+/// first compaction starts within a second of a cold start, when a single
+/// slow commit is more often the process warming up than the compaction.
+fn steady_commit_ratio(commits: &[CommitSample], steady_from: f64) -> f64 {
+    let mut max_during = Duration::ZERO;
+    let mut otherwise = LatencyHistogram::new();
+    for c in commits.iter().filter(|c| c.t >= steady_from) {
+        if c.during_compaction {
+            max_during = max_during.max(c.latency);
+        } else {
+            otherwise.record(c.latency);
+        }
+    }
+    ms(max_during) / ms(otherwise.summary().p99).max(1e-9)
 }
 
 /// Every figure of a run.
@@ -115,6 +137,12 @@ pub fn figures(run: &Run) -> Vec<Figure> {
         FLUSH,
         "max while compacting / p99 otherwise",
         ms(max_during) / ms(p99_otherwise).max(1e-9),
+        "x",
+    );
+    f.add(
+        FLUSH,
+        "the same, in the steady state",
+        steady_commit_ratio(&run.commits, steady_from(run)),
         "x",
     );
 
@@ -350,4 +378,35 @@ pub fn json(args: &Args, runs: &[Run]) -> Value {
             "differences": run.check.first_diffs,
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(t: f64, latency_ms: u64, during_compaction: bool) -> CommitSample {
+        CommitSample {
+            t,
+            latency: Duration::from_millis(latency_ms),
+            during_compaction,
+        }
+    }
+
+    #[test]
+    fn the_steady_commit_ratio_leaves_out_the_commits_before_the_steady_state() {
+        let mut commits = vec![
+            // Warm-up: slow, during and outside a compaction.
+            commit(0.2, 40, true),
+            commit(0.3, 50, false),
+        ];
+        commits.extend((0..200).map(|i| commit(1.0 + f64::from(i) * 0.01, 2, false)));
+        commits.push(commit(2.5, 3, true));
+        commits.push(commit(2.6, 1, true));
+        let ratio = steady_commit_ratio(&commits, 1.0);
+        assert!((ratio - 1.5).abs() < 0.01, "{ratio}");
+        // From the start, the warm-up's 40 ms commit is the slowest during a
+        // compaction, and the 50 ms one is above the p99 of 201 others.
+        let ratio = steady_commit_ratio(&commits, 0.0);
+        assert!((ratio - 20.0).abs() < 0.1, "{ratio}");
+    }
 }

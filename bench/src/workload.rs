@@ -335,6 +335,8 @@ pub struct CommitSample {
     pub t: f64,
     /// Its latency.
     pub latency: Duration,
+    /// True when a compaction of its vbucket ran at some point of it.
+    pub during_compaction: bool,
 }
 
 /// One compaction on the run's clock.
@@ -587,6 +589,7 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
         .map(|e| CommitSample {
             t: since_start(e.started),
             latency: e.latency,
+            during_compaction: e.during_compaction,
         })
         .collect();
 
