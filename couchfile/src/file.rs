@@ -873,10 +873,78 @@ impl SequentialReader {
     /// Reads the payload of the data chunk of `file` at `offset`, checking
     /// its checksum, like [`CouchFile::read_chunk`].
     pub fn read_chunk(&mut self, file: &CouchFile, offset: u64) -> Result<Vec<u8>> {
+        if let Some((stored, payload)) = self.read_in_window(file, offset)? {
+            return file.checked(offset, stored, payload);
+        }
+        // Whatever the window cannot serve as a well-formed chunk (one too
+        // large for it, a bad prefix, the end of the file) takes the
+        // general path, which reports it precisely.
         let (stored, payload) = file.read_chunk_raw_via(offset, false, &mut |at, physical| {
             self.read(file, at, physical)
         })?;
         file.checked(offset, stored, payload)
+    }
+
+    /// The stored checksum and payload of the data chunk at `offset`, taken
+    /// straight from the window (refilled at `offset` if it does not cover
+    /// the chunk): one copy of the payload, where the general path copies a
+    /// read-ahead block twice. `None` when the window cannot serve it.
+    fn read_in_window(&mut self, file: &CouchFile, offset: u64) -> Result<Option<(u32, Vec<u8>)>> {
+        let prefix_len = physical_len(offset, 8);
+        if !self.covers(offset, prefix_len) {
+            self.refill(file, offset)?;
+            if !self.covers(offset, prefix_len) {
+                return Ok(None);
+            }
+        }
+        let mut prefix = Vec::with_capacity(8);
+        strip_prefixes(offset, self.slice(offset, prefix_len), &mut prefix);
+        let raw_len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+        let stored = u32::from_be_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
+        let len = u64::from(raw_len & !DATA_CHUNK_BIT);
+        if raw_len & DATA_CHUNK_BIT == 0 || len > MAX_CHUNK_LEN {
+            return Ok(None);
+        }
+        let total = physical_len(offset, 8 + len);
+        if !self.covers(offset, total) {
+            if total > self.capacity as u64 / 2 {
+                return Ok(None);
+            }
+            self.refill(file, offset)?;
+            if !self.covers(offset, total) {
+                return Ok(None);
+            }
+        }
+        // `len` fits in memory: it is at most MAX_CHUNK_LEN.
+        let mut payload = Vec::with_capacity(len as usize);
+        let after_prefix = offset + prefix_len;
+        strip_prefixes(
+            after_prefix,
+            self.slice(after_prefix, total - prefix_len),
+            &mut payload,
+        );
+        Ok(Some((stored, payload)))
+    }
+
+    /// True when the window holds the `len` bytes at `at`.
+    fn covers(&self, at: u64, len: u64) -> bool {
+        at >= self.start && at + len <= self.start + self.window.len() as u64
+    }
+
+    /// The `len` bytes at `at`, which the window covers.
+    fn slice(&self, at: u64, len: u64) -> &[u8] {
+        // Within the window's length (checked by `covers`), so in usize.
+        let from = (at - self.start) as usize;
+        &self.window[from..from + len as usize]
+    }
+
+    /// Refills the window with the file's bytes from `at` on.
+    fn refill(&mut self, file: &CouchFile, at: u64) -> Result<()> {
+        self.window.resize(self.capacity, 0);
+        let got = file.read_physical(at, &mut self.window)?;
+        self.window.truncate(got);
+        self.start = at;
+        Ok(())
     }
 
     /// Fills `physical` from the window, refilling it at `at` when it does
@@ -888,10 +956,7 @@ impl SequentialReader {
             if physical.len() > self.capacity / 2 {
                 return file.read_physical(at, physical);
             }
-            self.window.resize(self.capacity, 0);
-            let got = file.read_physical(at, &mut self.window)?;
-            self.window.truncate(got);
-            self.start = at;
+            self.refill(file, at)?;
         }
         // Within the window, or the window starts at `at` (and ends at the
         // end of the file when it is shorter than asked).

@@ -423,6 +423,17 @@ fn check_flips(image: &[u8], crc: CrcKind, chunks: &[Chunk], seed: u64) {
             let orig = image[p as usize];
             mem.write_at(p, &[orig ^ rng.nonzero_byte()]).unwrap();
             let r = file.read_chunk(c.offset);
+            // A compaction's reader, which takes chunks straight from its
+            // window, must see the same damage the same way.
+            for window in [BLOCK_SIZE as usize * 2, 1 << 20] {
+                let through = SequentialReader::new(window).read_chunk(&file, c.offset);
+                assert_eq!(
+                    through.as_ref().map_err(ToString::to_string),
+                    r.as_ref().map_err(ToString::to_string),
+                    "flipping logical byte {i} of the chunk at {}, read through a {window}-byte window",
+                    c.offset
+                );
+            }
             let ok = match &r {
                 Err(Error::Checksum { offset, .. }) => *offset == c.offset,
                 Err(Error::Corrupt { .. } | Error::ShortRead { .. }) => i < 4,
