@@ -4,7 +4,7 @@
 
 use crate::{
     CouchFile, DbHeader, DocInfo, LocatedHeader, MemBackend, NodePointer, OpenMode, RevMeta,
-    BLOCK_SIZE,
+    SequentialReader, BLOCK_SIZE,
 };
 use std::sync::Arc;
 
@@ -73,8 +73,22 @@ pub fn read_chunks(data: &[u8]) {
     offsets.extend(data.chunks_exact(4).take(4).map(|c| {
         u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]])) % (data.len() as u64 + 1)
     }));
+    read_chunks_at(&file, offsets);
+}
+
+/// Reads the chunk at each offset, plain and compressed, and through a
+/// compaction's windowed reader, which must agree with the plain read, on
+/// damage too.
+fn read_chunks_at(file: &CouchFile, offsets: impl IntoIterator<Item = u64>) {
+    let mut windowed = SequentialReader::new(2 * BLOCK_SIZE as usize);
     for offset in offsets {
-        let _ = file.read_chunk(offset);
+        let plain = file.read_chunk(offset);
+        let through = windowed.read_chunk(file, offset);
+        assert_eq!(
+            through.map_err(|e| e.to_string()),
+            plain.map_err(|e| e.to_string()),
+            "chunk at {offset}"
+        );
         let _ = file.read_compressed_chunk(offset);
     }
 }
@@ -93,6 +107,65 @@ pub fn find_header(data: &[u8]) {
                 header: last.header.clone(),
             };
             let _ = file.next_header(&first);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Deterministic pseudo-random bytes (splitmix64).
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (z ^ (z >> 31)) as u8
+            })
+            .collect()
+    }
+
+    fn every_entry_point(data: &[u8]) {
+        decode_db_header(data);
+        decode_node_pointer(data);
+        decode_by_id_value(data);
+        decode_by_seq_value(data);
+        decode_rev_meta(data);
+        read_chunks(data);
+        find_header(data);
+    }
+
+    #[test]
+    fn fuzz_entry_points_survive_garbage_and_real_files() {
+        for (len, seed) in [(0, 0), (1, 1), (7, 2), (64, 3), (5000, 4), (9000, 5)] {
+            every_entry_point(&noise(len, seed));
+        }
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/vectors/couchstore"
+        );
+        for name in ["0.couch.1", "legacy_v11.couch", "flipped_body_bit.couch"] {
+            let bytes = std::fs::read(format!("{dir}/{name}")).unwrap();
+            every_entry_point(&bytes);
+            // Cut and flipped copies must not panic either.
+            every_entry_point(&bytes[..bytes.len() / 2]);
+            let mut flipped = bytes.clone();
+            for i in (0..flipped.len()).step_by(997) {
+                flipped[i] ^= 0x5a;
+            }
+            every_entry_point(&flipped);
+            // Every offset, in file order as a compaction reads: each real
+            // chunk, and everything between.
+            for image in [&bytes, &flipped] {
+                let file = file_of(image).unwrap();
+                read_chunks_at(&file, 0..image.len() as u64 + 2);
+            }
         }
     }
 }
