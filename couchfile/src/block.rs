@@ -57,6 +57,23 @@ pub fn strip_prefixes(pos: u64, physical: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// The first `N` logical bytes of `physical`, which was read starting at
+/// physical position `pos`; `None` when it holds fewer.
+pub fn logical_head<const N: usize>(pos: u64, physical: &[u8]) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    let mut n = 0;
+    for (p, &byte) in (pos..).zip(physical) {
+        if n == N {
+            break;
+        }
+        if p % BLOCK_SIZE != 0 {
+            out[n] = byte;
+            n += 1;
+        }
+    }
+    (n == N).then_some(out)
+}
+
 /// Appends to `out` the physical bytes for writing the logical bytes `data`
 /// at physical position `pos`, inserting `block_type` at every block start.
 /// Returns the position after them.
@@ -116,7 +133,12 @@ mod tests {
             prop_assert_eq!(physical_len(pos, len as u64), phys.len() as u64);
             let mut back = Vec::new();
             strip_prefixes(pos, &phys, &mut back);
-            prop_assert_eq!(back, data);
+            prop_assert_eq!(&back, &data);
+            let head = logical_head::<8>(pos, &phys);
+            prop_assert_eq!(head.is_some(), len >= 8);
+            if let Some(head) = head {
+                prop_assert_eq!(&head[..], &data[..8]);
+            }
         }
     }
 }

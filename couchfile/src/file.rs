@@ -2,7 +2,9 @@
 //! appends and commits.
 
 use crate::backend::Backend;
-use crate::block::{add_prefixes, align_up, physical_len, strip_prefixes, BlockType, BLOCK_SIZE};
+use crate::block::{
+    add_prefixes, align_up, logical_head, physical_len, strip_prefixes, BlockType, BLOCK_SIZE,
+};
 use crate::cache::{CacheId, ChunkCache};
 use crate::codec::{DbHeader, CURRENT_DISK_VERSION, OLDEST_DISK_VERSION};
 use crate::crc::CrcKind;
@@ -229,14 +231,16 @@ impl CouchFile {
         read: &mut dyn FnMut(u64, &mut [u8]) -> Result<usize>,
     ) -> Result<(u32, Vec<u8>)> {
         let what = if is_header { "header" } else { "chunk" };
-        // One read covering the prefix and, usually, the whole chunk.
-        let ahead = READ_AHEAD - pos % BLOCK_SIZE;
-        let mut physical = vec![0u8; ahead.max(physical_len(pos, 8)) as usize];
-        let got = read(pos, &mut physical)?;
-        physical.truncate(got);
-        let mut logical = Vec::with_capacity(physical.len());
-        strip_prefixes(pos, &physical, &mut logical);
-        if logical.len() < 8 {
+        // One read covering the prefix and, usually, the whole chunk, into
+        // the stack; only the payload is copied out of it.
+        let ahead = (READ_AHEAD - pos % BLOCK_SIZE).max(physical_len(pos, 8));
+        let mut first = [0u8; READ_AHEAD as usize];
+        // At most READ_AHEAD: the prefix's 8 bytes and one block byte are
+        // fewer than the 4096 read at a block start.
+        let ahead = &mut first[..ahead as usize];
+        let got = read(pos, ahead)?;
+        let physical = &ahead[..got];
+        let Some(prefix) = logical_head::<8>(pos, physical) else {
             let file_len = self.len()?;
             return Err(Error::ShortRead {
                 path: self.path().to_path_buf(),
@@ -244,9 +248,9 @@ impl CouchFile {
                 wanted: physical_len(pos, 8),
                 file_len,
             });
-        }
-        let raw_len = u32::from_be_bytes([logical[0], logical[1], logical[2], logical[3]]);
-        let stored_crc = u32::from_be_bytes([logical[4], logical[5], logical[6], logical[7]]);
+        };
+        let raw_len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+        let stored_crc = u32::from_be_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
         let payload_len = if is_header {
             if raw_len & DATA_CHUNK_BIT != 0 {
                 return Err(Error::corrupt(
@@ -285,28 +289,36 @@ impl CouchFile {
             }
             len
         };
-        let total_logical = 8 + payload_len;
-        self.check_extent(pos, physical_len(pos, total_logical))?;
-        if (logical.len() as u64) < total_logical {
+        let total_physical = physical_len(pos, 8 + payload_len);
+        self.check_extent(pos, total_physical)?;
+        // The payload starts after the prefix's physical bytes, which the
+        // first read holds since it held the prefix; `payload_len` is at
+        // most MAX_CHUNK_LEN, so it fits in memory.
+        let prefix_physical = physical_len(pos, 8);
+        let have = (physical.len() as u64).min(total_physical);
+        let mut payload = Vec::with_capacity(payload_len as usize);
+        strip_prefixes(
+            pos + prefix_physical,
+            &physical[prefix_physical as usize..have as usize],
+            &mut payload,
+        );
+        if have < total_physical {
             // The read-ahead did not cover it: read the rest.
-            let have_physical = physical.len() as u64;
-            let rest_physical = physical_len(pos, total_logical) - have_physical;
+            let rest_physical = total_physical - have;
             let mut more = vec![0u8; rest_physical as usize];
-            let got = read(pos + have_physical, &mut more)?;
+            let got = read(pos + have, &mut more)?;
             if (got as u64) < rest_physical {
                 let file_len = self.len()?;
                 return Err(Error::ShortRead {
                     path: self.path().to_path_buf(),
                     offset: pos,
-                    wanted: physical_len(pos, total_logical),
+                    wanted: total_physical,
                     file_len,
                 });
             }
-            strip_prefixes(pos + have_physical, &more, &mut logical);
+            strip_prefixes(pos + have, &more, &mut payload);
         }
-        logical.truncate(total_logical as usize);
-        logical.drain(..8);
-        Ok((stored_crc, logical))
+        Ok((stored_crc, payload))
     }
 
     /// Reads the payload of the data chunk stored at `offset`, checking its
@@ -897,8 +909,9 @@ impl SequentialReader {
                 return Ok(None);
             }
         }
-        let mut prefix = Vec::with_capacity(8);
-        strip_prefixes(offset, self.slice(offset, prefix_len), &mut prefix);
+        let Some(prefix) = logical_head::<8>(offset, self.slice(offset, prefix_len)) else {
+            return Ok(None);
+        };
         let raw_len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
         let stored = u32::from_be_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
         let len = u64::from(raw_len & !DATA_CHUNK_BIT);
