@@ -62,20 +62,9 @@ mod tests {
         decode_node(&[1, 0xff, 0xff, 0xff, 0xff, 0xff]);
         read_db(&[]);
         read_db(&[1, 0, 0, 0, 9, 0, 0, 0, 0, 14]);
-        let dir = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/vectors/couchstore"
-        );
-        for name in ["0.couch.1", "legacy_v11.couch", "flipped_body_bit.couch"] {
-            let bytes = std::fs::read(format!("{dir}/{name}")).unwrap();
-            read_db(&bytes);
-            // Cut and flipped copies must not panic either.
-            read_db(&bytes[..bytes.len() / 2]);
-            let mut flipped = bytes.clone();
-            for i in (0..flipped.len()).step_by(997) {
-                flipped[i] ^= 0x5a;
-            }
-            read_db(&flipped);
+        // Real files, whole, cut and flipped.
+        for image in couchfile::fuzzing::vector_images().unwrap() {
+            read_db(&image);
         }
     }
 }

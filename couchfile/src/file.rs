@@ -899,8 +899,9 @@ impl SequentialReader {
 
     /// The stored checksum and payload of the data chunk at `offset`, taken
     /// straight from the window (refilled at `offset` if it does not cover
-    /// the chunk): one copy of the payload, where the general path copies a
-    /// read-ahead block twice. `None` when the window cannot serve it.
+    /// the chunk): the payload is copied out once, where the general path
+    /// first copies a whole read-ahead block out of the window. `None` when
+    /// the window cannot serve it.
     fn read_in_window(&mut self, file: &CouchFile, offset: u64) -> Result<Option<(u32, Vec<u8>)>> {
         let prefix_len = physical_len(offset, 8);
         if !self.covers(offset, prefix_len) {

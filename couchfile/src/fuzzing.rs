@@ -111,6 +111,27 @@ pub fn find_header(data: &[u8]) {
     }
 }
 
+/// Images of real couchstore files for the entry points' tests: each file
+/// of `../shared/vectors/couchstore` named here whole, cut in half, and with
+/// every 997th byte flipped.
+pub fn vector_images() -> std::io::Result<Vec<Vec<u8>>> {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/vectors/couchstore"
+    );
+    let mut images = Vec::new();
+    for name in ["0.couch.1", "legacy_v11.couch", "flipped_body_bit.couch"] {
+        let bytes = std::fs::read(format!("{dir}/{name}"))?;
+        let cut = bytes[..bytes.len() / 2].to_vec();
+        let mut flipped = bytes.clone();
+        for i in (0..flipped.len()).step_by(997) {
+            flipped[i] ^= 0x5a;
+        }
+        images.extend([bytes, cut, flipped]);
+    }
+    Ok(images)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -146,26 +167,12 @@ mod tests {
         for (len, seed) in [(0, 0), (1, 1), (7, 2), (64, 3), (5000, 4), (9000, 5)] {
             every_entry_point(&noise(len, seed));
         }
-        let dir = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/vectors/couchstore"
-        );
-        for name in ["0.couch.1", "legacy_v11.couch", "flipped_body_bit.couch"] {
-            let bytes = std::fs::read(format!("{dir}/{name}")).unwrap();
-            every_entry_point(&bytes);
-            // Cut and flipped copies must not panic either.
-            every_entry_point(&bytes[..bytes.len() / 2]);
-            let mut flipped = bytes.clone();
-            for i in (0..flipped.len()).step_by(997) {
-                flipped[i] ^= 0x5a;
-            }
-            every_entry_point(&flipped);
+        for image in vector_images().unwrap() {
+            every_entry_point(&image);
             // Every offset, in file order as a compaction reads: each real
             // chunk, and everything between.
-            for image in [&bytes, &flipped] {
-                let file = file_of(image).unwrap();
-                read_chunks_at(&file, 0..image.len() as u64 + 2);
-            }
+            let file = file_of(&image).unwrap();
+            read_chunks_at(&file, 0..image.len() as u64 + 2);
         }
     }
 }
