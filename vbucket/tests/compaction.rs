@@ -388,9 +388,7 @@ fn compaction_under_writes(
 ) -> CompactionReport {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(tmp.path(), config()).unwrap();
-    let vb = store.open_vbucket(0).unwrap();
-    let mut w = Workload::new(vb.clone(), seed, 400);
+    let (store, vb, mut w) = fresh_vbucket(tmp.path(), seed, 400);
     prefill(&mut w, 40);
     check(&vb, &w.model, "before compaction");
     let before = vb.snapshot();
@@ -605,10 +603,17 @@ fn ask(requests: &WriterRequests, batches: usize) -> u64 {
 }
 
 /// A vbucket of 3000 documents, for copies long enough to pause in.
-fn big_vbucket(tmp: &Path, seed: u64) -> (Store, VBucket, Workload) {
+/// A store in `tmp` with vbucket 0 open, and a workload on it over `keys`
+/// keys.
+fn fresh_vbucket(tmp: &Path, seed: u64, keys: u64) -> (Store, VBucket, Workload) {
     let store = Store::open(tmp, config()).unwrap();
     let vb = store.open_vbucket(0).unwrap();
-    let mut w = Workload::new(vb.clone(), seed, 3000);
+    let w = Workload::new(vb.clone(), seed, keys);
+    (store, vb, w)
+}
+
+fn big_vbucket(tmp: &Path, seed: u64) -> (Store, VBucket, Workload) {
+    let (store, vb, mut w) = fresh_vbucket(tmp, seed, 3000);
     for i in 0..3000 {
         w.set_value(&Workload::key(i), &[b'v'; 200]);
     }
@@ -832,9 +837,7 @@ fn purging(purge: PurgePolicy, hook: Option<CompactionHook>) -> CompactionOption
 #[test]
 fn purge_seq_never_goes_backwards() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(tmp.path(), config()).unwrap();
-    let vb = store.open_vbucket(0).unwrap();
-    let mut w = Workload::new(vb.clone(), 0x5eed_0020, 100);
+    let (store, vb, mut w) = fresh_vbucket(tmp.path(), 0x5eed_0020, 100);
     let key = |i: u64| Workload::key(i);
     for i in 0..60 {
         w.set(&key(i));
@@ -1298,9 +1301,7 @@ fn persist_20_before_final_round(w: &Arc<Mutex<Workload>>, value: &[u8]) -> Comp
 #[test]
 fn the_final_round_is_not_throttled() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(tmp.path(), config()).unwrap();
-    let vb = store.open_vbucket(0).unwrap();
-    let mut w = Workload::new(vb.clone(), 0x5eed_0050, 100);
+    let (store, vb, mut w) = fresh_vbucket(tmp.path(), 0x5eed_0050, 100);
     for i in 0..100 {
         w.delete(&Workload::key(i));
     }
@@ -1345,9 +1346,7 @@ fn the_final_round_is_not_throttled() {
 #[test]
 fn a_gap_left_by_the_rounds_is_replayed_before_the_lock() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(tmp.path(), config()).unwrap();
-    let vb = store.open_vbucket(0).unwrap();
-    let mut w = Workload::new(vb.clone(), 0x5eed_0051, 100);
+    let (store, vb, mut w) = fresh_vbucket(tmp.path(), 0x5eed_0051, 100);
     prefill(&mut w, 2);
     let w = Arc::new(Mutex::new(w));
     let hook = persist_20_before_final_round(&w, &[b'c'; 100]);
