@@ -3,13 +3,28 @@
 
 use crate::error::{Error, Result};
 use crate::node::{Node, INTERIOR, LEAF};
-use couchfile::{encode_kv_length, CouchFile, FileWriter, NodePointer, NodePointerRef};
+use couchfile::{
+    encode_kv_length, ChunkPos, Compressor, CouchFile, FileWriter, NodePointer, NodePointerRef,
+};
+use parking_lot::Mutex;
 use std::cmp::Ordering;
 use std::ops::{Bound, ControlFlow};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
+
+/// A batch of at least this many actions is modified by two threads: at the
+/// first nodes down from the root whose children take the batch in at least
+/// [`PARALLEL_MODIFY_MIN_RUNS`] runs, the calling thread and a helper share
+/// out those children's subtrees. Smaller batches do not pay for the thread.
+pub const PARALLEL_MODIFY_MIN_ACTIONS: usize = 256;
+
+/// How many children of a node must take part of a batch for two threads to
+/// share them out; with fewer, one of them could take most of the work.
+pub const PARALLEL_MODIFY_MIN_RUNS: usize = 4;
 
 /// What makes one tree differ from another: how keys sort and how a
-/// subtree's reduce value is computed.
-pub trait TreeOps {
+/// subtree's reduce value is computed. Shared by the threads of a parallel
+/// [`BTree::modify`], hence `Sync`.
+pub trait TreeOps: Sync {
     /// Orders two keys.
     fn compare(&self, a: &[u8], b: &[u8]) -> Ordering;
     /// The reduce value of a leaf's entries.
@@ -157,7 +172,7 @@ impl Collector {
     fn push<O: TreeOps + ?Sized>(
         &mut self,
         ops: &O,
-        w: &mut FileWriter,
+        w: &mut dyn NodeSink,
         key: &[u8],
         value: &[u8],
     ) -> Result<()> {
@@ -170,7 +185,7 @@ impl Collector {
     fn push_pointer<O: TreeOps + ?Sized>(
         &mut self,
         ops: &O,
-        w: &mut FileWriter,
+        w: &mut dyn NodeSink,
         key: &[u8],
         pointer: &NodePointer,
     ) -> Result<()> {
@@ -185,7 +200,7 @@ impl Collector {
     fn push_entry<O: TreeOps + ?Sized>(
         &mut self,
         ops: &O,
-        w: &mut FileWriter,
+        w: &mut dyn NodeSink,
         key: &[u8],
         value_len: usize,
         write_value: impl FnOnce(&mut Vec<u8>) -> Result<()>,
@@ -204,7 +219,7 @@ impl Collector {
     }
 
     /// Writes a node if the entries collected are over the size rules.
-    fn cut_if_full<O: TreeOps + ?Sized>(&mut self, ops: &O, w: &mut FileWriter) -> Result<()> {
+    fn cut_if_full<O: TreeOps + ?Sized>(&mut self, ops: &O, w: &mut dyn NodeSink) -> Result<()> {
         if self.compacting {
             if self.node_len() > self.quota() && (self.is_leaf || self.len() > 1) {
                 self.flush(ops, w, self.len())?;
@@ -227,7 +242,12 @@ impl Collector {
     }
 
     /// Writes the first `n` collected entries as one node.
-    fn flush<O: TreeOps + ?Sized>(&mut self, ops: &O, w: &mut FileWriter, n: usize) -> Result<()> {
+    fn flush<O: TreeOps + ?Sized>(
+        &mut self,
+        ops: &O,
+        w: &mut dyn NodeSink,
+        n: usize,
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
@@ -243,7 +263,7 @@ impl Collector {
             )
         };
         let end = self.spans[n - 1].end();
-        let pos = w.append_cached_chunk(&self.encoded[..end])?;
+        let pos = w.append_node(&self.encoded[..end])?;
         let last_key = self.entry(n - 1).0.to_vec();
         self.written.push((
             last_key,
@@ -267,11 +287,68 @@ impl Collector {
     fn finish<O: TreeOps + ?Sized>(
         mut self,
         ops: &O,
-        w: &mut FileWriter,
+        w: &mut dyn NodeSink,
     ) -> Result<Vec<(Vec<u8>, NodePointer)>> {
         self.flush(ops, w, self.len())?;
         Ok(self.written)
     }
+}
+
+/// Where a tree's new nodes go: a [`FileWriter`] of its own, or one shared
+/// by the threads of a parallel [`BTree::modify`] ([`SharedWriter`]).
+trait NodeSink {
+    /// Compresses `node`, appends it as a chunk and caches it.
+    fn append_node(&mut self, node: &[u8]) -> Result<ChunkPos>;
+}
+
+impl NodeSink for FileWriter {
+    fn append_node(&mut self, node: &[u8]) -> Result<ChunkPos> {
+        Ok(self.append_cached_chunk(node)?)
+    }
+}
+
+/// One thread's access to a writer shared by the threads of a parallel
+/// modify: it compresses its nodes itself and holds the lock only to
+/// append them.
+struct SharedWriter<'s, 'w> {
+    writer: &'s Mutex<&'w mut FileWriter>,
+    compressor: Compressor,
+}
+
+impl<'s, 'w> SharedWriter<'s, 'w> {
+    fn new(writer: &'s Mutex<&'w mut FileWriter>) -> Self {
+        Self {
+            writer,
+            compressor: Compressor::new(),
+        }
+    }
+}
+
+impl NodeSink for SharedWriter<'_, '_> {
+    fn append_node(&mut self, node: &[u8]) -> Result<ChunkPos> {
+        let compressed = self.compressor.compress(node);
+        Ok(self
+            .writer
+            .lock()
+            .append_precompressed_chunk(compressed, node)?)
+    }
+}
+
+/// A child of an interior node and the run of a batch's actions it takes.
+struct ChildRun<'n, 'a> {
+    /// The child's index in its parent.
+    index: usize,
+    child: NodePointer,
+    actions: &'n [Action<'a>],
+}
+
+/// A child's subtree modified by one of the threads of a parallel modify.
+struct RunDone {
+    /// The child's index in its parent.
+    index: usize,
+    outcome: Outcome,
+    /// What the modify fetched, for the caller's callback once all are done.
+    fetches: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 /// What modifying a subtree did.
@@ -350,6 +427,13 @@ impl<O: TreeOps> BTree<O> {
     /// [`ActionOp::FetchInsert`] key. Nodes that do not change are shared
     /// with the old tree; new ones are appended through `writer` and are
     /// readable through `writer.file()` once the writer has flushed.
+    ///
+    /// A batch of at least [`PARALLEL_MODIFY_MIN_ACTIONS`] actions is shared
+    /// out between the calling thread and a helper thread, which is joined
+    /// before this returns; the two append their nodes to `writer` as they
+    /// finish them, so nodes land in the file in no fixed order. `fetched`
+    /// is then called only once both are done, still in key order and from
+    /// the calling thread.
     pub fn modify(
         &self,
         writer: &mut FileWriter,
@@ -364,9 +448,18 @@ impl<O: TreeOps> BTree<O> {
         // Old nodes are read through the file: make all of them readable.
         writer.flush()?;
         let file = writer.file().clone();
-        let outcome = match root {
-            Some(root) => self.modify_node(&file, writer, root, actions, fetched)?,
-            None => self.modify_leaf(writer, None, actions, fetched)?,
+        let Some(root_ptr) = root else {
+            return match self.modify_leaf(writer, None, actions, fetched)? {
+                Outcome::Unchanged => Ok(None),
+                Outcome::Replaced(pointers) => self.finish_root(writer, pointers, false),
+            };
+        };
+        let outcome = if actions.len() >= PARALLEL_MODIFY_MIN_ACTIONS {
+            let shared = Mutex::new(&mut *writer);
+            let mut sink = SharedWriter::new(&shared);
+            self.modify_node(&file, &mut sink, root_ptr, actions, fetched, Some(&shared))?
+        } else {
+            self.modify_node(&file, writer, root_ptr, actions, fetched, None)?
         };
         match outcome {
             Outcome::Unchanged => Ok(root.cloned()),
@@ -377,7 +470,7 @@ impl<O: TreeOps> BTree<O> {
     /// Packs a level of pointers into interior nodes until one remains.
     fn finish_root(
         &self,
-        writer: &mut FileWriter,
+        writer: &mut dyn NodeSink,
         mut pointers: Vec<(Vec<u8>, NodePointer)>,
         compacting: bool,
     ) -> Result<Option<NodePointer>> {
@@ -391,13 +484,18 @@ impl<O: TreeOps> BTree<O> {
         Ok(pointers.pop().map(|(_, p)| p))
     }
 
+    /// Rewrites the subtree at `ptr` with `actions`. With `split` (the
+    /// writer behind `writer`, shared), the first nodes whose children take
+    /// the actions in at least [`PARALLEL_MODIFY_MIN_RUNS`] runs share those
+    /// out between this thread and a helper.
     fn modify_node(
         &self,
         file: &CouchFile,
-        writer: &mut FileWriter,
+        writer: &mut dyn NodeSink,
         ptr: &NodePointer,
         actions: &[Action<'_>],
         fetched: &mut FetchFn<'_>,
+        split: Option<&Mutex<&mut FileWriter>>,
     ) -> Result<Outcome> {
         let node = Node::read(file, ptr.pointer)?;
         if node.is_leaf {
@@ -409,7 +507,7 @@ impl<O: TreeOps> BTree<O> {
         }
         // Hand each child the run of actions up to its key; the last child
         // takes whatever is left.
-        let mut results: Vec<(usize, Outcome)> = Vec::new();
+        let mut runs: Vec<ChildRun<'_, '_>> = Vec::new();
         let mut rest = actions;
         for i in 0..node.len() {
             if rest.is_empty() {
@@ -426,11 +524,20 @@ impl<O: TreeOps> BTree<O> {
             if n == 0 {
                 continue;
             }
-            let child = child_pointer(file, ptr.pointer, node.value(i))?;
-            let outcome = self.modify_node(file, writer, &child, &rest[..n], fetched)?;
-            results.push((i, outcome));
+            runs.push(ChildRun {
+                index: i,
+                child: child_pointer(file, ptr.pointer, node.value(i))?,
+                actions: &rest[..n],
+            });
             rest = &rest[n..];
         }
+        let results = match split {
+            Some(shared) if runs.len() >= PARALLEL_MODIFY_MIN_RUNS => {
+                self.modify_children_on_two_threads(file, writer, shared, &runs, fetched)?
+            }
+            // Too few runs to share out evenly: each child may do so.
+            _ => self.modify_children(file, writer, &runs, fetched, split)?,
+        };
         if results.iter().all(|(_, o)| matches!(o, Outcome::Unchanged)) {
             return Ok(Outcome::Unchanged);
         }
@@ -450,9 +557,96 @@ impl<O: TreeOps> BTree<O> {
         Ok(Outcome::Replaced(out.finish(&self.ops, writer)?))
     }
 
+    /// Modifies the children of `runs` one after the other.
+    fn modify_children(
+        &self,
+        file: &CouchFile,
+        writer: &mut dyn NodeSink,
+        runs: &[ChildRun<'_, '_>],
+        fetched: &mut FetchFn<'_>,
+        split: Option<&Mutex<&mut FileWriter>>,
+    ) -> Result<Vec<(usize, Outcome)>> {
+        runs.iter()
+            .map(|run| {
+                let outcome =
+                    self.modify_node(file, writer, &run.child, run.actions, fetched, split)?;
+                Ok((run.index, outcome))
+            })
+            .collect()
+    }
+
+    /// Modifies the children of `runs` on two threads, this one and a
+    /// helper, each taking the next run not yet taken (runs cost unevenly:
+    /// a run of appends at the right edge rewrites a few nodes, a run of
+    /// scattered updates one leaf per action). Both append to the `shared`
+    /// writer. Fetches are kept per run and reported in run order once both
+    /// are done, so `fetched` still sees keys in order, from this thread.
+    fn modify_children_on_two_threads(
+        &self,
+        file: &CouchFile,
+        writer: &mut dyn NodeSink,
+        shared: &Mutex<&mut FileWriter>,
+        runs: &[ChildRun<'_, '_>],
+        fetched: &mut FetchFn<'_>,
+    ) -> Result<Vec<(usize, Outcome)>> {
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let take_runs = |sink: &mut dyn NodeSink| -> Result<Vec<RunDone>> {
+            let mut done = Vec::new();
+            while !failed.load(AtomicOrdering::Relaxed) {
+                let Some(run) = runs.get(next.fetch_add(1, AtomicOrdering::Relaxed)) else {
+                    break;
+                };
+                let mut fetches = Vec::new();
+                let outcome = self
+                    .modify_node(
+                        file,
+                        sink,
+                        &run.child,
+                        run.actions,
+                        &mut |key, old| {
+                            fetches.push((key.to_vec(), old.map(<[u8]>::to_vec)));
+                            Ok(())
+                        },
+                        None,
+                    )
+                    .inspect_err(|_| failed.store(true, AtomicOrdering::Relaxed))?;
+                done.push(RunDone {
+                    index: run.index,
+                    outcome,
+                    fetches,
+                });
+            }
+            Ok(done)
+        };
+        let span = tracing::Span::current();
+        let (mine, theirs) = std::thread::scope(|scope| {
+            let helper = scope.spawn(|| {
+                let _span = span.enter();
+                take_runs(&mut SharedWriter::new(shared))
+            });
+            let mine = take_runs(writer);
+            let theirs = helper
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (mine, theirs)
+        });
+        let mut done = mine?;
+        done.extend(theirs?);
+        done.sort_by_key(|d| d.index);
+        done.into_iter()
+            .map(|d| {
+                for (key, old) in &d.fetches {
+                    fetched(key, old.as_deref())?;
+                }
+                Ok((d.index, d.outcome))
+            })
+            .collect()
+    }
+
     fn modify_leaf(
         &self,
-        writer: &mut FileWriter,
+        writer: &mut dyn NodeSink,
         node: Option<&Node>,
         actions: &[Action<'_>],
         fetched: &mut FetchFn<'_>,
@@ -744,7 +938,7 @@ impl<O: TreeOps> Builder<'_, O> {
     }
 
     /// Moves the pointers of nodes written at `level` up one level.
-    fn promote(&mut self, writer: &mut FileWriter, level: usize) -> Result<()> {
+    fn promote(&mut self, writer: &mut dyn NodeSink, level: usize) -> Result<()> {
         if self.levels[level].written.is_empty() {
             return Ok(());
         }
@@ -784,8 +978,150 @@ mod tests {
     use super::*;
     use crate::node::Node;
     use crate::Local;
-    use couchfile::{ChunkCache, MemBackend};
+    use couchfile::{
+        ChunkCache, FaultController, FaultKind, FaultRule, FaultyBackend, MemBackend, OpKind,
+    };
     use std::sync::Arc;
+
+    /// A tree of 4,000 keys in small nodes on a fault-injecting backend, and
+    /// a batch rewriting every other key: large enough to be shared out
+    /// between two threads.
+    fn large_tree_and_batch() -> (
+        BTree<Local>,
+        FileWriter,
+        FaultController,
+        NodePointer,
+        Vec<Vec<u8>>,
+    ) {
+        let faults = FaultController::new();
+        let backend = FaultyBackend::new(MemBackend::new(), faults.clone());
+        let file = CouchFile::new(Arc::new(backend), "faulty.couch").unwrap();
+        let mut w = FileWriter::create_without_header(file).unwrap();
+        let tree = BTree::new(
+            Local,
+            NodeConfig {
+                leaf_threshold: 128,
+                interior_threshold: 128,
+            },
+        );
+        let keys: Vec<Vec<u8>> = (0..4000u32)
+            .map(|i| format!("k{i:05}").into_bytes())
+            .collect();
+        let inserts: Vec<Action<'_>> = keys
+            .iter()
+            .map(|key| Action {
+                key,
+                op: ActionOp::Insert(b"v1"),
+            })
+            .collect();
+        let root = tree
+            .modify(&mut w, None, &inserts, &mut |_, _| Ok(()))
+            .unwrap()
+            .unwrap();
+        w.flush().unwrap();
+        let batch = keys.iter().step_by(2).cloned().collect();
+        (tree, w, faults, root, batch)
+    }
+
+    fn fetch_inserts(keys: &[Vec<u8>]) -> Vec<Action<'_>> {
+        assert!(keys.len() >= PARALLEL_MODIFY_MIN_ACTIONS);
+        keys.iter()
+            .map(|key| Action {
+                key,
+                op: ActionOp::FetchInsert(b"v2"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_modify_on_two_threads_reports_fetches_in_key_order() {
+        let (tree, mut w, _, root, batch) = large_tree_and_batch();
+        let mut fetched = Vec::new();
+        let new = tree
+            .modify(
+                &mut w,
+                Some(&root),
+                &fetch_inserts(&batch),
+                &mut |key, old| {
+                    fetched.push((key.to_vec(), old.map(<[u8]>::to_vec)));
+                    Ok(())
+                },
+            )
+            .unwrap()
+            .unwrap();
+        let want: Vec<_> = batch
+            .iter()
+            .map(|k| (k.clone(), Some(b"v1".to_vec())))
+            .collect();
+        assert_eq!(fetched, want);
+        w.flush().unwrap();
+        let mut entries = Vec::new();
+        tree.fold(
+            w.file(),
+            Some(&new),
+            Bound::Unbounded,
+            Bound::Unbounded,
+            &mut |k, v| {
+                entries.push((k.to_vec(), v.to_vec()));
+                Ok(ControlFlow::Continue(()))
+            },
+        )
+        .unwrap();
+        assert_eq!(entries.len(), 4000);
+        for (i, (key, value)) in entries.iter().enumerate() {
+            assert_eq!(key, &format!("k{i:05}").into_bytes());
+            let want: &[u8] = if i % 2 == 0 { b"v2" } else { b"v1" };
+            assert_eq!(value, want, "key {i}");
+        }
+    }
+
+    #[test]
+    fn a_modify_on_two_threads_returns_the_first_error() {
+        let (tree, mut w, faults, root, batch) = large_tree_and_batch();
+        let actions = fetch_inserts(&batch);
+
+        // A fetch callback's error, from the last key (fetched by whichever
+        // thread took the last run).
+        let last = batch.last().unwrap().clone();
+        let err = tree
+            .modify(&mut w, Some(&root), &actions, &mut |key, _| {
+                if key == last {
+                    return Err(Error::InvalidArgument("refused".into()));
+                }
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument(ref m) if m == "refused"),
+            "{err}"
+        );
+
+        // Reads failing in both threads.
+        faults.inject(FaultRule::always(OpKind::Read, FaultKind::Eio));
+        let err = tree
+            .modify(&mut w, Some(&root), &actions, &mut |_, _| Ok(()))
+            .unwrap_err();
+        assert!(err.to_string().contains("Input/output error"), "{err}");
+        faults.clear_faults();
+
+        // Writes failing: values that do not compress, so that the shared
+        // writer fills its buffer and writes during the modify.
+        let noise: Vec<u8> = (0u32..1500)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let big: Vec<Action<'_>> = batch
+            .iter()
+            .map(|key| Action {
+                key,
+                op: ActionOp::Insert(&noise),
+            })
+            .collect();
+        faults.inject(FaultRule::always(OpKind::Write, FaultKind::NoSpace));
+        let err = tree
+            .modify(&mut w, Some(&root), &big, &mut |_, _| Ok(()))
+            .unwrap_err();
+        assert!(err.to_string().contains("No space left"), "{err}");
+    }
 
     #[test]
     fn a_modify_drops_the_nodes_it_replaces_from_the_cache() {

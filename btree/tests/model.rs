@@ -284,7 +284,7 @@ fn bound_spec() -> impl Strategy<Value = BoundSpec> {
     ]
 }
 
-fn tree_batch() -> impl Strategy<Value = TreeBatch> {
+fn tree_batch(actions: std::ops::Range<usize>) -> impl Strategy<Value = TreeBatch> {
     let op = prop_oneof![
         2 => Just(TOp::Fetch),
         2 => Just(TOp::Remove),
@@ -292,7 +292,7 @@ fn tree_batch() -> impl Strategy<Value = TreeBatch> {
         2 => tree_value().prop_map(TOp::FetchInsert),
     ];
     (
-        prop::collection::vec((pick(), op), 0..200),
+        prop::collection::vec((pick(), op), actions),
         prop::collection::vec(probe_key(), 0..30),
         prop::collection::vec(
             (bound_spec(), bound_spec(), proptest::option::of(1usize..40)),
@@ -527,7 +527,7 @@ proptest! {
         leaf in 100usize..400,
         interior in 100usize..400,
         pool in prop::collection::vec(tree_key(), 1..250),
-        batches in prop::collection::vec(tree_batch(), 1..7),
+        batches in prop::collection::vec(tree_batch(0..200), 1..7),
     ) {
         let config = NodeConfig { leaf_threshold: leaf, interior_threshold: interior };
         run_tree_case(config, pool, batches)?;
@@ -590,6 +590,25 @@ proptest! {
                 prop_assert_eq!(unbounded_end, want_tail);
             }
         }
+    }
+}
+
+proptest! {
+    // Each case writes thousands of nodes.
+    #![proptest_config(config(24))]
+
+    /// The same with batches of at least `PARALLEL_MODIFY_MIN_ACTIONS`
+    /// distinct keys on trees of many small nodes, which `BTree::modify`
+    /// shares out between two threads.
+    #[test]
+    fn large_batches_match_model(
+        leaf in 100usize..400,
+        interior in 100usize..400,
+        pool in prop::collection::vec(tree_key(), 1500..3000),
+        batches in prop::collection::vec(tree_batch(800..2000), 2..4),
+    ) {
+        let config = NodeConfig { leaf_threshold: leaf, interior_threshold: interior };
+        run_tree_case(config, pool, batches)?;
     }
 }
 

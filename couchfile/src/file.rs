@@ -599,7 +599,7 @@ pub fn decompress(compressed: &[u8]) -> Result<Vec<u8>> {
 /// Compresses with snappy (raw block format, as couchstore).
 pub fn compress(data: &[u8]) -> Vec<u8> {
     let mut compressor = Compressor::new();
-    let len = compressor.compress(data);
+    let len = compressor.compress_len(data);
     let mut out = compressor.out;
     out.truncate(len);
     out
@@ -607,26 +607,43 @@ pub fn compress(data: &[u8]) -> Vec<u8> {
 
 /// A snappy encoder and its output buffer, kept for the next block: a fresh
 /// encoder allocates its hash table and output for every block, which for
-/// node-sized blocks costs about as much as compressing them.
+/// node-sized blocks costs about as much as compressing them. A
+/// [`FileWriter`] has one; a thread that compresses chunks for a writer it
+/// shares with others (then appending them with
+/// [`FileWriter::append_precompressed_chunk`]) needs its own.
 #[derive(Debug)]
-struct Compressor {
+pub struct Compressor {
     encoder: snap::raw::Encoder,
     /// The last block compressed, at its start. Never shrinks, so it is
     /// zeroed only when it grows.
     out: Vec<u8>,
 }
 
+impl Default for Compressor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Compressor {
-    fn new() -> Self {
+    /// A compressor with empty buffers.
+    pub fn new() -> Self {
         Self {
             encoder: snap::raw::Encoder::new(),
             out: Vec::new(),
         }
     }
 
+    /// Compresses `data` with snappy (raw block format, as couchstore); the
+    /// result lives until the next call.
+    pub fn compress(&mut self, data: &[u8]) -> &[u8] {
+        let len = self.compress_len(data);
+        &self.out[..len]
+    }
+
     /// Compresses `data` (raw block format) into the start of `out`;
     /// returns its compressed length.
-    fn compress(&mut self, data: &[u8]) -> usize {
+    fn compress_len(&mut self, data: &[u8]) -> usize {
         let max = snap::raw::max_compress_len(data.len());
         if self.out.len() < max {
             self.out.resize(max, 0);
@@ -746,7 +763,7 @@ impl FileWriter {
 
     /// Compresses `data` with snappy and appends it as a data chunk.
     pub fn append_compressed_chunk(&mut self, data: &[u8]) -> Result<ChunkPos> {
-        let len = self.compressor.compress(data);
+        let len = self.compressor.compress_len(data);
         // Taken out (no allocation) for the call, then put back.
         let out = std::mem::take(&mut self.compressor.out);
         let pos = self.append_chunk(&out[..len]);
@@ -759,11 +776,31 @@ impl FileWriter {
     /// [`CouchFile::read_cached_chunk`].
     pub fn append_cached_chunk(&mut self, data: &[u8]) -> Result<ChunkPos> {
         let pos = self.append_compressed_chunk(data)?;
+        self.cache_chunk(pos.offset, data);
+        Ok(pos)
+    }
+
+    /// [`FileWriter::append_cached_chunk`] of a chunk compressed elsewhere:
+    /// appends `compressed`, which must be `data` as a [`Compressor`]
+    /// compressed it, and caches `data`. For threads that share a writer and
+    /// compress their chunks before taking it.
+    pub fn append_precompressed_chunk(
+        &mut self,
+        compressed: &[u8],
+        data: &[u8],
+    ) -> Result<ChunkPos> {
+        let pos = self.append_chunk(compressed)?;
+        self.cache_chunk(pos.offset, data);
+        Ok(pos)
+    }
+
+    /// Puts the decompressed `data` of the chunk at `offset` in the file's
+    /// [`ChunkCache`], if it has one.
+    fn cache_chunk(&self, offset: u64, data: &[u8]) {
         if let Some(cache) = &self.file.shared.cache {
             let chunk = Arc::new(data.to_vec());
-            cache.insert(self.file.shared.cache_id.get(), pos.offset, chunk);
+            cache.insert(self.file.shared.cache_id.get(), offset, chunk);
         }
-        Ok(pos)
     }
 
     /// Writes the buffered bytes to the backend (without syncing).
@@ -996,10 +1033,9 @@ mod tests {
             .collect();
         // Large, then smaller: the buffer keeps the larger block's tail.
         for block in [&text[..], &noise[..], &text[..10], &[][..], &noise[..300]] {
-            let len = compressor.compress(block);
             let fresh = snap::raw::Encoder::new().compress_vec(block).unwrap();
-            assert_eq!(&compressor.out[..len], &fresh[..]);
-            assert_eq!(decompress(&compressor.out[..len]).unwrap(), block);
+            assert_eq!(compressor.compress(block), &fresh[..]);
+            assert_eq!(decompress(compressor.compress(block)).unwrap(), block);
         }
     }
 }

@@ -64,7 +64,7 @@ pub use dir::{Directory, FaultyDirectory, NameTail, OsDirectory};
 pub use error::{Error, IoOp, Result};
 pub use fault::{FaultController, FaultKind, FaultRule, FaultyBackend, OpKind, TornTail};
 pub use file::{
-    compress, decompress, ChunkPos, CouchFile, FileWriter, LocatedHeader, OpenMode,
+    compress, decompress, ChunkPos, Compressor, CouchFile, FileWriter, LocatedHeader, OpenMode,
     SequentialReader, MAX_CHUNK_LEN, MAX_DECOMPRESSED_LEN, MAX_HEADER_LEN,
 };
 
