@@ -55,7 +55,10 @@ mod tree;
 pub use db::{Body, ChangesFilter, Db, DbOptions, DocUpdate, LocalUpdate, Snapshot};
 pub use error::{Error, Result};
 pub use indexes::{decode_seq_reduce, ById, BySeq, IdReduce, Local};
-pub use tree::{Action, ActionOp, BTree, Builder, EntryFn, FetchFn, NodeConfig, TreeOps};
+pub use tree::{
+    Action, ActionOp, BTree, Builder, EntryFn, FetchFn, NodeConfig, TreeOps,
+    PARALLEL_MODIFY_MIN_ACTIONS, PARALLEL_MODIFY_MIN_RUNS,
+};
 
 /// Compiles and runs the examples in the crate's README.
 #[cfg(doctest)]
