@@ -16,8 +16,10 @@ use std::sync::Arc;
 /// Documents of the base commit.
 const BASE_DOCS: u32 = 3000;
 
-/// Id -> (seq, body; `None` for a deletion) of every document.
-type Model = BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)>;
+/// The seq and body (`None` for a deletion) of a document.
+type Saved = (u64, Option<Vec<u8>>);
+/// Every document by id.
+type Model = BTreeMap<Vec<u8>, Saved>;
 
 fn id(i: u32) -> Vec<u8> {
     format!("doc-{i:05}").into_bytes()
@@ -94,7 +96,7 @@ fn reads_as(snapshot: &Snapshot, model: &Model) -> bool {
             Ok(ControlFlow::Continue(()))
         })
         .unwrap();
-    let mut want: Vec<(&Vec<u8>, &(u64, Option<Vec<u8>>))> = model.iter().collect();
+    let mut want: Vec<(&Vec<u8>, &Saved)> = model.iter().collect();
     want.sort_by_key(|(_, (seq, _))| *seq);
     if by_seq.len() != want.len() {
         return false;
