@@ -983,6 +983,35 @@ mod tests {
     };
     use std::sync::Arc;
 
+    /// A tree of `n` keys `k00000`, `k00001`... (value `v1`) in nodes of
+    /// `threshold` bytes, written through `w`; its root and keys.
+    fn local_tree(
+        w: &mut FileWriter,
+        threshold: usize,
+        n: u32,
+    ) -> (BTree<Local>, NodePointer, Vec<Vec<u8>>) {
+        let tree = BTree::new(
+            Local,
+            NodeConfig {
+                leaf_threshold: threshold,
+                interior_threshold: threshold,
+            },
+        );
+        let keys: Vec<Vec<u8>> = (0..n).map(|i| format!("k{i:05}").into_bytes()).collect();
+        let inserts: Vec<Action<'_>> = keys
+            .iter()
+            .map(|key| Action {
+                key,
+                op: ActionOp::Insert(b"v1"),
+            })
+            .collect();
+        let root = tree
+            .modify(w, None, &inserts, &mut |_, _| Ok(()))
+            .unwrap()
+            .unwrap();
+        (tree, root, keys)
+    }
+
     /// A tree of 4,000 keys in small nodes on a fault-injecting backend, and
     /// a batch rewriting every other key: large enough to be shared out
     /// between two threads.
@@ -997,27 +1026,7 @@ mod tests {
         let backend = FaultyBackend::new(MemBackend::new(), faults.clone());
         let file = CouchFile::new(Arc::new(backend), "faulty.couch").unwrap();
         let mut w = FileWriter::create_without_header(file).unwrap();
-        let tree = BTree::new(
-            Local,
-            NodeConfig {
-                leaf_threshold: 128,
-                interior_threshold: 128,
-            },
-        );
-        let keys: Vec<Vec<u8>> = (0..4000u32)
-            .map(|i| format!("k{i:05}").into_bytes())
-            .collect();
-        let inserts: Vec<Action<'_>> = keys
-            .iter()
-            .map(|key| Action {
-                key,
-                op: ActionOp::Insert(b"v1"),
-            })
-            .collect();
-        let root = tree
-            .modify(&mut w, None, &inserts, &mut |_, _| Ok(()))
-            .unwrap()
-            .unwrap();
+        let (tree, root, keys) = local_tree(&mut w, 128, 4000);
         w.flush().unwrap();
         let batch = keys.iter().step_by(2).cloned().collect();
         (tree, w, faults, root, batch)
@@ -1130,27 +1139,7 @@ mod tests {
             .unwrap()
             .with_cache(Arc::clone(&cache));
         let mut w = FileWriter::new(file).unwrap();
-        let tree = BTree::new(
-            Local,
-            NodeConfig {
-                leaf_threshold: 64,
-                interior_threshold: 64,
-            },
-        );
-        let keys: Vec<Vec<u8>> = (0..60u32)
-            .map(|i| format!("k{i:03}").into_bytes())
-            .collect();
-        let inserts: Vec<Action<'_>> = keys
-            .iter()
-            .map(|key| Action {
-                key,
-                op: ActionOp::Insert(b"v1"),
-            })
-            .collect();
-        let old = tree
-            .modify(&mut w, None, &inserts, &mut |_, _| Ok(()))
-            .unwrap()
-            .unwrap();
+        let (tree, old, keys) = local_tree(&mut w, 64, 60);
         let change = [Action {
             key: &keys[0],
             op: ActionOp::Insert(b"v2"),
