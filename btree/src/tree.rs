@@ -576,7 +576,7 @@ impl<O: TreeOps> BTree<O> {
     }
 
     /// Modifies the children of `runs` on two threads, this one and a
-    /// helper, each taking the next run not yet taken (runs cost unevenly:
+    /// helper (this one alone if no thread can be started), each taking the next run not yet taken (runs cost unevenly:
     /// a run of appends at the right edge rewrites a few nodes, a run of
     /// scattered updates one leaf per action). Both append to the `shared`
     /// writer. Fetches are kept per run and reported in run order once both
@@ -621,14 +621,24 @@ impl<O: TreeOps> BTree<O> {
         };
         let span = tracing::Span::current();
         let (mine, theirs) = std::thread::scope(|scope| {
-            let helper = scope.spawn(|| {
-                let _span = span.enter();
-                take_runs(&mut SharedWriter::new(shared))
-            });
+            let helper = std::thread::Builder::new()
+                .name("btree-modify".into())
+                .spawn_scoped(scope, || {
+                    let _span = span.enter();
+                    take_runs(&mut SharedWriter::new(shared))
+                });
+            // Without a helper (no thread to be had), this thread takes
+            // every run.
             let mine = take_runs(writer);
-            let theirs = helper
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let theirs = match helper {
+                Ok(helper) => helper
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no helper thread for a modify");
+                    Ok(Vec::new())
+                }
+            };
             (mine, theirs)
         });
         let mut done = mine?;
