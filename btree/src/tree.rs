@@ -448,18 +448,14 @@ impl<O: TreeOps> BTree<O> {
         // Old nodes are read through the file: make all of them readable.
         writer.flush()?;
         let file = writer.file().clone();
-        let Some(root_ptr) = root else {
-            return match self.modify_leaf(writer, None, actions, fetched)? {
-                Outcome::Unchanged => Ok(None),
-                Outcome::Replaced(pointers) => self.finish_root(writer, pointers, false),
-            };
-        };
-        let outcome = if actions.len() >= PARALLEL_MODIFY_MIN_ACTIONS {
-            let shared = Mutex::new(&mut *writer);
-            let mut sink = SharedWriter::new(&shared);
-            self.modify_node(&file, &mut sink, root_ptr, actions, fetched, Some(&shared))?
-        } else {
-            self.modify_node(&file, writer, root_ptr, actions, fetched, None)?
+        let outcome = match root {
+            None => self.modify_leaf(writer, None, actions, fetched)?,
+            Some(root) if actions.len() >= PARALLEL_MODIFY_MIN_ACTIONS => {
+                let shared = Mutex::new(&mut *writer);
+                let mut sink = SharedWriter::new(&shared);
+                self.modify_node(&file, &mut sink, root, actions, fetched, Some(&shared))?
+            }
+            Some(root) => self.modify_node(&file, writer, root, actions, fetched, None)?,
         };
         match outcome {
             Outcome::Unchanged => Ok(root.cloned()),
@@ -1095,7 +1091,7 @@ mod tests {
     }
 
     #[test]
-    fn a_modify_on_two_threads_returns_the_first_error() {
+    fn a_modify_on_two_threads_returns_callback_read_and_write_errors() {
         let (tree, mut w, faults, root, batch) = large_tree_and_batch();
         let actions = fetch_inserts(&batch);
 

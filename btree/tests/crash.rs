@@ -162,7 +162,8 @@ fn a_crash_at_any_io_of_a_two_thread_commit_opens_at_the_previous_or_the_new_hea
             }
         }
     }
-    // Only a crash at the last sync (of the header) can keep the new one.
+    // Both outcomes occur: a crash before the header is written keeps the
+    // base; once it is written, an image where it survived has the new one.
     assert!(
         opened_old > 0 && opened_new > 0,
         "{opened_old} {opened_new}"
