@@ -104,8 +104,7 @@ impl Copier<'_, '_> {
         let key = encode_seq_key(info.db_seq)?;
         self.seq_builder
             .push(&mut self.writer, &key, &info.encode_by_seq_value()?)?;
-        let value = info.encode_by_id_value()?;
-        self.sorter.push(info.id, value)?;
+        self.sorter.push(&info.id, &info.encode_by_id_value()?)?;
         self.stats.docs_copied += 1;
         Ok(())
     }
@@ -183,10 +182,11 @@ pub fn copy_snapshot(
     let by_seq_root = seq_builder.finish(&mut writer)?;
     stats.runs_spilled = sorter.runs_spilled();
     let mut id_builder = by_id.builder();
-    for entry in sorter.finish()? {
+    let mut sorted = sorter.finish()?;
+    while let Some(entry) = sorted.next_pair() {
         let (id, value) = entry?;
         control.check()?;
-        id_builder.push(&mut writer, &id, &value)?;
+        id_builder.push(&mut writer, id, value)?;
     }
     let by_id_root = id_builder.finish(&mut writer)?;
     let mut local_builder = local.builder();
