@@ -68,7 +68,9 @@ pub struct CompactionOptions {
     pub compactor: CompactionConfig,
     /// Concurrent (default) or blocking.
     pub mode: CompactionMode,
-    /// Most unlocked catch-up rounds before the final one.
+    /// Most unlocked catch-up rounds before the final one. The rounds stop
+    /// sooner when one would replay as large a gap as the round before it
+    /// (the writes outpace the replay, so more rounds would not shrink it).
     pub max_rounds: usize,
     /// The unlocked rounds stop once the remaining gap is estimated (from
     /// the rate of the last round) to replay within this time; the first
@@ -330,6 +332,15 @@ impl VBucket {
                 if cost.is_some_and(|cost| {
                     cost * u32::try_from(gap).unwrap_or(u32::MAX) <= options.lock_budget
                 }) {
+                    break;
+                }
+                // The writes outpace the replay: another round would leave
+                // as large a gap again. The tries to take the lock between
+                // two commits deal with such a writer.
+                if rounds
+                    .last()
+                    .is_some_and(|prev: &RoundStats| gap >= prev.docs)
+                {
                     break;
                 }
                 let round_stats = catch_up(&mut db, &last, &latest, &options.compactor, false)?;

@@ -358,8 +358,10 @@ fn busy_hook(
                 w.set_state(VbucketState::Pending);
                 w.flush(30);
             }
+            // Fewer each round, so that the rounds converge and only the
+            // limit or the budget stops them.
             (_, CompactionPhase::RoundDone(n)) => {
-                w.flush(20 + 5 * n);
+                w.flush(50_usize.saturating_sub(10 * n).max(5));
                 if n % 2 == 1 {
                     // A header with only a local-document change.
                     w.set_state(VbucketState::Replica);
@@ -509,6 +511,56 @@ fn compaction_under_writes(
 }
 
 // --- a. content under writes at every phase -------------------------------
+
+/// Writes that outpace the replay (each round leaves a larger gap than the
+/// one it replayed) stop the unlocked rounds at the first that would not
+/// shrink the gap, long before the round limit; the final phase replays
+/// the rest, and nothing is lost.
+#[test]
+fn unlocked_rounds_stop_when_the_writes_outpace_them() {
+    use CompactionPhase::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, vb, mut w) = fresh_vbucket(tmp.path(), 0x5eed_0040, 400);
+    prefill(&mut w, 10);
+    let w = Arc::new(Mutex::new(w));
+    let phases = Arc::new(Mutex::new(Vec::new()));
+    let hook: CompactionHook = {
+        let (w, phases) = (Arc::clone(&w), Arc::clone(&phases));
+        Arc::new(move |phase| {
+            phases.lock().unwrap().push(phase);
+            let mut w = w.lock().unwrap();
+            match phase {
+                Copied => w.flush(20),
+                RoundDone(n) => w.flush(40 * (n + 1)),
+                BeforeFinalRound | FinalRoundLocked => {}
+            }
+        })
+    };
+    let opts = options(CompactionMode::Concurrent, Duration::ZERO, 8, Some(hook));
+    let report = vb.compact(&opts).unwrap();
+    drop(opts);
+    // Round 1 replays the 20 mutations of `Copied`; the 80 after it leave a
+    // larger gap, so round 2 does not run.
+    let unlocked: Vec<u64> = report
+        .rounds
+        .iter()
+        .filter(|r| !r.locked)
+        .map(|r| r.docs)
+        .collect();
+    assert_eq!(unlocked.len(), 1, "{report:?}");
+    assert!(unlocked[0] > 0 && unlocked[0] <= 20, "{report:?}");
+    assert_eq!(
+        *phases.lock().unwrap(),
+        [Copied, RoundDone(1), BeforeFinalRound, FinalRoundLocked]
+    );
+    let replayed_after =
+        docs(&report.rounds_waiting_for_commit) + docs(&report.rounds[unlocked.len()..]);
+    assert!(replayed_after > 60, "{report:?}");
+    let w = Arc::try_unwrap(w).ok().unwrap().into_inner().unwrap();
+    check(&vb, &w.model, "after the compaction");
+    store.close().unwrap();
+    verify_dir(tmp.path());
+}
 
 #[test]
 fn unlocked_rounds_under_writes_keep_every_change() {
@@ -1009,8 +1061,12 @@ fn abort_compaction(how: Abort, at: CompactionPhase, mode: CompactionMode) {
                 mode == CompactionMode::Blocking || phase == CompactionPhase::FinalRoundLocked;
             if phase != at {
                 if !lock_held {
-                    // More rounds.
-                    w.flush(20);
+                    // More rounds, each replaying less than the one before.
+                    let round = match phase {
+                        CompactionPhase::RoundDone(n) => n,
+                        _ => 0,
+                    };
+                    w.flush(40_usize.saturating_sub(10 * round).max(5));
                 }
                 return;
             }
