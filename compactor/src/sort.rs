@@ -102,12 +102,6 @@ impl PairBuffer {
         &self.bytes[pair.start..pair.start + pair.key_len as usize + pair.value_len as usize]
     }
 
-    /// The key and value of the `i`th pair.
-    fn pair(&self, i: usize) -> Option<(&[u8], &[u8])> {
-        let pair = self.index.get(i)?;
-        Some(self.key_and_value(pair).split_at(pair.key_len as usize))
-    }
-
     /// The length of the longest prefix all keys share.
     fn common_prefix_len(&self) -> usize {
         let Some((first, rest)) = self.index.split_first() else {
@@ -157,28 +151,74 @@ fn key_of<'b>(bytes: &'b [u8], pair: &BufferedPair) -> &'b [u8] {
     &bytes[pair.start..pair.start + pair.key_len as usize]
 }
 
+/// Pairs a [`SortedBuffer`] copies out together.
+const STAGED_PAIRS: usize = 1024;
+
 /// A sorted [`PairBuffer`] read from the start, a pair at a time.
+///
+/// In key order the pairs lie scattered over the buffer, each a likely
+/// cache miss. They are copied out [`STAGED_PAIRS`] at a time by a short
+/// loop, which lets the processor fetch many of them at once: read one by
+/// one, each between a builder's encoding and compression of nodes, they
+/// were fetched one after the other. The by-id build of `couchtool compact`
+/// of 200,000 documents went from 63-78 to 36-52 ms (six interleaved runs).
 #[derive(Debug)]
 struct SortedBuffer {
     buffer: PairBuffer,
+    /// Index of the first pair not staged yet.
+    unstaged: usize,
+    /// The staged pairs: their bytes, key then value, one after the other.
+    staged: Vec<u8>,
+    /// The staged pairs' key and value lengths.
+    staged_lens: Vec<(u32, u32)>,
+    /// The next staged pair to return, and where its bytes start.
     next: usize,
+    next_start: usize,
 }
 
 impl SortedBuffer {
     fn new(mut buffer: PairBuffer) -> Self {
         buffer.sort();
-        Self { buffer, next: 0 }
+        Self {
+            buffer,
+            unstaged: 0,
+            staged: Vec::new(),
+            staged_lens: Vec::with_capacity(STAGED_PAIRS),
+            next: 0,
+            next_start: 0,
+        }
     }
 
     fn remaining(&self) -> usize {
-        self.buffer.len() - self.next
+        self.buffer.len() - self.unstaged + self.staged_lens.len() - self.next
     }
 
-    /// The next pair, as slices of the buffer.
+    /// Copies the next pairs in order into the stage.
+    fn stage(&mut self) {
+        self.staged.clear();
+        self.staged_lens.clear();
+        let end = self.buffer.len().min(self.unstaged + STAGED_PAIRS);
+        for pair in &self.buffer.index[self.unstaged..end] {
+            self.staged
+                .extend_from_slice(self.buffer.key_and_value(pair));
+            self.staged_lens.push((pair.key_len, pair.value_len));
+        }
+        self.unstaged = end;
+        self.next = 0;
+        self.next_start = 0;
+    }
+
+    /// The next pair, lent until the next call.
     fn next_pair(&mut self) -> Option<(&[u8], &[u8])> {
-        let pair = self.buffer.pair(self.next)?;
+        if self.next == self.staged_lens.len() {
+            self.stage();
+        }
+        let &(key_len, value_len) = self.staged_lens.get(self.next)?;
+        let start = self.next_start;
+        let end = start + key_len as usize + value_len as usize;
         self.next += 1;
-        Some(pair)
+        self.next_start = end;
+        Some(self.staged[start..end].split_at(key_len as usize))
     }
 
     /// The next pair, copied out.
@@ -848,6 +888,26 @@ mod tests {
         let pairs: Vec<Pair> = keys.iter().map(|k| (k.clone(), Vec::new())).collect();
         assert_eq!(buffer_of(&pairs).common_prefix_len(), common.len());
         assert_sorts_as_a_vec_does(keys);
+    }
+
+    #[test]
+    fn a_sorted_buffer_stages_its_pairs_in_order_across_stages() {
+        let pairs = shuffled_pairs(3 * STAGED_PAIRS + 5, 7);
+        let mut sorted = SortedBuffer::new(buffer_of(&pairs));
+        let mut expected = pairs;
+        expected.sort_by(by_key);
+        for (i, want) in expected.iter().enumerate() {
+            assert_eq!(sorted.remaining(), expected.len() - i);
+            let (key, value) = sorted.next_pair().unwrap();
+            assert_eq!(
+                (key, value),
+                (want.0.as_slice(), want.1.as_slice()),
+                "pair {i}"
+            );
+        }
+        assert_eq!(sorted.remaining(), 0);
+        assert_eq!(sorted.next_pair(), None);
+        assert_eq!(sorted.remaining(), 0);
     }
 
     #[test]
