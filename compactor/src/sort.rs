@@ -318,8 +318,8 @@ impl<'d> ExternalSorter<'d> {
     /// `memory_budget` bytes of keys+values are kept in memory before a run
     /// is spilled. Each buffered pair counts its key and value lengths plus
     /// its entry in the index of the buffer (32 bytes on 64-bit targets), so
-    /// a budget also bounds the memory of many tiny pairs. A budget of 0 spills every
-    /// pair as its own run.
+    /// a budget also bounds the memory of many tiny pairs. A budget of 0
+    /// spills every pair as its own run.
     ///
     /// During the merge each run is read through a buffer of
     /// `memory_budget / runs` bytes, kept between 4 KiB and 256 KiB.
