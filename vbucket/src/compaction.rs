@@ -336,10 +336,11 @@ impl VBucket {
                 }
                 // The writes outpace the replay: another round would leave
                 // as large a gap again. The tries to take the lock between
-                // two commits deal with such a writer.
+                // two commits deal with such a writer. (A round that
+                // replayed only local documents says nothing about that.)
                 if rounds
                     .last()
-                    .is_some_and(|prev: &RoundStats| gap >= prev.docs)
+                    .is_some_and(|prev: &RoundStats| prev.docs > 0 && gap >= prev.docs)
                 {
                     break;
                 }

@@ -512,15 +512,17 @@ fn compaction_under_writes(
 
 // --- a. content under writes at every phase -------------------------------
 
-/// Writes that outpace the replay (each round leaves a larger gap than the
-/// one it replayed) stop the unlocked rounds at the first that would not
-/// shrink the gap, long before the round limit; the final phase replays
-/// the rest, and nothing is lost.
-#[test]
-fn unlocked_rounds_stop_when_the_writes_outpace_them() {
-    use CompactionPhase::*;
+/// A compaction under a zero lock budget (only the round limit, or rounds
+/// that stop converging, end the unlocked rounds) whose hook runs `writes`
+/// at every phase; checked against the model and verified. Returns the
+/// documents each unlocked round replayed, the phases seen and the report.
+fn rounds_under(
+    seed: u64,
+    max_rounds: usize,
+    writes: impl Fn(&mut Workload, CompactionPhase) + Send + Sync + 'static,
+) -> (Vec<u64>, Vec<CompactionPhase>, CompactionReport) {
     let tmp = tempfile::tempdir().unwrap();
-    let (store, vb, mut w) = fresh_vbucket(tmp.path(), 0x5eed_0040, 400);
+    let (store, vb, mut w) = fresh_vbucket(tmp.path(), seed, 400);
     prefill(&mut w, 10);
     let w = Arc::new(Mutex::new(w));
     let phases = Arc::new(Mutex::new(Vec::new()));
@@ -528,38 +530,72 @@ fn unlocked_rounds_stop_when_the_writes_outpace_them() {
         let (w, phases) = (Arc::clone(&w), Arc::clone(&phases));
         Arc::new(move |phase| {
             phases.lock().unwrap().push(phase);
-            let mut w = w.lock().unwrap();
-            match phase {
-                Copied => w.flush(20),
-                RoundDone(n) => w.flush(40 * (n + 1)),
-                BeforeFinalRound | FinalRoundLocked => {}
-            }
+            writes(&mut w.lock().unwrap(), phase);
         })
     };
-    let opts = options(CompactionMode::Concurrent, Duration::ZERO, 8, Some(hook));
+    let opts = options(
+        CompactionMode::Concurrent,
+        Duration::ZERO,
+        max_rounds,
+        Some(hook),
+    );
     let report = vb.compact(&opts).unwrap();
     drop(opts);
-    // Round 1 replays the 20 mutations of `Copied`; the 80 after it leave a
-    // larger gap, so round 2 does not run.
-    let unlocked: Vec<u64> = report
+    let w = Arc::try_unwrap(w).ok().unwrap().into_inner().unwrap();
+    check(&vb, &w.model, &format!("seed {seed}: after the compaction"));
+    store.close().unwrap();
+    verify_dir(tmp.path());
+    let unlocked = report
         .rounds
         .iter()
         .filter(|r| !r.locked)
         .map(|r| r.docs)
         .collect();
+    let phases = phases.lock().unwrap().clone();
+    (unlocked, phases, report)
+}
+
+/// Writes that outpace the replay (each round leaves a larger gap than the
+/// one it replayed) stop the unlocked rounds at the first that would not
+/// shrink the gap, long before the round limit; the final phase replays
+/// the rest, and nothing is lost.
+#[test]
+fn unlocked_rounds_stop_when_the_writes_outpace_them() {
+    use CompactionPhase::*;
+    let (unlocked, phases, report) = rounds_under(0x5eed_0040, 8, |w, phase| match phase {
+        Copied => w.flush(20),
+        RoundDone(n) => w.flush(40 * (n + 1)),
+        BeforeFinalRound | FinalRoundLocked => {}
+    });
+    // Round 1 replays the 20 mutations of `Copied`; the 80 after it leave a
+    // larger gap, so round 2 does not run.
     assert_eq!(unlocked.len(), 1, "{report:?}");
     assert!(unlocked[0] > 0 && unlocked[0] <= 20, "{report:?}");
     assert_eq!(
-        *phases.lock().unwrap(),
+        phases,
         [Copied, RoundDone(1), BeforeFinalRound, FinalRoundLocked]
     );
     let replayed_after =
         docs(&report.rounds_waiting_for_commit) + docs(&report.rounds[unlocked.len()..]);
     assert!(replayed_after > 60, "{report:?}");
-    let w = Arc::try_unwrap(w).ok().unwrap().into_inner().unwrap();
-    check(&vb, &w.model, "after the compaction");
-    store.close().unwrap();
-    verify_dir(tmp.path());
+}
+
+/// A round that replays only a local document (a state change) says
+/// nothing about whether the writes outpace the replay: the rounds after it
+/// go on to the limit while their gaps shrink.
+#[test]
+fn a_round_of_only_local_documents_does_not_stop_the_rounds() {
+    use CompactionPhase::*;
+    let (unlocked, phases, report) = rounds_under(0x5eed_0041, 3, |w, phase| match phase {
+        Copied => w.set_state(VbucketState::Replica),
+        RoundDone(1) => w.flush(40),
+        RoundDone(2) => w.flush(20),
+        RoundDone(_) | BeforeFinalRound | FinalRoundLocked => {}
+    });
+    assert_eq!(unlocked.len(), 3, "{report:?}");
+    assert_eq!(unlocked[0], 0, "{report:?}");
+    assert!(unlocked[1] > unlocked[2] && unlocked[2] > 0, "{report:?}");
+    assert_eq!(phases.last(), Some(&FinalRoundLocked));
 }
 
 #[test]
