@@ -69,8 +69,9 @@ pub struct CompactionOptions {
     /// Concurrent (default) or blocking.
     pub mode: CompactionMode,
     /// Most unlocked catch-up rounds before the final one. The rounds stop
-    /// sooner when one would replay as large a gap as the round before it
-    /// (the writes outpace the replay, so more rounds would not shrink it).
+    /// sooner when one would replay as many documents as the round before
+    /// it did (the writes outpace the replay, so more rounds would not
+    /// shrink the gap).
     pub max_rounds: usize,
     /// The unlocked rounds stop once the remaining gap is estimated (from
     /// the rate of the last round) to replay within this time; the first
