@@ -57,6 +57,29 @@ impl Default for NodeConfig {
     }
 }
 
+impl NodeConfig {
+    /// The largest threshold accepted: a node must fit in a chunk with room
+    /// to spare, and nothing near this size helps a B-tree.
+    pub const MAX_THRESHOLD: usize = 16 << 20;
+
+    /// Checks that both thresholds are between 1 and
+    /// [`NodeConfig::MAX_THRESHOLD`].
+    pub fn validate(&self) -> Result<()> {
+        for (name, value) in [
+            ("leaf_threshold", self.leaf_threshold),
+            ("interior_threshold", self.interior_threshold),
+        ] {
+            if !(1..=Self::MAX_THRESHOLD).contains(&value) {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} {value} is out of range (1 to {})",
+                    Self::MAX_THRESHOLD
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One operation of a batch on one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActionOp<'a> {

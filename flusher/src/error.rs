@@ -60,6 +60,26 @@ pub enum Error {
     /// A flusher thread could not be started.
     #[error("cannot start a flusher thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// The batch holding this seqno failed with an error that retrying
+    /// cannot fix ([`crate::FlushTarget::is_permanent`]): it was dropped and
+    /// will never be persisted.
+    #[error("vbucket {vbid}: seqno {seqno} was not persisted: its batch failed: {reason}")]
+    CommitFailed {
+        /// The vbucket.
+        vbid: Vbid,
+        /// The seqno waited for.
+        seqno: u64,
+        /// The commit's error.
+        reason: std::sync::Arc<str>,
+    },
+    /// A configuration value that cannot work.
+    #[error("invalid flusher configuration: {field} {reason}")]
+    InvalidConfig {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// A flusher thread is gone (it panicked).
     #[error("flusher thread of vbucket {0} is gone")]
     ThreadGone(Vbid),

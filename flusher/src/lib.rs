@@ -56,7 +56,7 @@ mod stats;
 
 pub use error::{Error, Result};
 pub use queue::VbQueue;
-pub use shard::{Flusher, Removed};
+pub use shard::{Flusher, PendingRemoval, Removed};
 pub use stats::{FlushStats, LatencyHistogram, LatencySummary};
 
 use std::time::Duration;
@@ -113,6 +113,28 @@ pub trait FlushTarget: Send + 'static {
     /// Called after a failed commit: return to the last durable state (for a
     /// file, reopen it at its last valid header) so the batch can be retried.
     fn recover(&mut self) -> std::result::Result<(), Self::Error>;
+    /// True when retrying the commit cannot fix `error` (the batch itself
+    /// cannot be written, or the file is damaged), as opposed to a failure
+    /// of the medium that may pass (a full disk, an I/O error). The flusher
+    /// then drops the batch: after [`FlushTarget::recover`] it calls
+    /// [`FlushTarget::discard`], and every waiter for one of the batch's
+    /// seqnos gets [`Error::CommitFailed`] instead of waiting forever. By
+    /// default every error is worth retrying.
+    fn is_permanent(&self, error: &Self::Error) -> bool {
+        let _ = error;
+        false
+    }
+    /// Called when a batch is dropped after a permanent failure: forget
+    /// whatever the target holds for it (it will never be persisted).
+    fn discard(&mut self, batch: &Batch<Self::Item>) {
+        let _ = batch;
+    }
+}
+
+/// The instant `timeout` from now, or `None` when it is too far to
+/// represent (a huge timeout, such as [`Duration::MAX`], means "forever").
+pub fn deadline_after(timeout: Duration) -> Option<std::time::Instant> {
+    std::time::Instant::now().checked_add(timeout)
 }
 
 /// How the flusher batches, bounds memory and retries.
@@ -135,7 +157,9 @@ pub struct FlusherConfig {
     /// Longest delay between retries.
     pub retry_backoff_max: Duration,
     /// How long removing a vbucket (or shutting down) keeps retrying a
-    /// failing commit before giving up on its queued items.
+    /// failing commit before giving up on its queued items. Removing many
+    /// vbuckets at once ([`Flusher::remove_all`], shutdown) gives them all
+    /// one deadline.
     pub close_timeout: Duration,
     /// Group commit: before cutting a batch, the flusher waits while the
     /// queue is still growing (checked every [`GATHER_POLL`]), for at most
@@ -147,6 +171,32 @@ pub struct FlusherConfig {
 
 /// How often a gathering flusher checks whether the queue still grows.
 pub const GATHER_POLL: Duration = Duration::from_micros(50);
+
+impl FlusherConfig {
+    /// Checks that the configuration can work: a batch and a queue must be
+    /// able to hold something (a byte bound of 0 would never let a writer
+    /// in, or never cut a batch). Returns what is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let invalid =
+            |field: &'static str, reason: &'static str| Err(Error::InvalidConfig { field, reason });
+        if self.max_batch_items == 0 {
+            return invalid("max_batch_items", "must be at least 1");
+        }
+        if self.max_batch_bytes == 0 {
+            return invalid("max_batch_bytes", "must be at least 1");
+        }
+        if self.max_queued_bytes == 0 {
+            return invalid("max_queued_bytes", "must be at least 1");
+        }
+        if self.retry_backoff_min.is_zero() {
+            return invalid("retry_backoff_min", "must be above zero");
+        }
+        if self.retry_backoff_max < self.retry_backoff_min {
+            return invalid("retry_backoff_max", "must be at least retry_backoff_min");
+        }
+        Ok(())
+    }
+}
 
 impl Default for FlusherConfig {
     fn default() -> Self {

@@ -31,9 +31,35 @@ struct QueueState {
 }
 
 struct PersistState {
+    /// Every seqno up to this one is decided: persisted, or in `failed`.
     seqno: u64,
     callbacks: Vec<(u64, PersistCallback)>,
     closed: bool,
+    /// Seqno ranges (inclusive) of batches dropped after a permanent
+    /// failure, with the error; adjacent ranges of one error are merged.
+    failed: Vec<(u64, u64, Arc<str>)>,
+}
+
+impl PersistState {
+    /// The outcome of a wait for `seqno`, once it is decided.
+    fn outcome(&self, vbid: Vbid, seqno: u64) -> Option<Result<u64>> {
+        if seqno > self.seqno {
+            return None;
+        }
+        // Failures are rare and few: a linear search is fine.
+        match self
+            .failed
+            .iter()
+            .find(|(lo, hi, _)| (*lo..=*hi).contains(&seqno))
+        {
+            Some((_, _, reason)) => Some(Err(Error::CommitFailed {
+                vbid,
+                seqno,
+                reason: Arc::clone(reason),
+            })),
+            None => Some(Ok(self.seqno)),
+        }
+    }
 }
 
 /// State shared by a vbucket's writers and its flusher thread.
@@ -74,6 +100,7 @@ impl<I: FlushItem> VbShared<I> {
                 seqno: persisted_seqno,
                 callbacks: Vec::new(),
                 closed: false,
+                failed: Vec::new(),
             }),
             persisted: Condvar::new(),
             stats: Mutex::new(FlushStats::default()),
@@ -96,21 +123,24 @@ impl<I: FlushItem> VbShared<I> {
 
     /// Ends every wait for persistence: the queue is gone.
     pub(crate) fn close_persistence(&self) {
-        let (callbacks, persisted) = {
+        let (callbacks, outcomes) = {
             let mut p = self.persist.lock();
             p.closed = true;
-            (std::mem::take(&mut p.callbacks), p.seqno)
+            let callbacks = std::mem::take(&mut p.callbacks);
+            let outcomes: Vec<_> = callbacks
+                .iter()
+                .map(|(seqno, _)| {
+                    p.outcome(self.vbid, *seqno).unwrap_or(Err(Error::Closed {
+                        vbid: self.vbid,
+                        persisted: p.seqno,
+                    }))
+                })
+                .collect();
+            (callbacks, outcomes)
         };
         self.persisted.notify_all();
-        for (seqno, cb) in callbacks {
-            cb(if seqno <= persisted {
-                Ok(persisted)
-            } else {
-                Err(Error::Closed {
-                    vbid: self.vbid,
-                    persisted,
-                })
-            });
+        for ((_, cb), outcome) in callbacks.into_iter().zip(outcomes) {
+            cb(outcome);
         }
     }
 
@@ -138,6 +168,20 @@ impl<I: FlushItem> VbShared<I> {
             s.bytes_written += committed.bytes_written;
             s.commit_latency.record(latency);
         }
+        self.release(batch);
+        self.decide(batch.high_seqno, None);
+    }
+
+    /// A batch failed with an error that retrying cannot fix and was
+    /// dropped: release its bytes and fail the waiters of its seqnos.
+    pub(crate) fn dropped(&self, batch: &Batch<I>, reason: &str) {
+        self.stats.lock().batches_dropped += 1;
+        self.release(batch);
+        self.decide(batch.high_seqno, Some(Arc::from(reason)));
+    }
+
+    /// Releases a batch's items and bytes from the queue's accounting.
+    fn release(&self, batch: &Batch<I>) {
         {
             let mut q = self.queue.lock();
             q.items = q.items.saturating_sub(batch.drained);
@@ -151,19 +195,40 @@ impl<I: FlushItem> VbShared<I> {
             }
         }
         self.room.notify_all();
-        let (ready, persisted) = {
+    }
+
+    /// Every seqno up to `high_seqno` is decided: persisted, or (with a
+    /// `failure`) those above the previous decided seqno failed. Wakes the
+    /// waiters whose seqno is now decided.
+    fn decide(&self, high_seqno: u64, failure: Option<Arc<str>>) {
+        let (ready, outcomes) = {
             let mut p = self.persist.lock();
-            p.seqno = p.seqno.max(batch.high_seqno);
+            if let Some(reason) = failure {
+                if high_seqno > p.seqno {
+                    let lo = p.seqno + 1;
+                    match p.failed.last_mut() {
+                        Some((_, hi, last)) if *hi + 1 == lo && **last == *reason => {
+                            *hi = high_seqno;
+                        }
+                        _ => p.failed.push((lo, high_seqno, reason)),
+                    }
+                }
+            }
+            p.seqno = p.seqno.max(high_seqno);
             let seqno = p.seqno;
-            let (ready, waiting) = std::mem::take(&mut p.callbacks)
+            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut p.callbacks)
                 .into_iter()
                 .partition(|(s, _)| *s <= seqno);
             p.callbacks = waiting;
-            (ready, seqno)
+            let outcomes: Vec<_> = ready
+                .iter()
+                .filter_map(|(s, _)| p.outcome(self.vbid, *s))
+                .collect();
+            (ready, outcomes)
         };
         self.persisted.notify_all();
-        for (_, cb) in ready {
-            cb(Ok(persisted));
+        for ((_, cb), outcome) in ready.into_iter().zip(outcomes) {
+            cb(outcome);
         }
     }
 
@@ -181,6 +246,22 @@ impl<I: FlushItem> VbShared<I> {
         }
         stats.persisted_seqno = self.persist.lock().seqno;
         stats
+    }
+}
+
+/// Waits on `condvar` until `deadline` (forever when `None`); true when the
+/// deadline passed.
+pub(crate) fn wait_until<T>(
+    condvar: &Condvar,
+    guard: &mut parking_lot::MutexGuard<'_, T>,
+    deadline: Option<Instant>,
+) -> bool {
+    match deadline {
+        Some(deadline) => condvar.wait_until(guard, deadline).timed_out(),
+        None => {
+            condvar.wait(guard);
+            false
+        }
     }
 }
 
@@ -217,7 +298,7 @@ impl<I: FlushItem> VbQueue<I> {
     /// full queue never blocks other writers' bookkeeping.
     pub fn wait_for_room(&self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
-        let deadline = start + timeout;
+        let deadline = start.checked_add(timeout);
         let mut q = self.shared.queue.lock();
         loop {
             if q.closed {
@@ -226,7 +307,7 @@ impl<I: FlushItem> VbQueue<I> {
             if q.bytes < self.shared.max_queued_bytes {
                 return Ok(());
             }
-            if self.shared.room.wait_until(&mut q, deadline).timed_out()
+            if wait_until(&self.shared.room, &mut q, deadline)
                 && q.bytes >= self.shared.max_queued_bytes
             {
                 return Err(Error::TemporarilyFull {
@@ -291,13 +372,17 @@ impl<I: FlushItem> VbQueue<I> {
         self.shared.persist.lock().seqno
     }
 
-    /// Waits until `seqno` is durable, for up to `timeout`.
+    /// Waits until `seqno` is durable, for up to `timeout` (a timeout too
+    /// large to represent, such as [`Duration::MAX`], waits for as long as
+    /// it takes). Fails with [`Error::CommitFailed`] if the batch holding
+    /// it was dropped after a permanent failure, and with [`Error::Closed`]
+    /// if the queue is removed first.
     pub fn wait_persisted(&self, seqno: u64, timeout: Duration) -> Result<u64> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
         let mut p = self.shared.persist.lock();
         loop {
-            if p.seqno >= seqno {
-                return Ok(p.seqno);
+            if let Some(outcome) = p.outcome(self.shared.vbid, seqno) {
+                return outcome;
             }
             if p.closed {
                 return Err(Error::Closed {
@@ -305,13 +390,7 @@ impl<I: FlushItem> VbQueue<I> {
                     persisted: p.seqno,
                 });
             }
-            if self
-                .shared
-                .persisted
-                .wait_until(&mut p, deadline)
-                .timed_out()
-                && p.seqno < seqno
-            {
+            if wait_until(&self.shared.persisted, &mut p, deadline) && p.seqno < seqno {
                 return Err(Error::Timeout {
                     vbid: self.shared.vbid,
                     seqno,
@@ -324,14 +403,15 @@ impl<I: FlushItem> VbQueue<I> {
 
     /// Calls `callback` with the persisted seqno once `seqno` is durable
     /// (right away, on this thread, if it already is; otherwise on the
-    /// flusher thread), or with [`Error::Closed`] if the queue is removed
-    /// first. Keep it short: it runs on the flusher's thread.
+    /// flusher thread), with [`Error::CommitFailed`] if its batch was
+    /// dropped after a permanent failure, or with [`Error::Closed`] if the
+    /// queue is removed first. Keep it short: it runs on the flusher's
+    /// thread.
     pub fn on_persisted(&self, seqno: u64, callback: impl FnOnce(Result<u64>) + Send + 'static) {
         let mut p = self.shared.persist.lock();
-        if p.seqno >= seqno {
-            let persisted = p.seqno;
+        if let Some(outcome) = p.outcome(self.shared.vbid, seqno) {
             drop(p);
-            callback(Ok(persisted));
+            callback(outcome);
         } else if p.closed {
             let persisted = p.seqno;
             drop(p);

@@ -25,8 +25,34 @@ pub struct Removed<T> {
 
 enum Control<T: FlushTarget> {
     Add(Slot<T>),
-    Remove(Vbid, Sender<Removed<T>>),
+    /// Retire the vbucket, giving up on failing commits at the deadline
+    /// (`None`: never).
+    Remove(Vbid, Option<Instant>, Sender<Removed<T>>),
     Shutdown,
+}
+
+/// A removal under way ([`Flusher::begin_remove`]): the vbucket refuses new
+/// items already; [`PendingRemoval::wait`] waits for its queue to be flushed.
+#[must_use = "the removal is only complete once waited for"]
+pub struct PendingRemoval<T> {
+    vbid: Vbid,
+    reply: Receiver<Removed<T>>,
+}
+
+impl<T> std::fmt::Debug for PendingRemoval<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingRemoval")
+            .field("vbid", &self.vbid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> PendingRemoval<T> {
+    /// Waits until the vbucket's queue is flushed (or given up on at the
+    /// deadline) and its waiters released; returns its target.
+    pub fn wait(self) -> Result<Removed<T>> {
+        self.reply.recv().map_err(|_| Error::ThreadGone(self.vbid))
+    }
 }
 
 struct ShardHandle<T: FlushTarget> {
@@ -54,8 +80,10 @@ impl<T: FlushTarget> std::fmt::Debug for Flusher<T> {
 }
 
 impl<T: FlushTarget> Flusher<T> {
-    /// Starts `config.threads` flusher threads (at least one).
+    /// Starts `config.threads` flusher threads (at least one), once the
+    /// configuration is checked ([`FlusherConfig::validate`]).
     pub fn new(config: FlusherConfig) -> Result<Self> {
+        config.validate()?;
         let threads = config.threads.max(1);
         let mut shards = Vec::with_capacity(threads);
         for i in 0..threads {
@@ -142,21 +170,44 @@ impl<T: FlushTarget> Flusher<T> {
     /// flushed (retrying failures for up to the close timeout), waiters
     /// are released, and the target is handed back.
     pub fn remove(&self, vbid: Vbid) -> Result<Removed<T>> {
-        let reply_rx = {
-            // The remove message is sent under the map's lock, so an `add`
-            // of the same vbid (which sends under it too) cannot reach the
-            // shard first and have its slot taken for the one removed.
-            let mut queues = self.queues.lock();
-            let shared = queues.remove(&vbid).ok_or(Error::NotAdded(vbid))?;
-            shared.close_queue();
-            let (reply, reply_rx) = crossbeam_channel::bounded(1);
-            self.shard(vbid)
-                .control
-                .send(Control::Remove(vbid, reply))
-                .map_err(|_| Error::ThreadGone(vbid))?;
-            reply_rx
-        };
-        reply_rx.recv().map_err(|_| Error::ThreadGone(vbid))
+        self.begin_remove(vbid, crate::deadline_after(self.config.close_timeout))?
+            .wait()
+    }
+
+    /// Removes the vbuckets `vbids` together, with one deadline for all of
+    /// them (the close timeout from now): their shards flush them in
+    /// parallel. Returns each one's outcome, in the order given.
+    pub fn remove_all(&self, vbids: &[Vbid]) -> Vec<(Vbid, Result<Removed<T>>)> {
+        let deadline = crate::deadline_after(self.config.close_timeout);
+        let pending: Vec<_> = vbids
+            .iter()
+            .map(|&vbid| (vbid, self.begin_remove(vbid, deadline)))
+            .collect();
+        pending
+            .into_iter()
+            .map(|(vbid, p)| (vbid, p.and_then(PendingRemoval::wait)))
+            .collect()
+    }
+
+    /// Starts removing `vbid`: from now on its queue refuses new items; its
+    /// shard flushes what is queued, giving up on failing commits at
+    /// `deadline` (`None`: never). Wait for it with [`PendingRemoval::wait`].
+    pub fn begin_remove(&self, vbid: Vbid, deadline: Option<Instant>) -> Result<PendingRemoval<T>> {
+        // The remove message is sent under the map's lock, so an `add` of
+        // the same vbid (which sends under it too) cannot reach the shard
+        // first and have its slot taken for the one removed.
+        let mut queues = self.queues.lock();
+        let shared = queues.remove(&vbid).ok_or(Error::NotAdded(vbid))?;
+        shared.close_queue();
+        let (reply, reply_rx) = crossbeam_channel::bounded(1);
+        self.shard(vbid)
+            .control
+            .send(Control::Remove(vbid, deadline, reply))
+            .map_err(|_| Error::ThreadGone(vbid))?;
+        Ok(PendingRemoval {
+            vbid,
+            reply: reply_rx,
+        })
     }
 
     /// Flush statistics of `vbid`.
@@ -174,14 +225,12 @@ impl<T: FlushTarget> Flusher<T> {
         total
     }
 
-    /// Removes every vbucket (flushing their queues) and stops the threads.
+    /// Removes every vbucket (flushing their queues, with one deadline for
+    /// all) and stops the threads.
     pub fn shutdown(self) -> Vec<(Vbid, Result<Removed<T>>)> {
         let mut vbids = self.vbuckets();
         vbids.sort_unstable();
-        vbids
-            .into_iter()
-            .map(|vbid| (vbid, self.remove(vbid)))
-            .collect()
+        self.remove_all(&vbids)
         // Drop stops the threads.
     }
 }
@@ -239,9 +288,12 @@ impl<T: FlushTarget> Slot<T> {
         if config.gather_max.is_zero() {
             return;
         }
-        let deadline = Instant::now() + config.gather_max;
+        let deadline = crate::deadline_after(config.gather_max);
         let mut queued = self.items.len();
-        while queued > 0 && queued < config.max_batch_items && Instant::now() < deadline {
+        while queued > 0
+            && queued < config.max_batch_items
+            && deadline.is_none_or(|d| Instant::now() < d)
+        {
             std::thread::sleep(crate::GATHER_POLL);
             let now_queued = self.items.len();
             if now_queued == queued {
@@ -308,34 +360,58 @@ impl<T: FlushTarget> Slot<T> {
                 }
             }
             Err(error) => {
-                tracing::warn!(vbid, %error, backoff = ?self.backoff, "commit failed; the batch stays queued");
-                self.shared.record_failure(error.to_string());
+                let permanent = self.target.is_permanent(&error);
+                let reason = error.to_string();
+                self.shared.record_failure(reason.clone());
                 if let Err(error) = self.target.recover() {
                     tracing::warn!(vbid, %error, "recovery after a failed commit failed");
                 }
+                if permanent {
+                    // Retrying cannot fix it: drop the batch and fail its
+                    // waiters rather than wedge the vbucket behind it.
+                    tracing::error!(vbid, error = %reason, items = batch.items.len(), "commit failed for good; the batch is dropped");
+                    self.target.discard(&batch);
+                    self.shared.dropped(&batch, &reason);
+                    return if self.has_queued() {
+                        Step::More
+                    } else {
+                        Step::Flushed
+                    };
+                }
+                tracing::warn!(vbid, error = %reason, backoff = ?self.backoff, "commit failed; the batch stays queued");
                 self.retry = Some(batch);
-                self.retry_at = Instant::now() + self.backoff;
-                self.backoff = (self.backoff * 2).min(config.retry_backoff_max);
+                let now = Instant::now();
+                // A backoff too long to represent: retry at the longest
+                // representable wait, which is no shorter than asked.
+                self.retry_at = now
+                    .checked_add(self.backoff)
+                    .unwrap_or_else(|| now + RETRY_BACKOFF_CAP);
+                self.backoff = self
+                    .backoff
+                    .saturating_mul(2)
+                    .min(config.retry_backoff_max)
+                    .min(RETRY_BACKOFF_CAP);
                 Step::Backoff
             }
         }
     }
 
-    /// Flushes everything queued, giving up on failing commits after the
-    /// close timeout; returns how many items were left unflushed.
-    fn drain(&mut self, config: &FlusherConfig) -> usize {
-        let deadline = Instant::now() + config.close_timeout;
+    /// Flushes everything queued, giving up on failing commits at
+    /// `deadline` (`None`: never); returns how many items were left
+    /// unflushed.
+    fn drain(&mut self, config: &FlusherConfig, deadline: Option<Instant>) -> usize {
         loop {
             match self.flush_step(config) {
                 Step::Idle | Step::Flushed => return 0,
                 Step::More => {}
                 Step::Backoff => {
                     let now = Instant::now();
-                    if now >= deadline {
+                    if deadline.is_some_and(|d| now >= d) {
                         let retry = self.retry.as_ref().map_or(0, |b| b.drained);
                         return retry + self.items.len();
                     }
-                    std::thread::sleep(self.retry_at.min(deadline).saturating_duration_since(now));
+                    let until = deadline.map_or(self.retry_at, |d| self.retry_at.min(d));
+                    std::thread::sleep(until.saturating_duration_since(now));
                 }
             }
         }
@@ -385,6 +461,10 @@ struct Shard<T: FlushTarget> {
 
 /// How long an idle flusher thread sleeps between checks of its retries.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
+
+/// The longest wait between two retries of a failed commit, whatever
+/// [`FlusherConfig::retry_backoff_max`] says.
+const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(3600);
 
 impl<T: FlushTarget> Shard<T> {
     fn run(mut self) {
@@ -449,17 +529,18 @@ impl<T: FlushTarget> Shard<T> {
                 self.slots.insert(vbid, slot);
                 true
             }
-            Control::Remove(vbid, reply) => {
+            Control::Remove(vbid, deadline, reply) => {
                 if let Some(slot) = self.slots.remove(&vbid) {
-                    let _ = reply.send(self.retire(slot));
+                    let _ = reply.send(self.retire(slot, deadline));
                 }
                 true
             }
             Control::Shutdown => {
+                let deadline = crate::deadline_after(self.config.close_timeout);
                 let slots: Vec<_> = self.slots.drain().map(|(_, s)| s).collect();
                 for slot in slots {
                     let vbid = slot.shared.vbid;
-                    let removed = self.retire(slot);
+                    let removed = self.retire(slot, deadline);
                     if removed.unflushed_items > 0 {
                         tracing::error!(
                             vbid,
@@ -473,9 +554,10 @@ impl<T: FlushTarget> Shard<T> {
         }
     }
 
-    /// Flushes a removed vbucket's queue and releases its waiters.
-    fn retire(&self, mut slot: Slot<T>) -> Removed<T> {
-        let unflushed_items = slot.drain(&self.config);
+    /// Flushes a removed vbucket's queue (giving up at `deadline`) and
+    /// releases its waiters.
+    fn retire(&self, mut slot: Slot<T>, deadline: Option<Instant>) -> Removed<T> {
+        let unflushed_items = slot.drain(&self.config, deadline);
         slot.shared.close_persistence();
         Removed {
             target: slot.target,

@@ -116,6 +116,9 @@ pub struct FlushStats {
     pub commit_failures: u64,
     /// Commits retried after a failure.
     pub retries: u64,
+    /// Batches dropped after a failure that retrying cannot fix (their
+    /// waiters got [`crate::Error::CommitFailed`]).
+    pub batches_dropped: u64,
     /// The last commit error, if any commit failed.
     pub last_error: Option<String>,
     /// Latency of successful commits.
@@ -128,7 +131,8 @@ pub struct FlushStats {
     pub oldest_queued_age: Duration,
     /// Highest seqno enqueued.
     pub high_seqno: u64,
-    /// Highest seqno persisted.
+    /// Highest seqno decided: persisted, or (rarely) in a batch dropped
+    /// after a permanent failure.
     pub persisted_seqno: u64,
 }
 
@@ -142,6 +146,7 @@ impl FlushStats {
         self.bytes_written += other.bytes_written;
         self.commit_failures += other.commit_failures;
         self.retries += other.retries;
+        self.batches_dropped += other.batches_dropped;
         if other.last_error.is_some() {
             self.last_error.clone_from(&other.last_error);
         }

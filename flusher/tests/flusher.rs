@@ -74,6 +74,11 @@ struct Model {
     fail_next: usize,
     /// Fail every commit.
     fail_always: bool,
+    /// Fail every commit of a batch holding this key, for good (an error
+    /// `is_permanent` says retrying cannot fix).
+    poison: Option<Vec<u8>>,
+    /// Batches dropped after a permanent failure, as `discard` saw them.
+    discarded: Vec<u64>,
 }
 
 impl Model {
@@ -120,6 +125,11 @@ impl FlushTarget for TestTarget {
         }
         let mut m = self.model.lock().unwrap();
         m.attempts += 1;
+        if let Some(poison) = &m.poison {
+            if batch.items.iter().any(|i| &i.key == poison) {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "poisoned"));
+            }
+        }
         if m.fail_always || m.fail_next > 0 {
             m.fail_next = m.fail_next.saturating_sub(1);
             return Err(io::Error::other(format!("injected failure {}", m.attempts)));
@@ -140,6 +150,14 @@ impl FlushTarget for TestTarget {
     fn recover(&mut self) -> io::Result<()> {
         self.model.lock().unwrap().recovers += 1;
         Ok(())
+    }
+
+    fn is_permanent(&self, error: &io::Error) -> bool {
+        error.kind() == io::ErrorKind::InvalidData
+    }
+
+    fn discard(&mut self, batch: &Batch<Item>) {
+        self.model.lock().unwrap().discarded.push(batch.high_seqno);
     }
 }
 
@@ -925,5 +943,120 @@ fn a_vbid_removed_and_added_again_concurrently_keeps_its_targets_apart() {
         assert_eq!(model.lock().unwrap().seqnos(), vec![round]);
         queue = next_queue;
         model = next_model;
+    }
+}
+
+#[test]
+fn a_permanent_failure_drops_its_batch_and_fails_only_its_waiters() {
+    let flusher = Flusher::new(config()).unwrap();
+    let (target, mut control) = gated_target();
+    control.model().poison = Some(b"bad".to_vec());
+    let queue = flusher.add(0, target, 0).unwrap();
+    queue.enqueue(item("a", 1, 1)).unwrap();
+    assert_eq!(control.wait_entered(), 1);
+    // Held at the gate: the next batch is exactly seqnos 2 and 3.
+    enqueue_all(&queue, [item("bad", 2, 2), item("c", 3, 3)]);
+    let (told_tx, told) = mpsc::channel();
+    queue.on_persisted(3, move |r| told_tx.send(r).unwrap());
+    control.open();
+    let failed = |r: flusher::Result<u64>, seqno| {
+        assert!(
+            matches!(r, Err(Error::CommitFailed { seqno: s, .. }) if s == seqno),
+            "seqno {seqno}: {r:?}"
+        );
+    };
+    assert!(queue.wait_persisted(1, LONG).unwrap() >= 1);
+    failed(queue.wait_persisted(2, LONG), 2);
+    failed(queue.wait_persisted(3, LONG), 3);
+    failed(told.recv_timeout(LONG).unwrap(), 3);
+    // The vbucket is not wedged: later items persist, and a waiter
+    // registered after the failure is still told it failed.
+    queue.enqueue(item("d", 4, 4)).unwrap();
+    assert_eq!(queue.wait_persisted(4, LONG).unwrap(), 4);
+    let (told_tx, told) = mpsc::channel();
+    queue.on_persisted(2, move |r| told_tx.send(r).unwrap());
+    failed(told.recv_timeout(LONG).unwrap(), 2);
+    let stats = queue.stats();
+    assert_eq!(
+        (
+            stats.batches_dropped,
+            stats.queued_items,
+            stats.queued_bytes
+        ),
+        (1, 0, 0)
+    );
+    let m = control.model();
+    assert_eq!(m.seqnos(), [1, 4]);
+    assert_eq!(m.discarded, [3]);
+    assert!(m.recovers >= 1, "recovered before dropping");
+}
+
+#[test]
+fn removing_many_vbuckets_gives_them_one_deadline() {
+    let close_timeout = Duration::from_millis(300);
+    let flusher = Flusher::new(FlusherConfig {
+        close_timeout,
+        ..config()
+    })
+    .unwrap();
+    let vbids: Vec<Vbid> = (0..6).collect();
+    for &vbid in &vbids {
+        let (target, model) = plain_target();
+        model.lock().unwrap().fail_always = true;
+        flusher
+            .add(vbid, target, 0)
+            .unwrap()
+            .enqueue(item("k", 1, 1))
+            .unwrap();
+    }
+    let start = Instant::now();
+    let removed = flusher.remove_all(&vbids);
+    let took = start.elapsed();
+    for (vbid, r) in removed {
+        assert_eq!(r.unwrap().unflushed_items, 1, "vbucket {vbid}");
+    }
+    // One deadline for all six on one thread; one each would take six
+    // close timeouts. The bound leaves room for a loaded machine.
+    assert!(took < close_timeout * 3, "took {took:?}");
+}
+
+#[test]
+fn configurations_that_cannot_work_are_refused() {
+    for (field, cfg) in [
+        (
+            "max_queued_bytes",
+            FlusherConfig {
+                max_queued_bytes: 0,
+                ..config()
+            },
+        ),
+        (
+            "max_batch_bytes",
+            FlusherConfig {
+                max_batch_bytes: 0,
+                ..config()
+            },
+        ),
+        (
+            "max_batch_items",
+            FlusherConfig {
+                max_batch_items: 0,
+                ..config()
+            },
+        ),
+        (
+            "retry_backoff_min",
+            FlusherConfig {
+                retry_backoff_min: Duration::ZERO,
+                ..config()
+            },
+        ),
+    ] {
+        let r = Flusher::<TestTarget>::new(cfg);
+        assert!(
+            matches!(&r, Err(Error::InvalidConfig { field: f, .. }) if *f == field),
+            "{field}: {:?}",
+            r.err()
+        );
     }
 }
