@@ -194,6 +194,10 @@ impl VBucket {
         let control = Control::new();
         {
             let mut running = shared.compaction.lock();
+            // Checked under the compaction lock: closing sets the flag, then
+            // takes this lock to cancel what runs and waits for it to end,
+            // so no compaction of a closed vbucket starts after that.
+            shared.check_open()?;
             if running.is_some() {
                 return Err(Error::CompactionRunning(shared.vbid));
             }
@@ -207,6 +211,7 @@ impl VBucket {
             other => other,
         };
         *shared.compaction.lock() = None;
+        shared.compaction_ended.notify_all();
         match &result {
             Ok(r) => tracing::info!(
                 rounds = r.rounds.len(),

@@ -70,6 +70,31 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// Document metadata the file format cannot hold, or a reserved value.
+    #[error("invalid {field} {value}: {reason}")]
+    InvalidMeta {
+        /// The [`crate::ItemMeta`] field.
+        field: &'static str,
+        /// The value given.
+        value: u64,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// The vbucket's seqnos reached the largest the format holds (2^48 - 1).
+    #[error("vbucket {0}: no seqno left (2^48 - 1 reached)")]
+    SeqnosExhausted(Vbid),
+    /// The CAS clock reached its last value (a CAS near `u64::MAX` was given
+    /// explicitly): an automatic CAS would repeat or go backwards.
+    #[error("vbucket {0}: no automatic CAS left above the largest stored one")]
+    CasExhausted(Vbid),
+    /// A configuration value that cannot work.
+    #[error("invalid configuration: {field}: {reason}")]
+    InvalidConfig {
+        /// The field, as a path in [`crate::StoreConfig`].
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A value over the size a chunk can hold.
     #[error("value of {len} bytes is over the limit of {max}")]
     ValueTooLarge {
@@ -118,6 +143,18 @@ impl Error {
     /// True when the vbucket's queue is over its memory bound: retry later.
     pub fn is_temporarily_full(&self) -> bool {
         matches!(self, Error::Flusher(flusher::Error::TemporarilyFull { .. }))
+    }
+
+    /// True when a flush-batch commit failed in a way that retrying cannot
+    /// fix: the batch cannot be encoded, or the file's bytes are damaged.
+    /// Failures of the medium (I/O errors, a full disk) are worth retrying.
+    pub(crate) fn is_permanent_commit_failure(&self) -> bool {
+        let file_error = match self {
+            Error::File(e) | Error::Tree(btree::Error::File(e)) => e,
+            Error::Tree(_) => return true,
+            _ => return false,
+        };
+        !matches!(file_error, couchfile::Error::Io { .. })
     }
 
     /// True when a wait for persistence timed out.

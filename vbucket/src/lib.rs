@@ -81,7 +81,8 @@ pub use store::{
 };
 pub use vbstate::{FailoverEntry, VbState, VbucketState, VBSTATE_ID};
 pub use vbucket::{
-    CommitEvent, CommitObserver, CommittedHeader, VBucket, VBucketStats, MAX_VALUE_SIZE,
+    CommitEvent, CommitObserver, CommittedHeader, VBucket, VBucketStats, MAX_REV_SEQ, MAX_SEQNO,
+    MAX_VALUE_SIZE, RESERVED_CAS,
 };
 
 /// Re-exported so users can configure the flusher and read its statistics.

@@ -8,7 +8,7 @@ use crate::vbucket::{CommitObserver, VBucket, VBucketStats, VbOptions, VbTarget}
 use btree::{DbOptions, NodeConfig};
 use couchfile::{ChunkCache, Directory, OpenMode, OsDirectory};
 use flusher::{FlushStats, Flusher, FlusherConfig, LatencyHistogram, Vbid};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::path::Path;
@@ -51,7 +51,141 @@ pub type CompactionLog = Vec<(Vbid, std::result::Result<CompactionReport, String
 /// How many automatic compaction outcomes the store keeps.
 pub const MAX_KEPT_REPORTS: usize = 1024;
 
-type VbucketMap = Arc<RwLock<BTreeMap<Vbid, VBucket>>>;
+/// Where a vbucket id stands. An id with no entry is closed: it may have
+/// files, and nothing has them open. The three transient states belong to
+/// the one thread running that transition; every other lifecycle call on
+/// the id waits until it ends (see `docs/design.md`, "Vbucket lifecycle").
+///
+/// ```text
+///            open_vbucket                 close_vbucket
+///  closed ──────────────▶ Opening ──ok──▶ Open ──────────────▶ Closing ──▶ closed
+///    ▲  │                    │err           │ delete_vbucket           
+///    │  │ delete_vbucket     ▼              ▼                         
+///    │  └──────────────▶ Deleting ◀───── (closes it first) ───────────▶ closed
+///    └──────────────────────┘ (files removed)
+/// ```
+#[derive(Debug)]
+enum Lifecycle {
+    /// Its files are being opened (or created).
+    Opening,
+    /// Open: mutations are accepted and flushed.
+    Open(VBucket),
+    /// Refusing mutations; its queue is being flushed and a running
+    /// compaction waited for.
+    Closing,
+    /// Being closed, then its files removed.
+    Deleting,
+}
+
+/// The lifecycle of every vbucket id of a store: the one place that says
+/// which ids are open, and that no two transitions of one id overlap.
+#[derive(Debug, Default)]
+struct VbucketTable {
+    states: Mutex<BTreeMap<Vbid, Lifecycle>>,
+    /// Signalled whenever a transition ends.
+    changed: Condvar,
+}
+
+/// A transition of one vbucket id under way: the id's state is transient
+/// until it ends. Dropping it without [`Transition::finish`] (an error or a
+/// panic on the way) makes the id closed again, so that no id is left in a
+/// state that everyone waits on.
+struct Transition<'a> {
+    table: &'a VbucketTable,
+    vbid: Vbid,
+    done: bool,
+}
+
+impl Transition<'_> {
+    /// Ends the transition with the vbucket open (`Some`) or closed.
+    fn finish(mut self, open: Option<VBucket>) {
+        self.done = true;
+        self.table.set(self.vbid, open);
+    }
+}
+
+impl Drop for Transition<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.table.set(self.vbid, None);
+        }
+    }
+}
+
+impl VbucketTable {
+    /// The open vbucket `vbid`.
+    fn get(&self, vbid: Vbid) -> Option<VBucket> {
+        match self.states.lock().get(&vbid) {
+            Some(Lifecycle::Open(vb)) => Some(vb.clone()),
+            _ => None,
+        }
+    }
+
+    /// The open vbuckets, by id.
+    fn open(&self) -> Vec<VBucket> {
+        self.states
+            .lock()
+            .values()
+            .filter_map(|state| match state {
+                Lifecycle::Open(vb) => Some(vb.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Waits until no transition of `vbid` runs.
+    fn wait_settled(&self, states: &mut MutexGuard<'_, BTreeMap<Vbid, Lifecycle>>, vbid: Vbid) {
+        while matches!(
+            states.get(&vbid),
+            Some(Lifecycle::Opening | Lifecycle::Closing | Lifecycle::Deleting)
+        ) {
+            self.changed.wait(states);
+        }
+    }
+
+    /// Once no transition of `vbid` runs: the open vbucket, or else (it is
+    /// closed) the transition that now opens it.
+    fn open_or_begin_opening(&self, vbid: Vbid) -> Result<VBucket, Transition<'_>> {
+        let mut states = self.states.lock();
+        self.wait_settled(&mut states, vbid);
+        if let Some(Lifecycle::Open(vb)) = states.get(&vbid) {
+            return Ok(vb.clone());
+        }
+        states.insert(vbid, Lifecycle::Opening);
+        Err(self.transition(vbid))
+    }
+
+    /// Once no transition of `vbid` runs: moves it into `state` (closing or
+    /// deleting) and returns the transition that now owns it, with the
+    /// vbucket if it was open.
+    fn begin(&self, vbid: Vbid, state: Lifecycle) -> (Transition<'_>, Option<VBucket>) {
+        let mut states = self.states.lock();
+        self.wait_settled(&mut states, vbid);
+        let was_open = match states.insert(vbid, state) {
+            Some(Lifecycle::Open(vb)) => Some(vb),
+            _ => None,
+        };
+        (self.transition(vbid), was_open)
+    }
+
+    fn transition(&self, vbid: Vbid) -> Transition<'_> {
+        Transition {
+            table: self,
+            vbid,
+            done: false,
+        }
+    }
+
+    fn set(&self, vbid: Vbid, open: Option<VBucket>) {
+        let mut states = self.states.lock();
+        match open {
+            Some(vb) => states.insert(vbid, Lifecycle::Open(vb)),
+            None => states.remove(&vbid),
+        };
+        drop(states);
+        self.changed.notify_all();
+    }
+}
 
 /// The automatic compaction thread and the outcomes it collected.
 #[derive(Debug, Default)]
@@ -80,7 +214,7 @@ impl Outcomes {
 /// most `max_concurrent` at a time.
 fn auto_compaction_loop(
     config: AutoCompaction,
-    vbuckets: VbucketMap,
+    vbuckets: Arc<VbucketTable>,
     outcomes: Arc<Outcomes>,
     stop: crossbeam_channel::Receiver<()>,
 ) {
@@ -105,10 +239,9 @@ fn auto_compaction_loop(
             continue;
         }
         let candidates: Vec<VBucket> = vbuckets
-            .read()
-            .iter()
-            .filter(|(vbid, _)| !running.contains_key(vbid))
-            .map(|(_, vb)| vb.clone())
+            .open()
+            .into_iter()
+            .filter(|vb| !running.contains_key(&vb.vbid()))
             .collect();
         let mut due: Vec<(f64, VBucket)> = candidates
             .into_iter()
@@ -206,6 +339,37 @@ impl Default for StoreConfig {
     }
 }
 
+impl StoreConfig {
+    /// Checks every value that must be in range for the store to work, so
+    /// that a bad one fails [`Store::open`] with [`Error::InvalidConfig`]
+    /// instead of a hang or a panic later.
+    pub fn validate(&self) -> Result<()> {
+        let invalid =
+            |field: &'static str, reason: String| Err(Error::InvalidConfig { field, reason });
+        if let Err(e) = self.flusher.validate() {
+            return invalid("flusher", e.to_string());
+        }
+        if let Err(e) = self.nodes.validate() {
+            return invalid("nodes", e.to_string());
+        }
+        if let Some(auto) = &self.auto_compaction {
+            if !(auto.fragmentation_threshold > 0.0 && auto.fragmentation_threshold <= 1.0) {
+                return invalid(
+                    "auto_compaction.fragmentation_threshold",
+                    format!("{} is not in (0, 1]", auto.fragmentation_threshold),
+                );
+            }
+            if auto.check_interval.is_zero() {
+                return invalid(
+                    "auto_compaction.check_interval",
+                    "must be above zero".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Statistics of a store: per vbucket and in total.
 #[derive(Debug, Clone, Default)]
 pub struct StoreStats {
@@ -248,7 +412,7 @@ pub struct Store {
     /// The node cache every vbucket's files share (`None` when configured
     /// to 0 bytes).
     node_cache: Option<Arc<ChunkCache>>,
-    vbuckets: VbucketMap,
+    vbuckets: Arc<VbucketTable>,
     auto: Mutex<AutoState>,
     outcomes: Arc<Outcomes>,
     // Declared last: dropped after the vbucket handles.
@@ -268,13 +432,14 @@ impl Store {
     /// one in tests) and every vbucket that has files there.
     pub fn open_in(dir: Arc<dyn Directory>, config: StoreConfig) -> Result<Self> {
         let _span = tracing::info_span!("open_store", dir = %dir.path().display()).entered();
+        config.validate()?;
         let store = Self {
             flusher: Flusher::new(config.flusher.clone())?,
             node_cache: (config.node_cache_bytes > 0)
                 .then(|| Arc::new(ChunkCache::new(config.node_cache_bytes))),
             dir,
             config,
-            vbuckets: Arc::new(RwLock::new(BTreeMap::new())),
+            vbuckets: Arc::new(VbucketTable::default()),
             auto: Mutex::new(AutoState::default()),
             outcomes: Arc::new(Outcomes::default()),
         };
@@ -328,12 +493,13 @@ impl Store {
 
     /// Vbucket `vbid`, opened from its newest complete revision, or created
     /// at revision 1 when it has no file yet. Returns the open one if it is
-    /// open already.
+    /// open already. If the id is being opened, closed or deleted by another
+    /// thread, waits for that to end first.
     pub fn open_vbucket(&self, vbid: Vbid) -> Result<VBucket> {
-        let mut vbuckets = self.vbuckets.write();
-        if let Some(vb) = vbuckets.get(&vbid) {
-            return Ok(vb.clone());
-        }
+        let transition = match self.vbuckets.open_or_begin_opening(vbid) {
+            Ok(vb) => return Ok(vb),
+            Err(transition) => transition,
+        };
         let vb = VBucket::open(
             Arc::clone(&self.dir),
             vbid,
@@ -341,50 +507,49 @@ impl Store {
             self.config.on_commit.clone(),
             &self.flusher,
         )?;
-        vbuckets.insert(vbid, vb.clone());
+        transition.finish(Some(vb.clone()));
         Ok(vb)
     }
 
     /// The open vbucket `vbid`.
     pub fn vbucket(&self, vbid: Vbid) -> Result<VBucket> {
-        self.vbuckets
-            .read()
-            .get(&vbid)
-            .cloned()
-            .ok_or(Error::NoSuchVbucket(vbid))
+        self.vbuckets.get(vbid).ok_or(Error::NoSuchVbucket(vbid))
     }
 
     /// The ids of the open vbuckets, ascending.
     pub fn vbuckets(&self) -> Vec<Vbid> {
-        self.vbuckets.read().keys().copied().collect()
+        self.vbuckets.open().iter().map(VBucket::vbid).collect()
     }
 
-    /// Closes vbucket `vbid`: further mutations are refused, what is queued
-    /// is flushed, and its flusher queue is removed. Handles still held keep
-    /// reading the files they have open.
+    /// Closes vbucket `vbid`: further mutations, commits and compactions
+    /// through any of its handles are refused, what is queued is flushed,
+    /// a running compaction is cancelled and waited for, and its flusher
+    /// queue is removed. Handles still held read what it committed. If the id is
+    /// being opened, closed or deleted by another thread, waits for that to
+    /// end first.
     pub fn close_vbucket(&self, vbid: Vbid) -> Result<()> {
-        let vb = self
-            .vbuckets
-            .write()
-            .remove(&vbid)
-            .ok_or(Error::NoSuchVbucket(vbid))?;
-        vb.close_front();
-        let removed = self.flusher.remove(vbid)?;
-        // Closing cancelled a running compaction, but one already in its
-        // final round renames its file into place regardless. That round
-        // holds the commit lock: once we have had it, no compaction of this
-        // vbucket renames anything (the next to take it sees the vbucket
-        // closed), so the files can be reopened or deleted.
-        drop(vb.shared().writer.lock());
-        match removed.unflushed_items {
-            0 => Ok(()),
-            items => Err(Error::Unflushed { vbid, items }),
+        match self.vbuckets.begin(vbid, Lifecycle::Closing) {
+            (transition, Some(vb)) => {
+                let closed = self.shut_down(&[vb]).pop().map_or(Ok(()), |(_, r)| r);
+                transition.finish(None);
+                closed
+            }
+            (_, None) => Err(Error::NoSuchVbucket(vbid)),
         }
     }
 
-    /// Closes vbucket `vbid` and removes its files.
+    /// Closes vbucket `vbid` if it is open, and removes its files (also when
+    /// it was not open). If the id is being opened, closed or deleted by
+    /// another thread, waits for that to end first. Mutations it could not
+    /// flush are gone with it.
     pub fn delete_vbucket(&self, vbid: Vbid) -> Result<()> {
-        let closed = self.close_vbucket(vbid);
+        let (transition, was_open) = self.vbuckets.begin(vbid, Lifecycle::Deleting);
+        if let Some(vb) = was_open {
+            match self.shut_down(&[vb]).pop().map_or(Ok(()), |(_, r)| r) {
+                Ok(()) | Err(Error::Unflushed { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let names = self
             .dir
             .list()
@@ -392,7 +557,6 @@ impl Store {
         for name in names {
             if files::parse_name(&name).is_some_and(|(v, _)| v == vbid) {
                 match self.dir.remove(&name) {
-                    // An aborted compaction removed its own file meanwhile.
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                         return Err(Error::io(self.dir.path().join(&name), "remove", e));
                     }
@@ -403,16 +567,46 @@ impl Store {
         self.dir
             .sync()
             .map_err(|e| Error::io(self.dir.path(), "sync directory", e))?;
-        match closed {
-            // Its unflushed mutations are gone with it.
-            Err(Error::Unflushed { .. }) => Ok(()),
-            other => other,
+        transition.finish(None);
+        Ok(())
+    }
+
+    /// Closes the vbuckets `vbs` (already taken out of the open state):
+    /// refuses their mutations, commits and compactions, flushes their
+    /// queues with one deadline for all, waits for their compactions to
+    /// end and for any commit still holding a commit lock. Returns each
+    /// one's outcome.
+    fn shut_down(&self, vbs: &[VBucket]) -> Vec<(Vbid, Result<()>)> {
+        for vb in vbs {
+            vb.close_front();
         }
+        let vbids: Vec<Vbid> = vbs.iter().map(VBucket::vbid).collect();
+        let removed = self.flusher.remove_all(&vbids);
+        vbs.iter()
+            .zip(removed)
+            .map(|(vb, (vbid, removed))| {
+                // Cancelled above; once it has ended nothing renames or
+                // removes the vbucket's files any more.
+                vb.wait_for_compaction_end();
+                // A set_state that passed its closed check before the flag
+                // was set commits under the lock: let it finish.
+                drop(vb.shared().writer.lock());
+                let outcome = match removed {
+                    Ok(r) if r.unflushed_items > 0 => Err(Error::Unflushed {
+                        vbid,
+                        items: r.unflushed_items,
+                    }),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e.into()),
+                };
+                (vbid, outcome)
+            })
+            .collect()
     }
 
     /// Statistics of every open vbucket and their totals.
     pub fn stats(&self) -> Result<StoreStats> {
-        let vbuckets: Vec<VBucket> = self.vbuckets.read().values().cloned().collect();
+        let vbuckets = self.vbuckets.open();
         let mut stats = StoreStats::default();
         for vb in vbuckets {
             let s = vb.stats()?;
@@ -445,35 +639,53 @@ impl Store {
         auto.thread.take()
     }
 
-    /// Closes every vbucket (flushing their queues; a running compaction
-    /// is cancelled) and the flusher threads. Returns the first error; every
-    /// vbucket is closed regardless.
-    pub fn close(self) -> Result<()> {
-        let auto = self.stop_auto_compaction();
-        let mut first_error = None;
+    /// Closes every vbucket, all together, as [`Store::close_vbucket`] does
+    /// one (the flusher's close timeout is one deadline for all of them),
+    /// and stops automatic compaction. Returns the first error.
+    fn close_all(&self) -> Result<()> {
+        let mut transitions = Vec::new();
+        let mut vbs = Vec::new();
         for vbid in self.vbuckets() {
-            if let Err(e) = self.close_vbucket(vbid) {
+            let (transition, was_open) = self.vbuckets.begin(vbid, Lifecycle::Closing);
+            if let Some(vb) = was_open {
+                transitions.push(transition);
+                vbs.push(vb);
+            }
+        }
+        // Closing the vbuckets cancels the compactions the loop runs, so
+        // joining it does not wait for a whole copy.
+        let auto = self.stop_auto_compaction();
+        let outcomes = self.shut_down(&vbs);
+        if let Some(thread) = auto {
+            let _ = thread.join();
+        }
+        for transition in transitions {
+            transition.finish(None);
+        }
+        let mut first_error = None;
+        for (vbid, outcome) in outcomes {
+            if let Err(e) = outcome {
                 tracing::error!(vbid, error = %e, "closing a vbucket failed");
                 first_error.get_or_insert(e);
             }
         }
-        if let Some(thread) = auto {
-            let _ = thread.join();
-        }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Closes every vbucket (flushing their queues; a running compaction
+    /// is cancelled) and the flusher threads. Returns the first error; every
+    /// vbucket is closed regardless, and the handles still held refuse
+    /// to write.
+    pub fn close(self) -> Result<()> {
+        self.close_all()
+        // Drop finds nothing left to close.
     }
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
-        if let Some(thread) = self.stop_auto_compaction() {
-            // Cancel what runs, so joining does not wait for a whole copy.
-            for vb in self.vbuckets.read().values() {
-                if let Some(control) = vb.compaction_control() {
-                    control.cancel();
-                }
-            }
-            let _ = thread.join();
-        }
+        // As close, reporting failures only in the log: handles that outlive
+        // the store must not write into files a new owner may open.
+        let _ = self.close_all();
     }
 }

@@ -9,7 +9,7 @@ use crate::snapshot::ReadSnapshot;
 use crate::vbstate::{VbState, VbucketState, VBSTATE_ID};
 use btree::{Db, DbOptions, LocalUpdate, Snapshot};
 use couchfile::{
-    ChunkCache, CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, MAX_KEY_LEN,
+    ChunkCache, CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, MAX_KEY_LEN, MAX_U48,
 };
 use flusher::{
     Batch, Committed, FlushStats, FlushTarget, Flusher, LatencyHistogram, VbQueue, Vbid,
@@ -74,14 +74,36 @@ struct Front {
     dirty: HashMap<Vec<u8>, Arc<Item>>,
 }
 
+/// The CAS value memcached reserves for a locked document: never stored.
+pub const RESERVED_CAS: u64 = u64::MAX;
+
+/// The largest revision number the format holds (48 bits). An automatic
+/// revision stays there once reached (it never wraps).
+pub const MAX_REV_SEQ: u64 = MAX_U48;
+
+/// The largest seqno the format holds (48 bits).
+pub const MAX_SEQNO: u64 = MAX_U48;
+
 impl Front {
     /// kv-engine's hybrid logical clock: wall-clock nanoseconds with the
-    /// low 16 bits as a counter, never going backwards.
-    fn next_cas(&mut self) -> u64 {
+    /// low 16 bits as a counter, never going backwards and never repeating;
+    /// `None` once the counter has reached the last value below
+    /// [`RESERVED_CAS`] (only a CAS given explicitly can get it there).
+    fn next_cas(&mut self) -> Option<u64> {
         let now = u64::try_from(unix_nanos()).unwrap_or(u64::MAX) & !0xffff;
-        self.max_cas = now.max(self.max_cas + 1);
-        self.max_cas
+        let next = now.max(self.max_cas.checked_add(1)?);
+        if next >= RESERVED_CAS {
+            return None;
+        }
+        self.max_cas = next;
+        Some(next)
     }
+}
+
+/// The automatic revision after `rev`: one more, staying at
+/// [`MAX_REV_SEQ`] once there.
+fn next_rev_seq(rev: u64) -> u64 {
+    rev.saturating_add(1).min(MAX_REV_SEQ)
 }
 
 fn unix_nanos() -> u128 {
@@ -154,6 +176,8 @@ pub(crate) struct Shared {
     pub(crate) flusher_lock_wait_nanos: AtomicU64,
     /// The running compaction's control, so closing can cancel it.
     pub(crate) compaction: Mutex<Option<compactor::Control>>,
+    /// Signalled when a compaction ends (closing waits for it).
+    pub(crate) compaction_ended: Condvar,
     /// Flush-batch commit latencies.
     commit_latency: Mutex<CommitLatencies>,
     /// Told of every flush-batch commit.
@@ -172,6 +196,36 @@ impl std::fmt::Debug for OnCommit {
 impl Shared {
     fn compaction_running(&self) -> bool {
         self.compaction.lock().is_some()
+    }
+
+    /// True once the store closed this vbucket: every handle refuses to
+    /// write, commit or compact from then on.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.front.lock().closed
+    }
+
+    /// Fails with [`Error::Closed`] once the vbucket is closed.
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::Closed(self.vbid));
+        }
+        Ok(())
+    }
+
+    /// Removes the dirty entries `batch` covers (those not replaced by a
+    /// newer mutation since): after its header is published, or when it
+    /// was dropped.
+    fn forget_dirty(&self, batch: &Batch<QueuedItem>) {
+        let mut front = self.front.lock();
+        for QueuedItem(item) in &batch.items {
+            if front
+                .dirty
+                .get(&item.key)
+                .is_some_and(|d| d.seqno <= batch.high_seqno)
+            {
+                front.dirty.remove(&item.key);
+            }
+        }
     }
 
     /// Makes the writer's last commit the one readers see. Called with the
@@ -209,7 +263,7 @@ impl Writer {
             .iter()
             .map(|QueuedItem(item)| item.to_doc_update(options.compress_bodies))
             .collect();
-        self.db.save(&docs, &[vbstate_update(&vbstate)])?;
+        self.save(&docs, &[vbstate_update(&vbstate)])?;
         // Dedup leaves gaps: the header covers every seqno drained.
         let pending = self.db.pending_mut();
         pending.update_seq = pending.update_seq.max(batch.high_seqno);
@@ -222,9 +276,20 @@ impl Writer {
         })
     }
 
+    /// Saves documents and local documents into the pending commit; a
+    /// failure leaves the pending state half-written, so the file is reopened
+    /// at its last header before anything else is saved.
+    fn save(&mut self, docs: &[btree::DocUpdate], locals: &[LocalUpdate]) -> Result<()> {
+        let saved = self.db.save(docs, locals);
+        if saved.is_err() {
+            self.needs_recovery = true;
+        }
+        Ok(saved.map(drop)?)
+    }
+
     /// Commits a new vbstate alone.
     fn commit_vbstate(&mut self, vbstate: VbState) -> Result<u64> {
-        self.db.save(&[], &[vbstate_update(&vbstate)])?;
+        self.save(&[], &[vbstate_update(&vbstate)])?;
         let offset = self.commit()?;
         self.vbstate = vbstate;
         Ok(offset)
@@ -341,22 +406,22 @@ impl FlushTarget for VbTarget {
             observer(&event);
         }
         // Readers see the new header: the dirty entries it covers can go.
-        let mut front = shared.front.lock();
-        for QueuedItem(item) in &batch.items {
-            if front
-                .dirty
-                .get(&item.key)
-                .is_some_and(|d| d.seqno <= batch.high_seqno)
-            {
-                front.dirty.remove(&item.key);
-            }
-        }
+        shared.forget_dirty(batch);
         Ok(committed)
     }
 
     fn recover(&mut self) -> Result<()> {
         let shared = &*self.shared;
         shared.writer.lock().recover(shared)
+    }
+
+    fn is_permanent(&self, error: &Error) -> bool {
+        error.is_permanent_commit_failure()
+    }
+
+    fn discard(&mut self, batch: &Batch<QueuedItem>) {
+        // Never persisted: readers go back to what the file holds.
+        self.shared.forget_dirty(batch);
     }
 }
 
@@ -449,6 +514,7 @@ impl VBucket {
             header_committed: Condvar::new(),
             flusher_lock_wait_nanos: AtomicU64::new(0),
             compaction: Mutex::new(None),
+            compaction_ended: Condvar::new(),
             commit_latency: Mutex::new(CommitLatencies::default()),
             on_commit: OnCommit(on_commit),
         });
@@ -462,17 +528,30 @@ impl VBucket {
         Ok(Self { shared, queue })
     }
 
-    /// Refuses further mutations (the store is closing the vbucket).
+    /// Refuses further mutations, commits and compactions (the store is
+    /// closing the vbucket), and cancels a running compaction.
     pub(crate) fn close_front(&self) {
         self.shared.front.lock().closed = true;
+        // A compaction registers itself only while the vbucket is open,
+        // checked under this lock: once we hold it, none can start.
         if let Some(control) = self.shared.compaction.lock().as_ref() {
             control.cancel();
         }
     }
 
+    /// Waits until no compaction of this vbucket runs (after
+    /// [`VBucket::close_front`] cancelled it and refused new ones), so that
+    /// nothing renames or removes its files any more.
+    pub(crate) fn wait_for_compaction_end(&self) {
+        let mut running = self.shared.compaction.lock();
+        while running.is_some() {
+            self.shared.compaction_ended.wait(&mut running);
+        }
+    }
+
     /// True once the store closed this vbucket.
     pub(crate) fn is_closed(&self) -> bool {
-        self.shared.front.lock().closed
+        self.shared.is_closed()
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
@@ -517,40 +596,81 @@ impl VBucket {
                 max: MAX_KEY_LEN,
             });
         }
-        // Outside the front lock: a full queue must not stall bookkeeping.
-        self.queue
-            .wait_for_room(self.shared.options.write_timeout)?;
-        let mut front = self.shared.front.lock();
-        if front.closed {
-            return Err(Error::Closed(self.shared.vbid));
+        if meta.cas == RESERVED_CAS {
+            return Err(Error::InvalidMeta {
+                field: "cas",
+                value: meta.cas,
+                reason: "u64::MAX is reserved (memcached's locked CAS)",
+            });
         }
-        let seqno = front.high_seqno + 1;
-        let cas = if meta.cas == 0 {
-            front.next_cas()
-        } else {
-            front.max_cas = front.max_cas.max(meta.cas);
-            meta.cas
-        };
-        let rev_seq = match meta.rev_seq {
-            0 => front.dirty.get(key).map_or(1, |d| d.meta.rev_seq + 1),
-            given => given,
-        };
-        let item = Arc::new(Item {
-            key: key.to_vec(),
-            value,
-            deleted,
-            seqno,
-            meta: ItemMeta {
-                cas,
-                rev_seq,
-                ..meta
-            },
-        });
-        // Enqueued under the front lock: queue order is seqno order.
-        self.queue.enqueue(QueuedItem(Arc::clone(&item)))?;
-        front.high_seqno = seqno;
-        front.dirty.insert(key.to_vec(), item);
-        Ok(Mutation { seqno, cas })
+        if meta.rev_seq > MAX_REV_SEQ {
+            return Err(Error::InvalidMeta {
+                field: "rev_seq",
+                value: meta.rev_seq,
+                reason: "over 2^48 - 1, the largest the file format holds",
+            });
+        }
+        self.shared.check_open()?;
+        // The automatic rev_seq of a key that is not dirty comes from the
+        // file: looked up outside the front lock, at the header published
+        // when the key was found clean, and used only if no header was
+        // published since (one could hold a newer mutation of the key that
+        // was dirty meanwhile).
+        let mut stored_rev: Option<(u64, u64)> = None;
+        loop {
+            // Outside the front lock: a full queue must not stall bookkeeping.
+            self.queue
+                .wait_for_room(self.shared.options.write_timeout)?;
+            let mut front = self.shared.front.lock();
+            if front.closed {
+                return Err(Error::Closed(self.shared.vbid));
+            }
+            let rev_seq = match (meta.rev_seq, front.dirty.get(key)) {
+                (0, Some(dirty)) => next_rev_seq(dirty.meta.rev_seq),
+                (0, None) => {
+                    let published = self.shared.published.lock().clone();
+                    match stored_rev {
+                        Some((commits, rev)) if commits == published.commits => next_rev_seq(rev),
+                        _ => {
+                            drop(front);
+                            let snapshot = Snapshot::new(published.file, published.header);
+                            let rev = snapshot.doc_info(key)?.map_or(0, |info| info.rev_seq);
+                            stored_rev = Some((published.commits, rev));
+                            continue;
+                        }
+                    }
+                }
+                (given, _) => given,
+            };
+            let seqno = front.high_seqno + 1;
+            if seqno > MAX_SEQNO {
+                return Err(Error::SeqnosExhausted(self.shared.vbid));
+            }
+            let cas = if meta.cas == 0 {
+                front
+                    .next_cas()
+                    .ok_or(Error::CasExhausted(self.shared.vbid))?
+            } else {
+                front.max_cas = front.max_cas.max(meta.cas);
+                meta.cas
+            };
+            let item = Arc::new(Item {
+                key: key.to_vec(),
+                value,
+                deleted,
+                seqno,
+                meta: ItemMeta {
+                    cas,
+                    rev_seq,
+                    ..meta
+                },
+            });
+            // Enqueued under the front lock: queue order is seqno order.
+            self.queue.enqueue(QueuedItem(Arc::clone(&item)))?;
+            front.high_seqno = seqno;
+            front.dirty.insert(key.to_vec(), item);
+            return Ok(Mutation { seqno, cas });
+        }
     }
 
     /// The live document `key`: its newest mutation, flushed or not;
@@ -559,9 +679,18 @@ impl VBucket {
         Ok(self.get_including_deleted(key)?.filter(|d| !d.deleted))
     }
 
-    /// The newest mutation of `key`, deletions included.
+    /// The newest mutation of `key`, deletions included. Once the vbucket
+    /// is closed, a handle reads only what it committed (mutations it could
+    /// not flush are not durable and never will be).
     pub fn get_including_deleted(&self, key: &[u8]) -> Result<Option<Document>> {
-        let dirty = self.shared.front.lock().dirty.get(key).cloned();
+        let dirty = {
+            let front = self.shared.front.lock();
+            if front.closed {
+                None
+            } else {
+                front.dirty.get(key).cloned()
+            }
+        };
         match dirty {
             Some(item) => Ok(Some(item.to_document())),
             // The flusher publishes a header before it forgets the dirty
@@ -570,7 +699,10 @@ impl VBucket {
         }
     }
 
-    /// A snapshot at the latest committed header.
+    /// A snapshot at the latest committed header. A snapshot is an
+    /// immutable view of what was committed: it stays readable after the
+    /// vbucket is closed (taken from a closed vbucket's handle, it is its
+    /// last commit).
     pub fn snapshot(&self) -> ReadSnapshot {
         let p = self.shared.published.lock().clone();
         ReadSnapshot::new(
@@ -601,7 +733,11 @@ impl VBucket {
         self.snapshot().changes_since(since, f)
     }
 
-    /// Waits until `seqno` is durable; returns the persisted seqno.
+    /// Waits until `seqno` is durable, for up to `timeout` (a timeout too
+    /// large to represent, such as [`Duration::MAX`], waits as long as it
+    /// takes); returns the persisted seqno. Fails if the vbucket is closed
+    /// before, or if the commit of `seqno` failed in a way that retrying
+    /// cannot fix (the mutation is then dropped, never persisted).
     pub fn wait_persisted(&self, seqno: u64, timeout: Duration) -> Result<u64> {
         Ok(self.queue.wait_persisted(seqno, timeout)?)
     }
@@ -640,17 +776,25 @@ impl VBucket {
 
     /// Waits until a header newer than the `commits`-th is published, for up
     /// to `timeout`; returns the latest header either way.
+    /// A timeout too large to represent (such as [`Duration::MAX`]) waits
+    /// as long as it takes; so does any timeout on a vbucket that is closed
+    /// meanwhile, which publishes nothing more: use a finite one then.
     pub fn wait_for_header(&self, commits: u64, timeout: Duration) -> CommittedHeader {
-        let deadline = Instant::now() + timeout;
+        let deadline = flusher::deadline_after(timeout);
         let mut p = self.shared.published.lock();
         while p.commits <= commits {
-            if self
-                .shared
-                .header_committed
-                .wait_until(&mut p, deadline)
-                .timed_out()
-            {
-                break;
+            match deadline {
+                Some(deadline) => {
+                    if self
+                        .shared
+                        .header_committed
+                        .wait_until(&mut p, deadline)
+                        .timed_out()
+                    {
+                        break;
+                    }
+                }
+                None => self.shared.header_committed.wait(&mut p),
             }
         }
         p.handoff()
@@ -661,10 +805,15 @@ impl VBucket {
         self.shared.writer.lock().vbstate.clone()
     }
 
-    /// Changes the vbucket's state and commits it durably at once.
+    /// Changes the vbucket's state and commits it durably at once. Fails
+    /// with [`Error::Closed`] once the vbucket is closed (its file may have
+    /// a new owner).
     pub fn set_state(&self, state: VbucketState) -> Result<()> {
         let shared = &*self.shared;
         let mut writer = shared.writer.lock();
+        // Checked under the commit lock, which closing takes once after
+        // setting the flag: a closed vbucket commits nothing more.
+        shared.check_open()?;
         writer.recover_if_needed(shared)?;
         let mut vbstate = writer.vbstate.clone();
         vbstate.state = state;

@@ -1118,18 +1118,15 @@ fn abort_compaction(how: Abort, at: CompactionPhase, mode: CompactionMode) {
                 Abort::Close => store.close_vbucket(0),
                 _ => store.delete_vbucket(0),
             });
-            if lock_held {
-                // Closing flushes, which needs the commit lock this
-                // compaction holds: wait only until the close cancelled it.
-                let deadline = Instant::now() + WAIT;
-                while !control.is_cancelled() {
-                    assert!(Instant::now() < deadline, "the close is stuck");
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                *closer.lock().unwrap() = Some(thread);
-            } else {
-                thread.join().unwrap().unwrap();
+            // Closing waits for the compaction to end (and, with the lock
+            // held, its flush waits for the commit lock): wait only until
+            // the close cancelled it.
+            let deadline = Instant::now() + WAIT;
+            while !control.is_cancelled() {
+                assert!(Instant::now() < deadline, "the close is stuck");
+                std::thread::sleep(Duration::from_millis(1));
             }
+            *closer.lock().unwrap() = Some(thread);
         })
     };
     let opts = options(mode, Duration::ZERO, MAX_ROUNDS, Some(hook));
@@ -1247,6 +1244,7 @@ fn aborting_mid_copy_removes_the_sort_runs() {
             w.wait_all();
             (vb, w)
         };
+        let mut closer = None;
         let mut pause = PauseCopy {
             at: 1500,
             seen: 0,
@@ -1254,14 +1252,17 @@ fn aborting_mid_copy_removes_the_sort_runs() {
                 let files = names(tmp.path());
                 let runs = files.iter().filter(|n| n.contains(".compact.run")).count();
                 assert!(runs > 2, "{files:?}");
+                let control = vb.compaction_control().unwrap();
                 match how {
-                    Abort::Cancel => vb.compaction_control().unwrap().cancel(),
+                    Abort::Cancel => control.cancel(),
                     _ => {
+                        // Closing waits for the compaction to end: wait only
+                        // until it has cancelled it.
                         let store = Arc::clone(&store);
-                        std::thread::spawn(move || store.close_vbucket(0))
-                            .join()
-                            .unwrap()
-                            .unwrap();
+                        closer = Some(std::thread::spawn(move || store.close_vbucket(0)));
+                        while !control.is_cancelled() {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
                     }
                 }
             },
@@ -1269,6 +1270,9 @@ fn aborting_mid_copy_removes_the_sort_runs() {
         let mut opts = CompactionOptions::default();
         opts.compactor.id_sort_memory = 4096;
         let result = vb.compact_with_hooks(&opts, &mut pause);
+        if let Some(closer) = closer {
+            closer.join().unwrap().unwrap();
+        }
         assert!(
             matches!(result, Err(Error::CompactionAborted(0))),
             "{how:?}: {result:?}"
