@@ -4,7 +4,7 @@ use crate::error::{Error, Result};
 use btree::{Body, DocUpdate};
 use couchfile::{DocInfo, RevMeta, CONTENT_META_COMPRESSED};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Memcached datatype bit: the value is JSON.
 pub const DATATYPE_JSON: u8 = 0x01;
@@ -28,9 +28,10 @@ pub struct ItemMeta {
     /// Memcached datatype bits ([`DATATYPE_JSON`], ...).
     pub datatype: u8,
     /// Revision number. On a set or delete, 0 means "assign one": one above
-    /// the revision of the key's mutation still queued, else 1 (the store
-    /// does not read the disk on the write path; pass the revision to keep
-    /// it exact, as set-with-meta does).
+    /// the key's previous revision, queued or stored (a key never stored
+    /// starts at 1); it grows across flushes, reopens and compactions, and
+    /// stays at [`crate::MAX_REV_SEQ`] once there. Any other value is
+    /// stored as given (as set-with-meta does).
     pub rev_seq: u64,
 }
 
@@ -58,6 +59,52 @@ pub struct Mutation {
     pub cas: u64,
 }
 
+/// The revision of an accepted mutation.
+#[derive(Debug, Clone)]
+pub(crate) enum Rev {
+    /// Known: given, or one above a known revision.
+    Known(u64),
+    /// Automatic, `n` above the revision the key had in the file when the
+    /// first mutation of a run of automatic ones (`base`, shared by the
+    /// run) was accepted with the key clean. The base is read by the first
+    /// commit of a mutation of the run, or the first read of one, whichever
+    /// comes first ([`Item::unresolved_base`]): until then the file still
+    /// holds the key's revision from before the run, since a key is clean
+    /// only once its last mutation is committed.
+    Auto { base: Arc<OnceLock<u64>>, n: u64 },
+}
+
+impl Rev {
+    /// The revision after this one, for the next automatic mutation of the
+    /// key while this one is queued.
+    pub(crate) fn next(&self) -> Rev {
+        match self {
+            Rev::Known(rev) => Rev::Known(add_rev(*rev, 1)),
+            Rev::Auto { base, n } => match base.get() {
+                Some(base) => Rev::Known(add_rev(*base, n + 1)),
+                None => Rev::Auto {
+                    base: Arc::clone(base),
+                    n: n + 1,
+                },
+            },
+        }
+    }
+
+    /// The revision, once known (`None` while an automatic one's base is
+    /// not read yet).
+    pub(crate) fn resolve(&self) -> Option<u64> {
+        match self {
+            Rev::Known(rev) => Some(*rev),
+            Rev::Auto { base, n } => base.get().map(|b| add_rev(*b, *n)),
+        }
+    }
+}
+
+/// `rev + n`, staying at [`crate::MAX_REV_SEQ`] once there.
+fn add_rev(rev: u64, n: u64) -> u64 {
+    rev.saturating_add(n).min(crate::MAX_REV_SEQ)
+}
+
 /// One accepted mutation, shared by the dirty table (reads of unflushed
 /// writes) and the flusher's queue.
 #[derive(Debug)]
@@ -66,17 +113,37 @@ pub(crate) struct Item {
     pub(crate) value: Vec<u8>,
     pub(crate) deleted: bool,
     pub(crate) seqno: u64,
+    /// Its metadata; `rev_seq` is in `rev`.
     pub(crate) meta: ItemMeta,
+    pub(crate) rev: Rev,
 }
 
 impl Item {
+    /// The document as a reader sees it, once its revision is known (the
+    /// reader sets the base of an automatic one first).
     pub(crate) fn to_document(&self) -> Document {
         Document {
             key: self.key.clone(),
             value: self.value.clone(),
             deleted: self.deleted,
             seqno: self.seqno,
-            meta: self.meta,
+            meta: ItemMeta {
+                rev_seq: self.rev.resolve().unwrap_or(0),
+                ..self.meta
+            },
+        }
+    }
+
+    /// True while the revision depends on the key's stored one.
+    pub(crate) fn needs_stored_rev(&self) -> bool {
+        self.unresolved_base().is_some()
+    }
+
+    /// The base of an automatic revision that is not read yet.
+    pub(crate) fn unresolved_base(&self) -> Option<&OnceLock<u64>> {
+        match &self.rev {
+            Rev::Auto { base, .. } if base.get().is_none() => Some(base),
+            _ => None,
         }
     }
 
@@ -96,7 +163,9 @@ impl Item {
         DocUpdate {
             id: self.key.clone(),
             seq: Some(self.seqno),
-            rev_seq: m.rev_seq,
+            // The flush target reads the base of every automatic revision
+            // of a batch before saving it (`Writer::resolve_revisions`).
+            rev_seq: self.rev.resolve().unwrap_or(1),
             rev_meta: RevMeta::new(m.cas, m.exptime, m.flags, m.datatype).encode(),
             deleted: self.deleted,
             content_meta: kind

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::files::{self, revision_name};
-use crate::item::{Document, Item, ItemMeta, Mutation, QueuedItem};
+use crate::item::{Document, Item, ItemMeta, Mutation, QueuedItem, Rev};
 use crate::snapshot::ReadSnapshot;
 use crate::vbstate::{VbState, VbucketState, VBSTATE_ID};
 use btree::{Db, DbOptions, LocalUpdate, Snapshot};
@@ -98,12 +98,6 @@ impl Front {
         self.max_cas = next;
         Some(next)
     }
-}
-
-/// The automatic revision after `rev`: one more, staying at
-/// [`MAX_REV_SEQ`] once there.
-fn next_rev_seq(rev: u64) -> u64 {
-    rev.saturating_add(1).min(MAX_REV_SEQ)
 }
 
 fn unix_nanos() -> u128 {
@@ -258,6 +252,7 @@ impl Writer {
                 vbstate.max_deleted_seqno = vbstate.max_deleted_seqno.max(item.seqno);
             }
         }
+        self.resolve_revisions(batch)?;
         let docs: Vec<_> = batch
             .items
             .iter()
@@ -274,6 +269,32 @@ impl Writer {
             high_seqno: batch.high_seqno,
             bytes_written: self.db.writer_mut().position().saturating_sub(start),
         })
+    }
+
+    /// Reads, in one sorted lookup, the stored revision of every key of the
+    /// batch whose automatic revision has no base yet. Runs before anything
+    /// of the batch is saved, so the file holds each key's revision from
+    /// before the run of automatic mutations (see [`Rev::Auto`]).
+    fn resolve_revisions(&mut self, batch: &Batch<QueuedItem>) -> Result<()> {
+        let mut unresolved: Vec<&Item> = batch
+            .items
+            .iter()
+            .map(|QueuedItem(item)| &**item)
+            .filter(|item| item.needs_stored_rev())
+            .collect();
+        if unresolved.is_empty() {
+            return Ok(());
+        }
+        unresolved.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<&[u8]> = unresolved.iter().map(|item| item.key.as_slice()).collect();
+        let infos = self.db.snapshot().doc_infos(&keys)?;
+        for (item, info) in unresolved.iter().zip(infos) {
+            if let Some(base) = item.unresolved_base() {
+                // Set once; a retried commit finds it set.
+                let _ = base.set(info.map_or(0, |i| i.rev_seq));
+            }
+        }
+        Ok(())
     }
 
     /// Saves documents and local documents into the pending commit; a
@@ -611,66 +632,52 @@ impl VBucket {
             });
         }
         self.shared.check_open()?;
-        // The automatic rev_seq of a key that is not dirty comes from the
-        // file: looked up outside the front lock, at the header published
-        // when the key was found clean, and used only if no header was
-        // published since (one could hold a newer mutation of the key that
-        // was dirty meanwhile).
-        let mut stored_rev: Option<(u64, u64)> = None;
-        loop {
-            // Outside the front lock: a full queue must not stall bookkeeping.
-            self.queue
-                .wait_for_room(self.shared.options.write_timeout)?;
-            let mut front = self.shared.front.lock();
-            if front.closed {
-                return Err(Error::Closed(self.shared.vbid));
-            }
-            let rev_seq = match (meta.rev_seq, front.dirty.get(key)) {
-                (0, Some(dirty)) => next_rev_seq(dirty.meta.rev_seq),
-                (0, None) => {
-                    let published = self.shared.published.lock().clone();
-                    match stored_rev {
-                        Some((commits, rev)) if commits == published.commits => next_rev_seq(rev),
-                        _ => {
-                            drop(front);
-                            let snapshot = Snapshot::new(published.file, published.header);
-                            let rev = snapshot.doc_info(key)?.map_or(0, |info| info.rev_seq);
-                            stored_rev = Some((published.commits, rev));
-                            continue;
-                        }
-                    }
-                }
-                (given, _) => given,
-            };
-            let seqno = front.high_seqno + 1;
-            if seqno > MAX_SEQNO {
-                return Err(Error::SeqnosExhausted(self.shared.vbid));
-            }
-            let cas = if meta.cas == 0 {
-                front
-                    .next_cas()
-                    .ok_or(Error::CasExhausted(self.shared.vbid))?
-            } else {
-                front.max_cas = front.max_cas.max(meta.cas);
-                meta.cas
-            };
-            let item = Arc::new(Item {
-                key: key.to_vec(),
-                value,
-                deleted,
-                seqno,
-                meta: ItemMeta {
-                    cas,
-                    rev_seq,
-                    ..meta
-                },
-            });
-            // Enqueued under the front lock: queue order is seqno order.
-            self.queue.enqueue(QueuedItem(Arc::clone(&item)))?;
-            front.high_seqno = seqno;
-            front.dirty.insert(key.to_vec(), item);
-            return Ok(Mutation { seqno, cas });
+        // Outside the front lock: a full queue must not stall bookkeeping.
+        self.queue
+            .wait_for_room(self.shared.options.write_timeout)?;
+        let mut front = self.shared.front.lock();
+        if front.closed {
+            return Err(Error::Closed(self.shared.vbid));
         }
+        // An automatic revision of a clean key is resolved at its commit,
+        // from the file: the write path does not read the disk.
+        let rev = match (meta.rev_seq, front.dirty.get(key)) {
+            (0, Some(dirty)) => dirty.rev.next(),
+            (0, None) => Rev::Auto {
+                base: Arc::default(),
+                n: 1,
+            },
+            (given, _) => Rev::Known(given),
+        };
+        let seqno = front.high_seqno + 1;
+        if seqno > MAX_SEQNO {
+            return Err(Error::SeqnosExhausted(self.shared.vbid));
+        }
+        let cas = if meta.cas == 0 {
+            front
+                .next_cas()
+                .ok_or(Error::CasExhausted(self.shared.vbid))?
+        } else {
+            front.max_cas = front.max_cas.max(meta.cas);
+            meta.cas
+        };
+        let item = Arc::new(Item {
+            key: key.to_vec(),
+            value,
+            deleted,
+            seqno,
+            meta: ItemMeta {
+                cas,
+                rev_seq: 0,
+                ..meta
+            },
+            rev,
+        });
+        // Enqueued under the front lock: queue order is seqno order.
+        self.queue.enqueue(QueuedItem(Arc::clone(&item)))?;
+        front.high_seqno = seqno;
+        front.dirty.insert(key.to_vec(), item);
+        Ok(Mutation { seqno, cas })
     }
 
     /// The live document `key`: its newest mutation, flushed or not;
@@ -692,7 +699,22 @@ impl VBucket {
             }
         };
         match dirty {
-            Some(item) => Ok(Some(item.to_document())),
+            Some(item) => {
+                if let Some(base) = item.unresolved_base() {
+                    // No commit of the key's run has read the base yet, so
+                    // the file still holds the key's revision from before
+                    // the run. Whoever reads it first sets it, so readers
+                    // and the commit agree even if a compaction purges the
+                    // key's tombstone meanwhile.
+                    let stored = self
+                        .snapshot()
+                        .inner()
+                        .doc_info(key)?
+                        .map_or(0, |info| info.rev_seq);
+                    let _ = base.set(stored);
+                }
+                Ok(Some(item.to_document()))
+            }
             // The flusher publishes a header before it forgets the dirty
             // entries it covers, so this sees them.
             None => self.snapshot().get_including_deleted(key),

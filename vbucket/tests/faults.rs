@@ -56,24 +56,11 @@ type Model = BTreeMap<Vec<u8>, Vec<u8>>;
 /// Sets `key-<i>` for every `i` in `keys` to a value tagged `tag`; returns
 /// the last seqno.
 fn write(vb: &VBucket, model: &mut Model, keys: std::ops::Range<u32>, tag: &str) -> u64 {
-    write_with(vb, model, keys, tag, ItemMeta::default())
-}
-
-/// [`write`] with `meta`. An automatic revision (`rev_seq` 0) of a key not
-/// queued reads the key's stored revision, so a write while reads fail
-/// passes one.
-fn write_with(
-    vb: &VBucket,
-    model: &mut Model,
-    keys: std::ops::Range<u32>,
-    tag: &str,
-    meta: ItemMeta,
-) -> u64 {
     let mut last = 0;
     for i in keys {
         let key = format!("key-{i:04}").into_bytes();
         let value = format!("{tag} {i} {}", "v".repeat(i as usize % 300)).into_bytes();
-        last = vb.set(&key, &value, meta).unwrap().seqno;
+        last = vb.set(&key, &value, ItemMeta::default()).unwrap().seqno;
         model.insert(key, value);
     }
     last
@@ -243,11 +230,7 @@ fn recovery_fails_until_cleared(recovery_op: OpKind, message: &str) {
 
     controller.inject(FaultRule::once(OpKind::Sync, FaultKind::Eio));
     controller.inject(FaultRule::always(recovery_op, FaultKind::Eio));
-    let given_rev = ItemMeta {
-        rev_seq: 2,
-        ..ItemMeta::default()
-    };
-    let last = write_with(&vb, &mut model, 3..20, "during", given_rev);
+    let last = write(&vb, &mut model, 3..20, "during");
     let err = vb.wait_persisted(last, SHORT).unwrap_err();
     assert!(err.is_timeout(), "{what}: {err}");
     // One injected sync failure, then failed recoveries.

@@ -22,6 +22,8 @@ commands:
                              each (or only the targets T) for N seconds (default 30)
   bench [ARGS...]            cargo bench --workspace, passing ARGS through
   crash                      the full crash sweep: ignored `crash` tests with CRASH_SWEEP=full
+  stress [--schedules N]     the vbucket lifecycle races (open, close and delete against
+                             writers and compaction) for N seeded schedules each (default 200)
   help                       this message
 ";
 
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         "fuzz" => fuzz(rest),
         "bench" => bench(rest),
         "crash" => no_args("crash", rest).and_then(|()| crash()),
+        "stress" => stress(rest),
         other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
     };
     match result {
@@ -200,6 +203,44 @@ fn crash() -> Result<(), String> {
             "--ignored",
             "crash",
         ]),
+    )
+}
+
+/// Schedules each lifecycle race runs under `cargo xtask stress` by default
+/// (CI runs 3).
+const DEFAULT_STRESS_SCHEDULES: u64 = 200;
+
+/// `cargo xtask stress [--schedules N]`: the lifecycle race tests of
+/// `vbucket/tests/lifecycle.rs`, in release mode, each for N seeded random
+/// schedules (a failure prints the seed; `LIFECYCLE_SEED=<hex>` replays it).
+fn stress(args: &[String]) -> Result<(), String> {
+    let schedules = match args {
+        [] => DEFAULT_STRESS_SCHEDULES,
+        [flag, n] if flag == "--schedules" => {
+            n.parse().map_err(|e| format!("--schedules {n}: {e}"))?
+        }
+        _ => {
+            return Err(format!(
+                "usage: cargo xtask stress [--schedules N]\n\n{USAGE}"
+            ))
+        }
+    };
+    let root = workspace_root()?;
+    step(
+        "lifecycle stress",
+        cargo(&root)
+            .env("LIFECYCLE_SCHEDULES", schedules.to_string())
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "vbucket",
+                "--test",
+                "lifecycle",
+                "--",
+                "racing",
+                "--nocapture",
+            ]),
     )
 }
 
