@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! `couchtool compact` against couchstore's own compactions in
-//! `../shared/vectors/couchstore`: `0.couch.2` is `0.couch.1` compacted with
+//! `testdata/couchstore`: `0.couch.2` is `0.couch.1` compacted with
 //! deletes kept and `0.couch.3` with `COUCHSTORE_COMPACT_FLAG_DROP_DELETES`.
 //! Compacting `0.couch.1` here must give the same logical content as each:
 //! the same `dump --jsonl` doc, local and end lines, and the same header
@@ -28,10 +28,7 @@ use std::time::Instant;
 use support::couchread_verify;
 use vbucket::tool::{self, CompactOptions, CompactSummary, OpenOptions};
 
-const VECTORS: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/vectors/couchstore"
-);
+const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/couchstore");
 
 fn vector(name: &str) -> PathBuf {
     Path::new(VECTORS).join(name)

@@ -1,5 +1,5 @@
 //! `couchtool` against the files the real couchstore library wrote in
-//! `../shared/vectors/couchstore`: its JSON Lines listings must equal the
+//! `testdata/couchstore`: its JSON Lines listings must equal the
 //! recorded ones byte for byte, its text listings the recorded `dump.txt` and
 //! `headers.txt`, and `verify` must pass on the sound files and fail on the
 //! damaged ones. Also `verify` on files this project's own `btree` writes, on
@@ -16,7 +16,7 @@ use vbucket::tool::{self, OpenOptions};
 fn vectors_dir() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/vectors/couchstore"
+        "/../testdata/couchstore"
     ))
 }
 
@@ -27,7 +27,7 @@ fn vector(name: &str) -> PathBuf {
 /// The binary vector files: `*.couch` and `*.couch.<digits>`.
 fn vector_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(vectors_dir())
-        .expect("../shared/vectors/couchstore must exist beside the repository")
+        .expect("testdata/couchstore is in the repository")
         .map(|e| e.unwrap().path())
         .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy().to_string();
