@@ -11,7 +11,7 @@ use crate::files::{self, compact_name, revision_name};
 use crate::vbucket::VBucket;
 use btree::Db;
 use compactor::{copy_snapshot, replay, CompactionConfig, Control, CopyStats, Hooks, NoHooks};
-use couchfile::{CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, CURRENT_DISK_VERSION};
+use couchfile::{CouchFile, CrcKind, Directory, FileWriter, LocatedHeader};
 use parking_lot::MutexGuard;
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -64,7 +64,10 @@ const LOCK_RETRY_WAIT: Duration = Duration::from_millis(50);
 /// How a vbucket compaction runs.
 #[derive(Clone)]
 pub struct CompactionOptions {
-    /// The copy and replay settings (purge policy, throttle, syncs, sort budget).
+    /// The copy and replay settings (purge policy, throttle, syncs, sort
+    /// budget). Its `upgrade` is on by default, as kv_engine always passes
+    /// couchstore's upgrade flag: the new revision is written at disk
+    /// version 14 whatever the old one's.
     pub compactor: CompactionConfig,
     /// Concurrent (default) or blocking.
     pub mode: CompactionMode,
@@ -425,7 +428,7 @@ impl VBucket {
         let new_name = revision_name(vbid, new_revision);
         // The same file under its new name, keeping the nodes it cached.
         let mut final_file = db.writer_mut().file().renamed(dir.path().join(&new_name));
-        final_file.set_crc(CrcKind::for_version(CURRENT_DISK_VERSION));
+        final_file.set_crc(CrcKind::for_version(db.committed().header.disk_version));
         let new_db = Db::from_writer(
             FileWriter::new(final_file)?,
             db.committed().clone(),

@@ -484,3 +484,34 @@ fn the_binary_lists_a_vector_and_reports_failures() {
         .unwrap()
         .contains("COUCHSTORE_ERROR_OPEN_FILE"));
 }
+
+#[test]
+fn the_binary_prints_its_version_and_every_subcommand_gives_an_example() {
+    let bin = env!("CARGO_BIN_EXE_couchtool");
+    let out = Command::new(bin).arg("--version").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("couchtool {}", env!("CARGO_PKG_VERSION"))
+    );
+    for command in ["dump", "headers", "info", "verify", "compact"] {
+        let out = Command::new(bin)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{command}: {out:?}");
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            help.contains(&format!("Examples:\n  couchtool {command} ")),
+            "{command} --help gives no example:\n{help}"
+        );
+    }
+    let out = Command::new(bin).arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("Examples:\n  couchtool "), "{help}");
+    let out = Command::new(bin)
+        .args(["compact", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8(out.stdout).unwrap().contains("--upgrade"));
+}
