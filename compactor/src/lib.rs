@@ -15,7 +15,8 @@
 //! the local documents, including the removal of local documents (which
 //! couchstore's replay misses). It is not the orchestration of a compaction:
 //! taking the vbucket lock, deciding when catch-up rounds stop, renaming and
-//! swapping files belong to the `vbucket` crate.
+//! swapping files belong to the `vbucket` crate; `docs/design.md` in the
+//! repository describes that protocol step by step.
 //!
 //! ```
 //! use std::sync::Arc;

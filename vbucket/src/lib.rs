@@ -40,6 +40,10 @@
 //! `cargo install --path vbucket` installs `couchtool`; `couchtool --version`
 //! prints its version and every subcommand's `--help` gives examples.
 //!
+//! `docs/design.md` in the repository describes a write's whole path, the
+//! compaction protocol step by step (what the commit lock covers, why each
+//! step is crash-safe) and the invariants with the tests that check them.
+//!
 //! ```
 //! use std::time::Duration;
 //! use vbucket::{ItemMeta, Store, StoreConfig};
