@@ -1,4 +1,4 @@
-//! Helpers shared by the vbucket integration tests (`mod support;`): a
+//! Functions shared by the vbucket integration tests (`mod support;`): a
 //! deterministic generator, the file checkers (`verify_snapshot` and
 //! `couchread.py --verify`), and the model of accepted mutations the crash
 //! sweeps check reopened vbuckets against. Each test crate uses a part.
