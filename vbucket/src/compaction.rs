@@ -55,7 +55,8 @@ pub type CompactionHook = Arc<dyn Fn(CompactionPhase) + Send + Sync>;
 /// Measured with `bench peers` (a flusher committing 1,000 documents at a
 /// time without a pause), 16 tries took 0.38 to 0.45 s of a 1.6 to 1.9 s
 /// compaction and still ended waiting for the lock; 4 take 0.07 to 0.10 s,
-/// with the lock held as long (13 to 30 ms either way).
+/// with the lock held as long (13 to 30 ms either way; 2026-12-03, commit
+/// d459eed; docs/performance.md has the history).
 const MAX_LOCK_ATTEMPTS: usize = 4;
 
 /// How long it waits for an in-flight commit to land between attempts.
