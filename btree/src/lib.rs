@@ -4,7 +4,7 @@
 //! subtree size and reduce value), cut by couchstore's size rules (1279-byte
 //! threshold, nodes cut at two thirds of it; configurable). [`BTree`] applies a
 //! sorted batch of actions in one pass (a large batch on two threads: the
-//! caller's and a scoped helper's), looks up many keys at once, folds over
+//! caller's and a second, scoped one), looks up many keys at once, folds over
 //! ranges with early stop, sums reduce values over a range from the stored
 //! reduces, and builds a tree bottom-up from sorted input; it is generic over key
 //! order and reduce through [`TreeOps`]. On top of it, [`Db`] writes batches of

@@ -33,7 +33,7 @@ use std::ops::{Bound, ControlFlow};
 use std::path::Path;
 use std::sync::Arc;
 
-// ------------------------------------------------------------------ helpers
+// ------------------------------------------------------- shared functions
 
 /// Picks an element of a collection whose size is known only later.
 #[derive(Debug, Clone, Copy)]

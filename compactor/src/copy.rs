@@ -7,7 +7,7 @@ use crate::{CompactionConfig, ExpiryAction, Hooks, PurgeSeqRule};
 use btree::{BTree, ById, BySeq, ChangesFilter, Db, Local, Snapshot};
 use couchfile::{
     encode_seq_key, CrcKind, DbHeader, Directory, DocInfo, FileWriter, LocatedHeader, RevMeta,
-    SequentialReader, CURRENT_DISK_VERSION,
+    SequentialReader,
 };
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -113,7 +113,9 @@ impl Copier<'_, '_> {
 /// Copies the live data of `source` into `target` (a writer made by
 /// [`FileWriter::create_without_header`]) and commits the new file's first
 /// header: same update seq, the purge seq raised by what was purged, disk
-/// version 14. Sort runs, if the ids outgrow the memory budget, are files
+/// version 14, or the one [`CompactionConfig::target_disk_version`] gives
+/// without [`CompactionConfig::upgrade`] (chunks are checksummed for that
+/// version: CRC-32 for 11, CRC-32C otherwise). Sort runs, if the ids outgrow the memory budget, are files
 /// of `dir` named `{sort_prefix}.run<N>`, removed when done. Returns the
 /// new file's writer as a [`Db`] at that header (ready for [`crate::replay`]).
 pub fn copy_snapshot(
@@ -133,7 +135,8 @@ pub fn copy_snapshot(
     .entered();
     let start = Instant::now();
     let src = source.header().clone();
-    target.set_crc(CrcKind::for_version(CURRENT_DISK_VERSION));
+    let version = config.target_disk_version(src.disk_version);
+    target.set_crc(CrcKind::for_version(version));
     let start_pos = target.position();
     let docs_total = source.count_changes(0, couchfile::MAX_U48)?;
     control.add_totals(docs_total, source.space_used()?);
@@ -200,7 +203,7 @@ pub fn copy_snapshot(
     if config.purge_seq_rule == PurgeSeqRule::CountDropDeletes && config.purge.drop_deletes {
         stats.purge_seq = src.purge_seq + 1;
     }
-    let mut header = DbHeader::new(CURRENT_DISK_VERSION);
+    let mut header = DbHeader::new(version);
     header.update_seq = src.update_seq;
     header.purge_seq = stats.purge_seq;
     header.by_id_root = by_id_root;
@@ -210,7 +213,7 @@ pub fn copy_snapshot(
         writer,
         LocatedHeader {
             offset: 0,
-            header: DbHeader::new(CURRENT_DISK_VERSION),
+            header: DbHeader::new(version),
         },
         config.nodes,
     );

@@ -4,7 +4,9 @@
 //! (compressed stays compressed), builds the by-seq tree bottom-up and the
 //! by-id tree from the ids sorted in memory up to a budget, otherwise through
 //! sorted runs spilled next to the target and merged ([`ExternalSorter`]), and
-//! copies the local documents. A [`PurgePolicy`] drops tombstones below a
+//! copies the local documents. The new file is written at disk version 14
+//! unless [`CompactionConfig::upgrade`] is off and the source is a version
+//! 11 file, as couchstore does. A [`PurgePolicy`] drops tombstones below a
 //! purge seqno or older than a time and raises the purge seqno (never lowers
 //! it); [`Hooks`] are told about expired documents (keep, drop, or turn into
 //! a deletion) and can filter any document. Work can be throttled, synced
@@ -13,7 +15,8 @@
 //! the local documents, including the removal of local documents (which
 //! couchstore's replay misses). It is not the orchestration of a compaction:
 //! taking the vbucket lock, deciding when catch-up rounds stop, renaming and
-//! swapping files belong to the `vbucket` crate.
+//! swapping files belong to the `vbucket` crate; `docs/design.md` in the
+//! repository describes that protocol step by step.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -59,7 +62,7 @@ pub use sort::{ExternalSorter, SortedEntries};
 const BODY_WINDOW: usize = 256 << 10;
 
 use btree::NodeConfig;
-use couchfile::DocInfo;
+use couchfile::{DocInfo, CURRENT_DISK_VERSION, OLDEST_DISK_VERSION};
 
 /// Which tombstones compaction drops. A dropped tombstone raises the
 /// file's purge seqno to its seqno (readers of changes since an older
@@ -155,6 +158,13 @@ pub struct CompactionConfig {
     /// replays (each tree node is rewritten once per batch), which is what
     /// lets the catch-up rounds converge under a saturating writer.
     pub replay_batch: usize,
+    /// Write the new file at disk version 14 (CRC-32C) whatever the
+    /// source's version: couchstore's `COUCHSTORE_COMPACT_FLAG_UPGRADE_DB`,
+    /// which kv_engine always passes, and the default. Without it the new
+    /// file's version is couchstore's choice without the flag: a version 11
+    /// source stays version 11 (CRC-32), any other is written as 14 (see
+    /// [`CompactionConfig::target_disk_version`]).
+    pub upgrade: bool,
 }
 
 impl Default for CompactionConfig {
@@ -168,16 +178,50 @@ impl Default for CompactionConfig {
             id_sort_memory: 64 << 20,
             nodes: NodeConfig::default(),
             replay_batch: 100_000,
+            upgrade: true,
         }
     }
 }
 
 impl CompactionConfig {
+    /// The disk version of the file a compaction of a `source_version` file
+    /// writes: 14 ([`CURRENT_DISK_VERSION`]) with [`Self::upgrade`];
+    /// without it, as couchstore's `couch_compact` without its upgrade flag
+    /// (`db_compact.cc`), 11 for a version 11 source and 14 for any other
+    /// (couchstore writes only those two versions).
+    pub fn target_disk_version(&self, source_version: u8) -> u8 {
+        if !self.upgrade && source_version == OLDEST_DISK_VERSION {
+            OLDEST_DISK_VERSION
+        } else {
+            CURRENT_DISK_VERSION
+        }
+    }
+
     pub(crate) fn now(&self) -> u32 {
         self.now.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_version_is_couchstores_choice() {
+        let upgrade = CompactionConfig::default();
+        assert!(upgrade.upgrade, "kv_engine's default");
+        let keep = CompactionConfig {
+            upgrade: false,
+            ..CompactionConfig::default()
+        };
+        for source in 11..=14 {
+            assert_eq!(upgrade.target_disk_version(source), 14);
+            let kept = if source == 11 { 11 } else { 14 };
+            assert_eq!(keep.target_disk_version(source), kept);
+        }
     }
 }

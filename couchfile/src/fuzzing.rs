@@ -112,13 +112,10 @@ pub fn find_header(data: &[u8]) {
 }
 
 /// Images of real couchstore files for the entry points' tests: each file
-/// of `../shared/vectors/couchstore` named here whole, cut in half, and with
+/// of the repository's `testdata/couchstore` named here whole, cut in half, and with
 /// every 997th byte flipped.
 pub fn vector_images() -> std::io::Result<Vec<Vec<u8>>> {
-    let dir = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/vectors/couchstore"
-    );
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/couchstore");
     let mut images = Vec::new();
     for name in ["0.couch.1", "legacy_v11.couch", "flipped_body_bit.couch"] {
         let bytes = std::fs::read(format!("{dir}/{name}"))?;

@@ -1,5 +1,5 @@
 //! Reads every file that the real couchstore library wrote in
-//! `../shared/vectors/couchstore` and checks that this crate finds the same
+//! `testdata/couchstore` and checks that this crate finds the same
 //! header (normal and recovery mode, including couchstore's outcome on the
 //! crash-shaped copies), walks the same headers, answers the same probes, and
 //! reads the same B-tree nodes and bodies that couchstore's listings name.
@@ -11,13 +11,13 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 fn vectors_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors/couchstore")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/couchstore")
 }
 
 /// The binary vector files: `*.couch` and `*.couch.<n>`.
 fn vector_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(vectors_dir())
-        .expect("../shared/vectors/couchstore must exist beside the repository")
+        .expect("testdata/couchstore is in the repository")
         .map(|e| e.unwrap().path())
         .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy().to_string();

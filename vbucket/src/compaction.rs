@@ -11,7 +11,7 @@ use crate::files::{self, compact_name, revision_name};
 use crate::vbucket::VBucket;
 use btree::Db;
 use compactor::{copy_snapshot, replay, CompactionConfig, Control, CopyStats, Hooks, NoHooks};
-use couchfile::{CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, CURRENT_DISK_VERSION};
+use couchfile::{CouchFile, CrcKind, Directory, FileWriter, LocatedHeader};
 use parking_lot::MutexGuard;
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -55,7 +55,8 @@ pub type CompactionHook = Arc<dyn Fn(CompactionPhase) + Send + Sync>;
 /// Measured with `bench peers` (a flusher committing 1,000 documents at a
 /// time without a pause), 16 tries took 0.38 to 0.45 s of a 1.6 to 1.9 s
 /// compaction and still ended waiting for the lock; 4 take 0.07 to 0.10 s,
-/// with the lock held as long (13 to 30 ms either way).
+/// with the lock held as long (13 to 30 ms either way; 2026-12-03, commit
+/// d459eed; docs/performance.md has the history).
 const MAX_LOCK_ATTEMPTS: usize = 4;
 
 /// How long it waits for an in-flight commit to land between attempts.
@@ -64,7 +65,10 @@ const LOCK_RETRY_WAIT: Duration = Duration::from_millis(50);
 /// How a vbucket compaction runs.
 #[derive(Clone)]
 pub struct CompactionOptions {
-    /// The copy and replay settings (purge policy, throttle, syncs, sort budget).
+    /// The copy and replay settings (purge policy, throttle, syncs, sort
+    /// budget). Its `upgrade` is on by default, as kv_engine always passes
+    /// couchstore's upgrade flag: the new revision is written at disk
+    /// version 14 whatever the old one's.
     pub compactor: CompactionConfig,
     /// Concurrent (default) or blocking.
     pub mode: CompactionMode,
@@ -430,7 +434,7 @@ impl VBucket {
         let new_name = revision_name(vbid, new_revision);
         // The same file under its new name, keeping the nodes it cached.
         let mut final_file = db.writer_mut().file().renamed(dir.path().join(&new_name));
-        final_file.set_crc(CrcKind::for_version(CURRENT_DISK_VERSION));
+        final_file.set_crc(CrcKind::for_version(db.committed().header.disk_version));
         let new_db = Db::from_writer(
             FileWriter::new(final_file)?,
             db.committed().clone(),

@@ -30,11 +30,19 @@
 //!   trees and the bodies and checks checksums, key order, subtree sizes,
 //!   reduce values and that the by-id and by-seq trees agree
 //!   ([`tool::verify`] does the same for tests);
-//! - `couchtool compact [--drop-deletes] [--purge-before-seq N] [--recovery]
-//!   [--header-offset N] SRC DST` copies a header of SRC into the new file
-//!   DST with the compactor and prints a summary ([`tool::compact`]).
+//! - `couchtool compact [--drop-deletes] [--purge-before-seq N] [--upgrade]
+//!   [--recovery] [--header-offset N] SRC DST` copies a header of SRC into
+//!   the new file DST with the compactor and prints a summary
+//!   ([`tool::compact`]); a version 11 file stays version 11 unless
+//!   `--upgrade` is given, as with couchstore's `couch_compact`.
 //!
 //! Exit status: 0 when all is well, 1 on an error or a problem found.
+//! `cargo install --path vbucket` installs `couchtool`; `couchtool --version`
+//! prints its version and every subcommand's `--help` gives examples.
+//!
+//! `docs/design.md` in the repository describes a write's whole path, the
+//! compaction protocol step by step (what the commit lock covers, why each
+//! step is crash-safe) and the invariants with the tests that check them.
 //!
 //! ```
 //! use std::time::Duration;

@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! `couchtool compact` against couchstore's own compactions in
-//! `../shared/vectors/couchstore`: `0.couch.2` is `0.couch.1` compacted with
+//! `testdata/couchstore`: `0.couch.2` is `0.couch.1` compacted with
 //! deletes kept and `0.couch.3` with `COUCHSTORE_COMPACT_FLAG_DROP_DELETES`.
 //! Compacting `0.couch.1` here must give the same logical content as each:
 //! the same `dump --jsonl` doc, local and end lines, and the same header
@@ -21,6 +21,7 @@
 
 mod support;
 
+use couchfile::{CouchFile, CrcKind};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,10 +29,7 @@ use std::time::Instant;
 use support::couchread_verify;
 use vbucket::tool::{self, CompactOptions, CompactSummary, OpenOptions};
 
-const VECTORS: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/vectors/couchstore"
-);
+const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/couchstore");
 
 fn vector(name: &str) -> PathBuf {
     Path::new(VECTORS).join(name)
@@ -276,21 +274,169 @@ fn compacting_an_older_header_or_a_recovered_one() {
     assert_eq!(summary.source_header, 172_032);
 }
 
+/// The CRC that the chunks of `path` carry: the by-seq root's chunk is read
+/// with each; exactly one must match.
+fn chunk_crc(path: &Path) -> CrcKind {
+    let header = tool::open(path, &OpenOptions::normal())
+        .unwrap()
+        .header()
+        .clone();
+    let root = header.by_seq_root.expect("a by-seq root").pointer;
+    let matching: Vec<CrcKind> = [CrcKind::Crc32, CrcKind::Crc32c]
+        .into_iter()
+        .filter(|&crc| {
+            let mut file = CouchFile::open_read_only(path).unwrap();
+            file.set_crc(crc);
+            file.read_chunk(root).is_ok()
+        })
+        .collect();
+    assert_eq!(matching.len(), 1, "{}: {matching:?}", path.display());
+    matching[0]
+}
+
+/// `legacy_v11.couch.expect.jsonl` with the header's disk version set to
+/// `version`: what couchstore's compaction of the file lists (it copies
+/// every document as stored and the header's update seq, purge seq and
+/// timestamp, which is 0 in a version 11 file); only the layout differs.
+fn v11_listing_at_version(version: u8) -> String {
+    let expected = read(&vector("legacy_v11.couch.expect.jsonl"));
+    let (first, rest) = expected.split_once('\n').unwrap();
+    let mut header: Value = serde_json::from_str(first).unwrap();
+    header["disk_version"] = version.into();
+    format!("{header}\n{rest}")
+}
+
 #[test]
-fn a_version_11_file_is_upgraded_to_version_14() {
-    // As couchstore's UPGRADE_DB flag (which kv-engine passes) does: the
-    // same documents, written with CRC-32C under a version 14 header.
-    let (_dir, dst, summary) = compact(&vector("legacy_v11.couch"), &CompactOptions::default());
+fn a_version_11_file_stays_version_11_with_crc32() {
+    // As couchstore's compaction without COUCHSTORE_COMPACT_FLAG_UPGRADE_DB:
+    // the target is opened with legacy CRC and keeps the source's version.
+    let src = vector("legacy_v11.couch");
+    let (_dir, dst, summary) = compact(&src, &CompactOptions::default());
+    assert_eq!((summary.source_version, summary.target_version), (11, 11));
+    let got = dump(&dst);
+    assert_eq!(header_field(&got, "disk_version"), 11);
+    assert_same_content(&got, &v11_listing_at_version(11), "legacy_v11 compacted");
+    assert_eq!(chunk_crc(&dst), CrcKind::Crc32);
+    check_file(&dst, &summary);
+    assert!(
+        summary.to_string().contains("version 11) into"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn a_version_11_file_is_upgraded_to_version_14_with_upgrade() {
+    // As couchstore's UPGRADE_DB flag (couch_compact --upgrade, and what
+    // kv_engine passes): the same documents, written with CRC-32C under a
+    // version 14 header.
+    let options = CompactOptions {
+        upgrade: true,
+        ..CompactOptions::default()
+    };
+    let (_dir, dst, summary) = compact(&vector("legacy_v11.couch"), &options);
+    assert_eq!((summary.source_version, summary.target_version), (11, 14));
     let got = dump(&dst);
     assert_eq!(header_field(&got, "disk_version"), 14);
-    let expected = read(&vector("legacy_v11.couch.expect.jsonl"));
-    let (got_first, got_rest) = got.split_once('\n').unwrap();
-    let (expected_first, expected_rest) = expected.split_once('\n').unwrap();
-    assert_eq!(got_rest, expected_rest);
-    let mut header = logical_header(expected_first);
-    header["disk_version"] = 14.into();
-    assert_eq!(logical_header(got_first), header);
+    assert_same_content(&got, &v11_listing_at_version(14), "legacy_v11 upgraded");
+    assert_eq!(chunk_crc(&dst), CrcKind::Crc32c);
     check_file(&dst, &summary);
+}
+
+#[test]
+fn upgrade_changes_nothing_for_a_version_14_file() {
+    let (_dir, plain, _) = compact(&vector("0.couch.1"), &CompactOptions::default());
+    let options = CompactOptions {
+        upgrade: true,
+        ..CompactOptions::default()
+    };
+    let (_dir2, upgraded, summary) = compact(&vector("0.couch.1"), &options);
+    assert_eq!((summary.source_version, summary.target_version), (14, 14));
+    assert_eq!(
+        std::fs::read(&plain).unwrap(),
+        std::fs::read(&upgraded).unwrap()
+    );
+}
+
+#[test]
+fn versions_12_and_13_are_written_as_14_with_or_without_upgrade() {
+    // couchstore writes only versions 14 and 11 (legacy CRC): without the
+    // upgrade flag a version 12 or 13 source still compacts to 14.
+    for version in [12u8, 13] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.couch");
+        let options = btree::DbOptions {
+            new_file_version: version,
+            ..btree::DbOptions::default()
+        };
+        let backend = std::sync::Arc::new(couchfile::FileBackend::create_new(&src).unwrap());
+        let mut db = btree::Db::open(CouchFile::new(backend, &src).unwrap(), &options).unwrap();
+        let docs: Vec<btree::DocUpdate> = (0..50u64)
+            .map(|n| btree::DocUpdate {
+                id: format!("key_{n:03}").into_bytes(),
+                seq: None,
+                rev_seq: 1,
+                rev_meta: vec![0; 18],
+                deleted: n % 10 == 0,
+                content_meta: 0,
+                body: btree::Body::Plain(format!("{{\"n\":{n}}}").into_bytes()),
+            })
+            .collect();
+        db.save(&docs, &[]).unwrap();
+        db.commit(1_700_000_000_000_000_000).unwrap();
+        drop(db);
+        let source = dump(&src);
+        assert_eq!(header_field(&source, "disk_version"), u64::from(version));
+        let expected = source.replacen(
+            &format!("\"disk_version\":{version},"),
+            "\"disk_version\":14,",
+            1,
+        );
+        for upgrade in [false, true] {
+            let options = CompactOptions {
+                upgrade,
+                ..CompactOptions::default()
+            };
+            let (_dir, dst, summary) = compact(&src, &options);
+            assert_eq!(
+                summary.target_version, 14,
+                "version {version}, upgrade {upgrade}"
+            );
+            let got = dump(&dst);
+            assert_same_content(&got, &expected, &format!("version {version}"));
+            assert_eq!(chunk_crc(&dst), CrcKind::Crc32c);
+            check_file(&dst, &summary);
+        }
+    }
+}
+
+#[test]
+fn the_stores_compaction_upgrades_a_version_11_revision_to_14() {
+    // kv_engine always passes the upgrade flag, and so does the Store.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(vector("legacy_v11.couch"), dir.path().join("0.couch.1")).unwrap();
+    let store = vbucket::Store::open(dir.path(), vbucket::StoreConfig::default()).unwrap();
+    let vb = store.vbucket(0).unwrap();
+    let report = vb.compact(&vbucket::CompactionOptions::default()).unwrap();
+    assert_eq!((report.revision_before, report.revision_after), (1, 2));
+    store.close().unwrap();
+    let new = dir.path().join("0.couch.2");
+    let got = dump(&new);
+    assert_eq!(header_field(&got, "disk_version"), 14);
+    // The Store may add its own local documents (vbstate): compare the
+    // documents only.
+    let docs = |listing: &str| -> Vec<String> {
+        listing
+            .lines()
+            .filter(|l| l.starts_with("{\"type\":\"doc\""))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        docs(&got),
+        docs(&read(&vector("legacy_v11.couch.expect.jsonl")))
+    );
+    assert_eq!(docs(&got).len(), 100);
+    assert_eq!(chunk_crc(&new), CrcKind::Crc32c);
 }
 
 #[test]

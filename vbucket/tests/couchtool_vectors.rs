@@ -1,5 +1,5 @@
 //! `couchtool` against the files the real couchstore library wrote in
-//! `../shared/vectors/couchstore`: its JSON Lines listings must equal the
+//! `testdata/couchstore`: its JSON Lines listings must equal the
 //! recorded ones byte for byte, its text listings the recorded `dump.txt` and
 //! `headers.txt`, and `verify` must pass on the sound files and fail on the
 //! damaged ones. Also `verify` on files this project's own `btree` writes, on
@@ -16,7 +16,7 @@ use vbucket::tool::{self, OpenOptions};
 fn vectors_dir() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/vectors/couchstore"
+        "/../testdata/couchstore"
     ))
 }
 
@@ -27,7 +27,7 @@ fn vector(name: &str) -> PathBuf {
 /// The binary vector files: `*.couch` and `*.couch.<digits>`.
 fn vector_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(vectors_dir())
-        .expect("../shared/vectors/couchstore must exist beside the repository")
+        .expect("testdata/couchstore is in the repository")
         .map(|e| e.unwrap().path())
         .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy().to_string();
@@ -483,4 +483,35 @@ fn the_binary_lists_a_vector_and_reports_failures() {
     assert!(String::from_utf8(out.stderr)
         .unwrap()
         .contains("COUCHSTORE_ERROR_OPEN_FILE"));
+}
+
+#[test]
+fn the_binary_prints_its_version_and_every_subcommand_gives_an_example() {
+    let bin = env!("CARGO_BIN_EXE_couchtool");
+    let out = Command::new(bin).arg("--version").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("couchtool {}", env!("CARGO_PKG_VERSION"))
+    );
+    for command in ["dump", "headers", "info", "verify", "compact"] {
+        let out = Command::new(bin)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{command}: {out:?}");
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            help.contains(&format!("Examples:\n  couchtool {command} ")),
+            "{command} --help gives no example:\n{help}"
+        );
+    }
+    let out = Command::new(bin).arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("Examples:\n  couchtool "), "{help}");
+    let out = Command::new(bin)
+        .args(["compact", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8(out.stdout).unwrap().contains("--upgrade"));
 }

@@ -1,6 +1,7 @@
 //! Files written by random batches through `btree::Db` pass both checkers:
 //! `couchtool verify` (this project's) and `couchread.py --verify` (the
-//! independent Python reader in `../shared/tools`), at every header.
+//! independent Python reader in `shared/tools` beside the repository, skipped
+//! with a message when it or `python3` is missing), at every header.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;

@@ -43,6 +43,9 @@ const FUZZ_RUSTFLAGS: &str = "-Cpasses=sancov-module \
     -Cllvm-args=-sanitizer-coverage-trace-compares \
     --cfg fuzzing -Cdebug-assertions -Coverflow-checks";
 
+/// The couchstore test vectors, relative to the workspace root.
+const VECTORS_DIR: &str = "testdata/couchstore";
+
 /// Fuzz targets that take a whole file image, and so get the binary couchstore
 /// test vectors as seeds.
 const FILE_IMAGE_TARGETS: [&str; 4] = ["read_chunks", "find_header", "read_db", "open_vbucket"];
@@ -147,10 +150,16 @@ fn step(name: &str, cmd: &mut Command) -> Result<(), String> {
 }
 
 /// `cargo xtask ci`: formatting, lints, tests and doc tests, stopping at the
-/// first failure.
+/// first failure. Says before and after whether the tests' extra
+/// cross-check against `couchread.py` runs (see [`couchread_status`]).
 fn ci() -> Result<(), String> {
     let root = workspace_root()?;
     let start = Instant::now();
+    let couchread = match couchread_status(&root) {
+        Ok(reader) => format!("the couchread.py cross-check ran ({})", reader.display()),
+        Err(reason) => format!("the couchread.py cross-check was SKIPPED: {reason}"),
+    };
+    println!("ci: {couchread}");
     step("fmt", cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
     step(
         "clippy",
@@ -173,10 +182,38 @@ fn ci() -> Result<(), String> {
         cargo(&root).args(["test", "--workspace", "--doc", "--locked"]),
     )?;
     println!(
-        "ci: all steps passed in {:.1}s",
+        "ci: all steps passed in {:.1}s; {couchread}",
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Whether the tests can cross-check the files they write with the
+/// independent Python reader, as they decide it: the reader is
+/// `$COUCHREAD` when set, else `shared/tools/couchread.py` beside the
+/// workspace, and it needs `python3`. `Err` gives what is missing.
+fn couchread_status(root: &Path) -> Result<PathBuf, String> {
+    let reader = match env::var_os("COUCHREAD") {
+        Some(path) => PathBuf::from(path),
+        None => root
+            .parent()
+            .unwrap_or(root)
+            .join("shared/tools/couchread.py"),
+    };
+    let mut missing = Vec::new();
+    if !reader.is_file() {
+        missing.push(format!("{} not found", reader.display()));
+    }
+    match Command::new("python3").arg("--version").output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => missing.push(format!("`python3 --version` failed ({})", out.status)),
+        Err(e) => missing.push(format!("python3 cannot be run ({e})")),
+    }
+    if missing.is_empty() {
+        Ok(reader)
+    } else {
+        Err(missing.join("; "))
+    }
 }
 
 /// `cargo xtask bench [ARGS...]`: the workspace's benchmarks.
@@ -424,19 +461,17 @@ fn is_binary_vector(file_name: &str) -> bool {
     }
 }
 
-/// Copies the binary couchstore test vectors (`../shared/vectors/couchstore`
-/// relative to the workspace root) into the corpus of the file-image targets
-/// being run, leaving files already there alone. A missing vectors directory
-/// is only a warning.
+/// Copies the binary couchstore test vectors (`testdata/couchstore` in the
+/// repository) into the corpus of the file-image targets being run, leaving
+/// files already there alone.
 fn copy_vector_seeds(root: &Path, fuzz_dir: &Path, targets: &[String]) -> Result<(), String> {
-    let vectors = root.join("../shared/vectors/couchstore");
-    let Ok(entries) = fs::read_dir(&vectors) else {
-        eprintln!(
-            "xtask: warning: {} not found; the file-image targets start without the couchstore vectors",
+    let vectors = root.join(VECTORS_DIR);
+    let entries = fs::read_dir(&vectors).map_err(|e| {
+        format!(
+            "cannot read the couchstore vectors in {}: {e}",
             vectors.display()
-        );
-        return Ok(());
-    };
+        )
+    })?;
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| format!("reading {}: {e}", vectors.display()))?;
@@ -510,6 +545,31 @@ mod tests {
         ] {
             assert!(!is_binary_vector(name), "{name}");
         }
+    }
+
+    #[test]
+    fn the_vectors_are_in_the_repository() -> Result<(), String> {
+        let dir = workspace_root()?.join(VECTORS_DIR);
+        let mut binary: Vec<String> = fs::read_dir(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| is_binary_vector(name))
+            .collect();
+        binary.sort();
+        assert_eq!(
+            binary,
+            [
+                "0.couch.1",
+                "0.couch.2",
+                "0.couch.3",
+                "flipped_body_bit.couch",
+                "flipped_header_bit.couch",
+                "legacy_v11.couch",
+                "torn_tail.couch",
+                "unfinished_header.couch",
+            ]
+        );
+        Ok(())
     }
 
     #[test]

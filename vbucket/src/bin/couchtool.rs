@@ -11,7 +11,17 @@ use vbucket::tool::{self, OpenOptions, Outcome};
 
 /// Inspects, checks and compacts couchstore files.
 #[derive(Debug, Parser)]
-#[command(name = "couchtool", version, about)]
+#[command(
+    name = "couchtool",
+    version,
+    about,
+    after_help = "Examples:\n  \
+                  couchtool info 0.couch.1\n  \
+                  couchtool dump --jsonl 0.couch.1 > listing.jsonl\n  \
+                  couchtool verify 0.couch.1\n  \
+                  couchtool compact 0.couch.1 /tmp/0.couch.2\n\n\
+                  Exit status: 0 when all is well, 1 on an error or a problem found."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,6 +58,10 @@ fn mode(recovery: bool) -> OpenMode {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Lists the header, every document in seq order and the local documents.
+    #[command(after_help = "Examples:\n  \
+                            couchtool dump 0.couch.1\n  \
+                            couchtool dump --jsonl 0.couch.1\n  \
+                            couchtool dump --jsonl --recovery --header-offset 172032 0.couch.1")]
     Dump {
         /// Print couchstore's JSON Lines listing (one object a line).
         #[arg(long)]
@@ -58,6 +72,9 @@ enum Command {
         file: PathBuf,
     },
     /// Lists every header from the one opened back to the oldest.
+    #[command(after_help = "Examples:\n  \
+                            couchtool headers 0.couch.1\n  \
+                            couchtool headers --jsonl --recovery 0.couch.1")]
     Headers {
         /// Print JSON Lines.
         #[arg(long)]
@@ -69,6 +86,9 @@ enum Command {
         file: PathBuf,
     },
     /// Summarizes a header: counts, space used, file size, fragmentation.
+    #[command(after_help = "Examples:\n  \
+                            couchtool info 0.couch.1\n  \
+                            couchtool info --header-offset 110592 0.couch.1")]
     Info {
         #[command(flatten)]
         open: Open,
@@ -76,6 +96,9 @@ enum Command {
         file: PathBuf,
     },
     /// Checks the trees and bodies of a header; exits 1 on any problem.
+    #[command(after_help = "Examples:\n  \
+                            couchtool verify 0.couch.1\n  \
+                            couchtool verify --recovery 0.couch.1")]
     Verify {
         #[command(flatten)]
         open: Open,
@@ -83,7 +106,13 @@ enum Command {
         file: PathBuf,
     },
     /// Copies a header's documents into a new file, without the old
-    /// versions; prints a one-line summary.
+    /// versions; prints a one-line summary. A version 11 file stays version
+    /// 11 (CRC-32) unless --upgrade is given; any other is written as
+    /// version 14, as couchstore's couch_compact does.
+    #[command(after_help = "Examples:\n  \
+                            couchtool compact 0.couch.1 0.couch.2\n  \
+                            couchtool compact --drop-deletes 0.couch.1 0.couch.2\n  \
+                            couchtool compact --upgrade legacy_v11.couch upgraded.couch")]
     Compact {
         /// Drop every tombstone (the purge seqno becomes the source's plus
         /// one, as couchstore's DROP_DELETES flag counts purges).
@@ -93,6 +122,10 @@ enum Command {
         /// becomes the highest seqno dropped).
         #[arg(long, value_name = "N")]
         purge_before_seq: Option<u64>,
+        /// Write disk version 14 (CRC-32C) whatever the source's version,
+        /// as couchstore's `couch_compact --upgrade` does.
+        #[arg(long)]
+        upgrade: bool,
         #[command(flatten)]
         open: Open,
         /// The couchstore file to compact (opened read-only).
@@ -127,6 +160,7 @@ fn run(command: &Command, out: &mut dyn Write) -> tool::Result<Outcome> {
         Command::Compact {
             drop_deletes,
             purge_before_seq,
+            upgrade,
             open,
             src,
             dst,
@@ -135,6 +169,7 @@ fn run(command: &Command, out: &mut dyn Write) -> tool::Result<Outcome> {
                 open: open.options(),
                 drop_deletes: *drop_deletes,
                 purge_before_seq: purge_before_seq.unwrap_or(0),
+                upgrade: *upgrade,
             };
             let summary = tool::compact(src, dst, &options)?;
             writeln!(out, "{summary}").map_err(tool::Error::Output)?;

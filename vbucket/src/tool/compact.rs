@@ -1,6 +1,9 @@
 //! `couchtool compact`: a couchstore file copied at one header into a new
 //! file with [`compactor::copy_snapshot`], the way couchstore's
-//! `couch_compact` does.
+//! `couch_compact` does: without `--upgrade` a version 11 file stays
+//! version 11 (CRC-32), as couchstore's compaction without its
+//! `COUCHSTORE_COMPACT_FLAG_UPGRADE_DB`; with it, or from any other
+//! version, the new file is version 14.
 
 use super::{open_or_error, Error, OpenOptions, Result};
 use compactor::{CompactionConfig, Control, CopyStats, NoHooks, PurgePolicy, PurgeSeqRule};
@@ -22,6 +25,12 @@ pub struct CompactOptions {
     /// seqno is raised to the highest seqno dropped. Cannot be combined
     /// with `drop_deletes`.
     pub purge_before_seq: u64,
+    /// Write disk version 14 whatever the source's version (couchstore's
+    /// `couch_compact --upgrade`, `COUCHSTORE_COMPACT_FLAG_UPGRADE_DB`).
+    /// Off by default: a version 11 source then stays version 11, with
+    /// CRC-32 chunks, and any other version is written as 14, as
+    /// couchstore's compaction does without the flag.
+    pub upgrade: bool,
 }
 
 /// What a compaction did (its [`fmt::Display`] is the one-line summary the
@@ -40,6 +49,10 @@ pub struct CompactSummary {
     pub update_seq: u64,
     /// Purge seqno of the new file.
     pub purge_seq: u64,
+    /// Disk version of the source.
+    pub source_version: u8,
+    /// Disk version of the new file.
+    pub target_version: u8,
     /// What the copy did (documents copied, tombstones purged, bytes).
     pub copy: CopyStats,
     /// Size of the source file, in bytes.
@@ -52,11 +65,13 @@ impl fmt::Display for CompactSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "compacted {} (header {}) into {} (header {}): {} docs copied, {} tombstones purged, update_seq {}, purge_seq {}, {} -> {} bytes",
+            "compacted {} (header {}, version {}) into {} (header {}, version {}): {} docs copied, {} tombstones purged, update_seq {}, purge_seq {}, {} -> {} bytes",
             self.source.display(),
             self.source_header,
+            self.source_version,
             self.target.display(),
             self.target_header,
+            self.target_version,
             self.copy.docs_copied,
             self.copy.tombstones_purged,
             self.update_seq,
@@ -97,9 +112,10 @@ fn io_error(path: &Path, op: &'static str, source: std::io::Error) -> Error {
 /// names, creates `dst` (an error if it exists), copies the header's
 /// documents (tombstones dropped as `options` say; bodies as stored) and
 /// local documents into it with [`compactor::copy_snapshot`] (sort runs,
-/// if any, go next to `dst`, named after it), commits its one header (disk
-/// version 14, the source's update seqno and timestamp) and syncs the file
-/// and its directory. On error `dst` is removed.
+/// if any, go next to `dst`, named after it), commits its one header (the
+/// source's update seqno and timestamp; disk version 14, or 11 for a
+/// version 11 source without `options.upgrade`) and syncs the file and its
+/// directory. On error `dst` is removed.
 pub fn compact(src: &Path, dst: &Path, options: &CompactOptions) -> Result<CompactSummary> {
     if options.drop_deletes && options.purge_before_seq != 0 {
         return Err(Error::Compaction(compactor::Error::InvalidArgument(
@@ -141,6 +157,7 @@ pub fn compact(src: &Path, dst: &Path, options: &CompactOptions) -> Result<Compa
         },
         // couch_compact's rule, so the result matches couchstore's.
         purge_seq_rule: PurgeSeqRule::CountDropDeletes,
+        upgrade: options.upgrade,
         ..CompactionConfig::default()
     };
     let target = FileWriter::create_without_header(CouchFile::new(backend, dst)?)?;
@@ -166,6 +183,8 @@ pub fn compact(src: &Path, dst: &Path, options: &CompactOptions) -> Result<Compa
         target_header: committed.offset,
         update_seq: committed.header.update_seq,
         purge_seq: committed.header.purge_seq,
+        source_version: source.header().disk_version,
+        target_version: committed.header.disk_version,
         copy,
         size_before,
         size_after,

@@ -6,7 +6,7 @@
 //! only parses arguments, picks the stream and turns the result into an exit
 //! status. [`compact`] writes a compacted copy of a file.
 //!
-//! The JSON Lines format (see the vectors' README) is, one object a line,
+//! The JSON Lines format (see `testdata/couchstore/README.md`) is, one object a line,
 //! keys in this order and no spaces:
 //!
 //! - `{"type":"header","offset":N,"disk_version":N,"update_seq":N,"purge_seq":N,"timestamp":N,"doc_count":N,"deleted_count":N,"space_used":N}`
