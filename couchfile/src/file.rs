@@ -382,7 +382,7 @@ impl CouchFile {
     /// is inside), the version, and the positions it holds. Returns
     /// `Ok(None)` when the block is not a header block.
     pub fn read_header_at(&self, offset: u64) -> Result<Option<DbHeader>> {
-        if offset % BLOCK_SIZE != 0 {
+        if !offset.is_multiple_of(BLOCK_SIZE) {
             return Err(Error::InvalidArgument(format!(
                 "header offset {offset} is not block-aligned"
             )));
