@@ -199,6 +199,7 @@ mod tests {
             ".couch.1",
             "70000.couch.1",
             "stats.json",
+            couchfile::LOCK_FILE_NAME,
         ] {
             assert_eq!(parse_name(bad), None, "{bad}");
         }

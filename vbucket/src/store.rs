@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::files;
 use crate::vbucket::{CommitObserver, VBucket, VBucketStats, VbOptions, VbTarget};
 use btree::{DbOptions, NodeConfig};
-use couchfile::{ChunkCache, Directory, OpenMode, OsDirectory};
+use couchfile::{ChunkCache, DirLock, Directory, OpenMode, OsDirectory};
 use flusher::{FlushStats, Flusher, FlusherConfig, LatencyHistogram, Vbid};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -251,13 +251,20 @@ pub struct Store {
     vbuckets: VbucketMap,
     auto: Mutex<AutoState>,
     outcomes: Arc<Outcomes>,
-    // Declared last: dropped after the vbucket handles.
+    // Declared after the vbucket handles: dropped after them.
     flusher: Flusher<VbTarget>,
+    /// The data directory's exclusive lock, taken before anything else and
+    /// released last, once the flusher threads have stopped.
+    _dir_lock: DirLock,
 }
 
 impl Store {
     /// Opens the store in the directory `path` (created if missing) and
-    /// every vbucket that has files there.
+    /// every vbucket that has files there. The store owns the directory
+    /// until it is closed or dropped: while it is open, another open of
+    /// the directory, in this process or another, fails with
+    /// [`Error::DirectoryLocked`] (see [`Directory::lock`]; the lock file
+    /// is [`couchfile::LOCK_FILE_NAME`]).
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Self> {
         let path = path.as_ref();
         let dir = OsDirectory::new(path).map_err(|e| Error::io(path, "open directory", e))?;
@@ -265,10 +272,15 @@ impl Store {
     }
 
     /// Opens the store on any [`Directory`] (an in-memory, fault-injecting
-    /// one in tests) and every vbucket that has files there.
+    /// one in tests) and every vbucket that has files there, once it holds
+    /// the directory's lock ([`Error::DirectoryLocked`] if another store
+    /// has it).
     pub fn open_in(dir: Arc<dyn Directory>, config: StoreConfig) -> Result<Self> {
         let _span = tracing::info_span!("open_store", dir = %dir.path().display()).entered();
+        // Before any file is read or removed.
+        let dir_lock = dir.lock().map_err(Error::from_lock)?;
         let store = Self {
+            _dir_lock: dir_lock,
             flusher: Flusher::new(config.flusher.clone())?,
             node_cache: (config.node_cache_bytes > 0)
                 .then(|| Arc::new(ChunkCache::new(config.node_cache_bytes))),

@@ -1558,6 +1558,10 @@ impl couchfile::Directory for GateDirectory {
     fn sync(&self) -> std::io::Result<()> {
         self.inner.sync()
     }
+
+    fn lock(&self) -> couchfile::Result<couchfile::DirLock> {
+        self.inner.lock()
+    }
 }
 
 /// `delete_vbucket` while a compaction of the vbucket is past its last

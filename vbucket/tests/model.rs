@@ -490,6 +490,8 @@ fn verify_files(dir: &Path, couchread: bool) -> Vec<usize> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
+        // The store's lock file stays.
+        .filter(|n| n != couchfile::LOCK_FILE_NAME)
         .collect();
     names.sort();
     let expected: Vec<String> = (0..VBUCKETS)
