@@ -113,6 +113,19 @@ pub enum Error {
         /// The holder's host name, where its lock file names it.
         host: Option<String>,
     },
+    /// A revision file has no valid header where the file protocol says it
+    /// must have one: it was damaged (cut short, overwritten) after it was
+    /// written. Nothing of the vbucket was removed or created; see
+    /// [`crate::DamagedFiles`] to move such a file aside and open anyway.
+    #[error("{path}: damaged revision file of {size} bytes: {reason}; every file of the vbucket was left as it is")]
+    DamagedRevision {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+        /// Why it is taken for damage.
+        reason: String,
+    },
     /// The file reopened after a failed commit is older than what had been
     /// committed: durable data was lost underneath us.
     #[error("{path}: after a failed commit the last valid header has seq {found}, below the committed {committed}")]

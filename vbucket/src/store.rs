@@ -3,7 +3,7 @@
 
 use crate::compaction::{CompactionOptions, CompactionReport};
 use crate::error::{Error, Result};
-use crate::files;
+use crate::files::{self, DamagedFiles};
 use crate::vbucket::{CommitObserver, VBucket, VBucketStats, VbOptions, VbTarget};
 use btree::{DbOptions, NodeConfig};
 use couchfile::{ChunkCache, DirLock, Directory, OpenMode, OsDirectory};
@@ -176,6 +176,10 @@ pub struct StoreConfig {
     /// a 64 MiB cache did not help commits (one run each: p99 7.4 ms with
     /// it, 5.2 ms without). Worth it for a read-heavy vbucket.
     pub node_cache_bytes: u64,
+    /// What opening a vbucket does with a damaged revision file (one with
+    /// no valid header that no crash can leave): fail, keeping every file
+    /// (the default), or move it aside and open without it.
+    pub damaged_files: DamagedFiles,
 }
 
 impl fmt::Debug for StoreConfig {
@@ -188,6 +192,7 @@ impl fmt::Debug for StoreConfig {
             .field("auto_compaction", &self.auto_compaction)
             .field("on_commit", &self.on_commit.as_ref().map(|_| "Fn"))
             .field("node_cache_bytes", &self.node_cache_bytes)
+            .field("damaged_files", &self.damaged_files)
             .finish()
     }
 }
@@ -202,6 +207,7 @@ impl Default for StoreConfig {
             auto_compaction: None,
             on_commit: None,
             node_cache_bytes: 0,
+            damaged_files: DamagedFiles::Fail,
         }
     }
 }
@@ -335,6 +341,7 @@ impl Store {
             node_cache: self.node_cache.clone(),
             compress_bodies: self.config.compress_bodies,
             write_timeout: self.config.flusher.backpressure_timeout,
+            damaged_files: self.config.damaged_files,
         }
     }
 
