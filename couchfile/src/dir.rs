@@ -439,7 +439,9 @@ impl Directory for FaultyDirectory {
         check_name(name)?;
         self.controller.check(OpKind::Remove)?;
         let removed = self.names.lock().live.remove(name);
-        removed.map(drop).ok_or_else(|| not_found(name))
+        let removed = removed.ok_or_else(|| not_found(name))?;
+        removed.set_linked(false);
+        Ok(())
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
@@ -448,7 +450,9 @@ impl Directory for FaultyDirectory {
         self.controller.check(OpKind::Rename)?;
         let mut names = self.names.lock();
         let file = names.live.remove(from).ok_or_else(|| not_found(from))?;
-        names.live.insert(to.to_owned(), file);
+        if let Some(replaced) = names.live.insert(to.to_owned(), file) {
+            replaced.set_linked(false);
+        }
         Ok(())
     }
 
@@ -651,6 +655,21 @@ mod tests {
         drop(lock);
         let _again = dir.lock().unwrap();
         assert!(dir.list().unwrap().is_empty(), "no lock file in memory");
+    }
+
+    #[test]
+    fn faulty_directory_unlinks_removed_and_replaced_files() {
+        let dir = FaultyDirectory::new(FaultController::new());
+        let a = dir.create("a").unwrap();
+        let b = dir.create("b").unwrap();
+        assert_eq!(a.link_count().unwrap(), 1);
+        dir.rename("a", "c").unwrap();
+        assert_eq!(a.link_count().unwrap(), 1, "a rename keeps the file");
+        dir.rename("b", "c").unwrap();
+        assert_eq!(a.link_count().unwrap(), 0, "replaced");
+        assert_eq!(b.link_count().unwrap(), 1);
+        dir.remove("c").unwrap();
+        assert_eq!(b.link_count().unwrap(), 0, "removed");
     }
 
     #[test]

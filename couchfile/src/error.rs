@@ -134,6 +134,17 @@ pub enum Error {
     /// A value given to an encoder does not fit the format.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A commit was synced, but its file no longer has a name: it was
+    /// removed from its directory (or the directory itself was deleted), so
+    /// nothing written to it can be found again. The commit must not be
+    /// reported durable.
+    #[error("{path}: the file was removed from its directory; the commit of the header at offset {offset} is lost with it")]
+    Unlinked {
+        /// The file (the name it had).
+        path: PathBuf,
+        /// Offset of the header whose commit failed.
+        offset: u64,
+    },
     /// A directory's exclusive lock is held by someone else (another store
     /// of this process, or another process): only one may own it.
     #[error("{path}: the directory is locked by {}", LockHolder::describe(holder.as_ref()))]
@@ -243,6 +254,7 @@ impl Error {
             Error::NoHeader { .. } => "COUCHSTORE_ERROR_NO_HEADER",
             Error::Encrypted { .. } => "COUCHSTORE_ERROR_NOT_SUPPORTED",
             Error::InvalidArgument(_) => "COUCHSTORE_ERROR_INVALID_ARGUMENTS",
+            Error::Unlinked { .. } => "COUCHSTORE_ERROR_WRITE",
             Error::Locked { .. } => "COUCHSTORE_ERROR_OPEN_FILE",
         }
     }
