@@ -8,7 +8,7 @@ use parking_lot::RwLock;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// Positional I/O on one file. Implementations are shared between a writer
@@ -30,6 +30,15 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
     /// Cuts (or extends with zeros) the file to `len` bytes.
     fn truncate(&self, len: u64) -> io::Result<()>;
+    /// How many names the file has in the file system: 0 once it has been
+    /// removed from its directory (or the directory deleted) while open.
+    /// A sync still succeeds on such a file, but what it makes durable can
+    /// never be found again, so a commit checks this after its sync
+    /// ([`crate::FileWriter::commit`]). Files without names (in memory)
+    /// report 1, the default.
+    fn link_count(&self) -> io::Result<u64> {
+        Ok(1)
+    }
 
     /// Reads as much of `buf` as the file holds at `offset`, looping over
     /// short reads; returns the number of bytes read.
@@ -125,6 +134,11 @@ impl Backend for FileBackend {
 
     fn truncate(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    /// One `fstat`: its `st_nlink`.
+    fn link_count(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.nlink())
     }
 }
 
@@ -238,5 +252,22 @@ mod tests {
         assert_eq!(ro.len().unwrap(), 4);
         assert!(ro.write_at(0, b"x").is_err());
         sync_directory(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn file_backend_counts_its_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let b = FileBackend::create_new(&path).unwrap();
+        assert_eq!(b.link_count().unwrap(), 1);
+        std::fs::hard_link(&path, dir.path().join("g")).unwrap();
+        assert_eq!(b.link_count().unwrap(), 2);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(dir.path().join("g")).unwrap();
+        assert_eq!(b.link_count().unwrap(), 0);
+        // Still writable and syncable: only the link count tells.
+        b.write_at(0, b"lost").unwrap();
+        b.sync().unwrap();
+        assert_eq!(MemBackend::new().link_count().unwrap(), 1);
     }
 }

@@ -44,7 +44,7 @@ pub fn strip_prefixes(pos: u64, physical: &[u8], out: &mut Vec<u8>) {
     let mut p = pos;
     let mut rest = physical;
     while !rest.is_empty() {
-        if p % BLOCK_SIZE == 0 {
+        if p.is_multiple_of(BLOCK_SIZE) {
             rest = &rest[1..];
             p += 1;
             continue;
@@ -81,7 +81,7 @@ pub fn add_prefixes(pos: u64, data: &[u8], block_type: BlockType, out: &mut Vec<
     let mut p = pos;
     let mut rest = data;
     while !rest.is_empty() {
-        if p % BLOCK_SIZE == 0 {
+        if p.is_multiple_of(BLOCK_SIZE) {
             out.push(block_type as u8);
             p += 1;
         }

@@ -1,17 +1,130 @@
 //! Directories: the name operations a vbucket store needs (list, open,
-//! create, remove, rename, sync), on disk ([`OsDirectory`]) or in memory with
-//! fault injection ([`FaultyDirectory`]), so crash tests can cover files and
-//! the names that point at them together.
+//! create, remove, rename, sync) and the exclusive lock of its owner, on
+//! disk ([`OsDirectory`]) or in memory with fault injection
+//! ([`FaultyDirectory`]), so crash tests can cover files and the names that
+//! point at them together.
 
 use crate::backend::{sync_directory, Backend, FileBackend, MemBackend};
+use crate::error::{Error, IoOp};
 use crate::fault::{FaultController, FaultyBackend, OpKind, TornTail};
 use parking_lot::Mutex;
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs;
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// Name of the lock file an [`OsDirectory`] keeps for [`Directory::lock`].
+/// It is not a vbucket file: stores leave it alone.
+pub const LOCK_FILE_NAME: &str = "LOCK";
+
+/// Who holds a directory's lock, as its lock file says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockHolder {
+    /// The holder's process id.
+    pub pid: Option<u32>,
+    /// The holder's host name, when it could be read.
+    pub host: Option<String>,
+}
+
+impl LockHolder {
+    /// This process, on this host.
+    pub fn this_process() -> Self {
+        let host = fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty() && !h.contains(['\n', '=']));
+        Self {
+            pid: Some(std::process::id()),
+            host,
+        }
+    }
+
+    /// The lock file's text: `pid=<pid>` and `host=<name>` lines.
+    fn to_text(&self) -> String {
+        let mut text = String::new();
+        if let Some(pid) = self.pid {
+            text.push_str(&format!("pid={pid}\n"));
+        }
+        if let Some(host) = &self.host {
+            text.push_str(&format!("host={host}\n"));
+        }
+        text
+    }
+
+    /// Reads [`LockHolder::to_text`]; `None` when it names nobody (an empty
+    /// file: the holder has not written it yet).
+    fn parse(text: &str) -> Option<Self> {
+        let mut holder = Self {
+            pid: None,
+            host: None,
+        };
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("pid", pid)) => holder.pid = pid.trim().parse().ok(),
+                Some(("host", host)) if !host.trim().is_empty() => {
+                    holder.host = Some(host.trim().to_owned());
+                }
+                _ => {}
+            }
+        }
+        (holder.pid.is_some() || holder.host.is_some()).then_some(holder)
+    }
+
+    /// `process 1234 on host h`, or `another owner (pid unknown)`.
+    pub(crate) fn describe(holder: Option<&Self>) -> String {
+        match holder {
+            Some(holder) => holder.to_string(),
+            None => "another owner (pid unknown)".to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "process {pid}")?,
+            None => f.write_str("a process of unknown pid")?,
+        }
+        if let Some(host) = &self.host {
+            write!(f, " on host {host}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A directory's exclusive lock ([`Directory::lock`]), held until dropped.
+pub struct DirLock {
+    path: PathBuf,
+    /// Whatever holds the lock: dropping it releases it.
+    _held: Box<dyn Any + Send + Sync>,
+}
+
+impl DirLock {
+    /// The lock on the directory `path`, held as long as `held` lives (for
+    /// implementations of [`Directory::lock`]).
+    pub fn new(path: impl Into<PathBuf>, held: impl Any + Send + Sync) -> Self {
+        Self {
+            path: path.into(),
+            _held: Box::new(held),
+        }
+    }
+
+    /// The directory locked.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl fmt::Debug for DirLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirLock").field("path", &self.path).finish()
+    }
+}
 
 /// A directory of files: the operations a vbucket store needs on names.
 pub trait Directory: Send + Sync + fmt::Debug {
@@ -31,6 +144,12 @@ pub trait Directory: Send + Sync + fmt::Debug {
     /// Makes the names (creates, removes, renames) durable: fsync of the
     /// directory.
     fn sync(&self) -> io::Result<()>;
+    /// Takes the directory's exclusive lock, held until the returned
+    /// [`DirLock`] is dropped: one owner at a time may use the directory.
+    /// Does not wait: fails at once with [`Error::Locked`] (naming the
+    /// holder where it is known) while another owner holds it, in this
+    /// process or another.
+    fn lock(&self) -> crate::Result<DirLock>;
 }
 
 /// Accepts a plain file name: not empty, not `.`, no `/`, `..` or NUL.
@@ -106,6 +225,57 @@ impl Directory for OsDirectory {
     fn sync(&self) -> io::Result<()> {
         sync_directory(&self.path)
     }
+
+    /// An advisory lock (`flock`, through [`File::try_lock`]) on the file
+    /// [`LOCK_FILE_NAME`] in the directory, created if missing. `flock`
+    /// locks belong to an open file, so two opens in one process conflict
+    /// as two processes do; the kernel drops the lock when the holder
+    /// closes the file or dies. Once it holds the lock, the holder writes
+    /// its pid and host name into the file for the error of the next one.
+    fn lock(&self) -> crate::Result<DirLock> {
+        let path = self.path.join(LOCK_FILE_NAME);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, IoOp::Open, 0, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(Error::Locked {
+                    path: self.path.clone(),
+                    holder: read_holder(&file),
+                })
+            }
+            Err(TryLockError::Error(e)) => return Err(Error::io(&path, IoOp::Lock, 0, e)),
+        }
+        let text = LockHolder::this_process().to_text();
+        file.set_len(0)
+            .map_err(|e| Error::io(&path, IoOp::Truncate, 0, e))?;
+        file.write_all_at(text.as_bytes(), 0)
+            .map_err(|e| Error::io(&path, IoOp::Write, 0, e))?;
+        tracing::debug!(path = %path.display(), "directory locked");
+        Ok(DirLock::new(self.path.clone(), file))
+    }
+}
+
+/// The holder a lock file names (read without the lock: best effort).
+fn read_holder(file: &File) -> Option<LockHolder> {
+    let mut buf = [0u8; 512];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    LockHolder::parse(&String::from_utf8_lossy(&buf[..n]))
+}
+
+/// The in-process lock of a [`FaultyDirectory`]: released when dropped.
+#[derive(Debug)]
+struct HeldFlag(Arc<AtomicBool>);
+
+impl Drop for HeldFlag {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Which names survive in a [`FaultyDirectory::crash_image`].
@@ -136,6 +306,8 @@ pub struct FaultyDirectory {
     path: PathBuf,
     controller: FaultController,
     names: Mutex<Names>,
+    /// True while a [`DirLock`] of this directory lives.
+    locked: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for FaultyDirectory {
@@ -186,6 +358,7 @@ impl FaultyDirectory {
             path,
             controller,
             names: Mutex::new(names),
+            locked: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -196,8 +369,9 @@ impl FaultyDirectory {
 
     /// The directory a crash now would leave: the names `names` says, each
     /// file holding its [`FaultyBackend::crash_image`] under `torn`. The
-    /// image has a fresh controller and counts as fully synced. Works
-    /// whether or not the controller has crashed.
+    /// image has a fresh controller, counts as fully synced and is not
+    /// locked (the crashed owner is gone). Works whether or not the
+    /// controller has crashed.
     pub fn crash_image(&self, torn: TornTail, names: NameTail) -> io::Result<FaultyDirectory> {
         let state = self.names.lock();
         let map = match names {
@@ -265,7 +439,9 @@ impl Directory for FaultyDirectory {
         check_name(name)?;
         self.controller.check(OpKind::Remove)?;
         let removed = self.names.lock().live.remove(name);
-        removed.map(drop).ok_or_else(|| not_found(name))
+        let removed = removed.ok_or_else(|| not_found(name))?;
+        removed.set_linked(false);
+        Ok(())
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
@@ -274,7 +450,9 @@ impl Directory for FaultyDirectory {
         self.controller.check(OpKind::Rename)?;
         let mut names = self.names.lock();
         let file = names.live.remove(from).ok_or_else(|| not_found(from))?;
-        names.live.insert(to.to_owned(), file);
+        if let Some(replaced) = names.live.insert(to.to_owned(), file) {
+            replaced.set_linked(false);
+        }
         Ok(())
     }
 
@@ -283,6 +461,22 @@ impl Directory for FaultyDirectory {
         let mut names = self.names.lock();
         names.durable = names.live.clone();
         Ok(())
+    }
+
+    /// An in-process lock (no file, no I/O, outside the fault controller):
+    /// two stores on one in-memory directory conflict as they would on
+    /// disk. The holder named is this process.
+    fn lock(&self) -> crate::Result<DirLock> {
+        if self.locked.swap(true, Ordering::AcqRel) {
+            return Err(Error::Locked {
+                path: self.path.clone(),
+                holder: Some(LockHolder::this_process()),
+            });
+        }
+        Ok(DirLock::new(
+            self.path.clone(),
+            HeldFlag(Arc::clone(&self.locked)),
+        ))
     }
 }
 
@@ -408,6 +602,74 @@ mod tests {
         assert_eq!(sorted(&image), ["a", "b"]);
         assert_eq!(image.file_bytes("a").unwrap(), b"synced+");
         assert_eq!(image.file_bytes("b").unwrap(), b"");
+    }
+
+    #[test]
+    fn os_directory_lock_is_exclusive_and_names_its_holder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = OsDirectory::new(tmp.path()).unwrap();
+        let lock = dir.lock().unwrap();
+        assert_eq!(lock.path(), tmp.path());
+        // A second open of the lock file in this process conflicts too.
+        let other = OsDirectory::new(tmp.path()).unwrap();
+        match other.lock().unwrap_err() {
+            Error::Locked { path, holder } => {
+                assert_eq!(path, tmp.path());
+                assert_eq!(holder.unwrap().pid, Some(std::process::id()));
+            }
+            e => panic!("{e:?}"),
+        }
+        let message = other.lock().unwrap_err().to_string();
+        assert!(
+            message.contains(&format!("process {}", std::process::id())),
+            "{message}"
+        );
+        // The lock file is a regular file of the directory.
+        assert_eq!(sorted(&dir), [LOCK_FILE_NAME]);
+        drop(lock);
+        let again = other.lock().unwrap();
+        assert!(dir.lock().is_err());
+        drop(again);
+        dir.lock().unwrap();
+    }
+
+    #[test]
+    fn lock_file_text_round_trips() {
+        let me = LockHolder::this_process();
+        assert_eq!(LockHolder::parse(&me.to_text()), Some(me));
+        assert_eq!(LockHolder::parse(""), None);
+        assert_eq!(LockHolder::parse("garbage\n"), None);
+        let holder = LockHolder::parse("pid=42\nhost=db1\n").unwrap();
+        assert_eq!(holder.to_string(), "process 42 on host db1");
+        assert_eq!(LockHolder::describe(None), "another owner (pid unknown)");
+    }
+
+    #[test]
+    fn faulty_directory_lock_is_exclusive_in_process() {
+        let dir = FaultyDirectory::new(FaultController::new());
+        let lock = dir.lock().unwrap();
+        assert!(matches!(dir.lock(), Err(Error::Locked { .. })));
+        // A crash image is a new directory: the crashed owner is gone.
+        let image = crashed(&dir, TornTail::Nothing, NameTail::Everything);
+        drop(image.lock().unwrap());
+        drop(lock);
+        let _again = dir.lock().unwrap();
+        assert!(dir.list().unwrap().is_empty(), "no lock file in memory");
+    }
+
+    #[test]
+    fn faulty_directory_unlinks_removed_and_replaced_files() {
+        let dir = FaultyDirectory::new(FaultController::new());
+        let a = dir.create("a").unwrap();
+        let b = dir.create("b").unwrap();
+        assert_eq!(a.link_count().unwrap(), 1);
+        dir.rename("a", "c").unwrap();
+        assert_eq!(a.link_count().unwrap(), 1, "a rename keeps the file");
+        dir.rename("b", "c").unwrap();
+        assert_eq!(a.link_count().unwrap(), 0, "replaced");
+        assert_eq!(b.link_count().unwrap(), 1);
+        dir.remove("c").unwrap();
+        assert_eq!(b.link_count().unwrap(), 0, "removed");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The crate's one error type.
 
+use crate::dir::LockHolder;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,8 @@ pub enum IoOp {
     Len,
     /// Truncating the file.
     Truncate,
+    /// Taking an advisory lock on it (a directory's lock file).
+    Lock,
 }
 
 impl std::fmt::Display for IoOp {
@@ -32,6 +35,7 @@ impl std::fmt::Display for IoOp {
             IoOp::Sync => "sync",
             IoOp::Len => "stat",
             IoOp::Truncate => "truncate",
+            IoOp::Lock => "lock",
         })
     }
 }
@@ -130,6 +134,27 @@ pub enum Error {
     /// A value given to an encoder does not fit the format.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A commit was synced, but its file no longer has a name: it was
+    /// removed from its directory (or the directory itself was deleted), so
+    /// nothing written to it can be found again. The commit must not be
+    /// reported durable.
+    #[error("{path}: the file was removed from its directory; the commit of the header at offset {offset} is lost with it")]
+    Unlinked {
+        /// The file (the name it had).
+        path: PathBuf,
+        /// Offset of the header whose commit failed.
+        offset: u64,
+    },
+    /// A directory's exclusive lock is held by someone else (another store
+    /// of this process, or another process): only one may own it.
+    #[error("{path}: the directory is locked by {}", LockHolder::describe(holder.as_ref()))]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+        /// Who holds the lock, as its lock file says (`None` when it says
+        /// nothing readable, e.g. the holder has not yet written it).
+        holder: Option<LockHolder>,
+    },
 }
 
 impl Error {
@@ -215,7 +240,7 @@ impl Error {
                     "COUCHSTORE_ERROR_NO_SPACE"
                 } else {
                     match op {
-                        IoOp::Open => "COUCHSTORE_ERROR_OPEN_FILE",
+                        IoOp::Open | IoOp::Lock => "COUCHSTORE_ERROR_OPEN_FILE",
                         IoOp::Read | IoOp::Len => "COUCHSTORE_ERROR_READ",
                         IoOp::Write | IoOp::Truncate => "COUCHSTORE_ERROR_WRITE",
                         IoOp::Sync => "COUCHSTORE_ERROR_WRITE",
@@ -229,6 +254,8 @@ impl Error {
             Error::NoHeader { .. } => "COUCHSTORE_ERROR_NO_HEADER",
             Error::Encrypted { .. } => "COUCHSTORE_ERROR_NOT_SUPPORTED",
             Error::InvalidArgument(_) => "COUCHSTORE_ERROR_INVALID_ARGUMENTS",
+            Error::Unlinked { .. } => "COUCHSTORE_ERROR_WRITE",
+            Error::Locked { .. } => "COUCHSTORE_ERROR_OPEN_FILE",
         }
     }
 }

@@ -15,6 +15,7 @@
 use crate::backend::Backend;
 use parking_lot::Mutex;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The kinds of backend and directory operation a fault can be aimed at.
@@ -30,6 +31,8 @@ pub enum OpKind {
     Len,
     /// `truncate`.
     Truncate,
+    /// `link_count` (an `fstat`).
+    Links,
     /// Directory `list`.
     List,
     /// Directory `open`.
@@ -49,7 +52,7 @@ impl OpKind {
     /// syncs: the operations a crash point counts.
     pub fn is_mutation(self) -> bool {
         match self {
-            OpKind::Read | OpKind::Len | OpKind::List | OpKind::Open => false,
+            OpKind::Read | OpKind::Len | OpKind::Links | OpKind::List | OpKind::Open => false,
             OpKind::Write
             | OpKind::Sync
             | OpKind::Truncate
@@ -255,6 +258,9 @@ pub struct FaultyBackend<B> {
     inner: B,
     controller: FaultController,
     unsynced: Mutex<Vec<Unsynced>>,
+    /// False once a [`crate::FaultyDirectory`] removed (or replaced) the
+    /// file's name.
+    linked: AtomicBool,
 }
 
 impl<B: Backend> FaultyBackend<B> {
@@ -264,7 +270,14 @@ impl<B: Backend> FaultyBackend<B> {
             inner,
             controller,
             unsynced: Mutex::new(Vec::new()),
+            linked: AtomicBool::new(true),
         }
+    }
+
+    /// Marks the file as having lost (or regained) its name: while
+    /// unlinked, [`Backend::link_count`] reports 0.
+    pub fn set_linked(&self, linked: bool) {
+        self.linked.store(linked, Ordering::Release);
     }
 
     /// The controller deciding this backend's faults.
@@ -378,6 +391,15 @@ impl<B: Backend> Backend for FaultyBackend<B> {
     fn len(&self) -> io::Result<u64> {
         self.controller.check(OpKind::Len)?;
         self.inner.len()
+    }
+
+    fn link_count(&self) -> io::Result<u64> {
+        self.controller.check(OpKind::Links)?;
+        if self.linked.load(Ordering::Acquire) {
+            self.inner.link_count()
+        } else {
+            Ok(0)
+        }
     }
 
     fn truncate(&self, len: u64) -> io::Result<()> {

@@ -382,7 +382,7 @@ impl CouchFile {
     /// is inside), the version, and the positions it holds. Returns
     /// `Ok(None)` when the block is not a header block.
     pub fn read_header_at(&self, offset: u64) -> Result<Option<DbHeader>> {
-        if offset % BLOCK_SIZE != 0 {
+        if !offset.is_multiple_of(BLOCK_SIZE) {
             return Err(Error::InvalidArgument(format!(
                 "header offset {offset} is not block-aligned"
             )));
@@ -849,6 +849,8 @@ impl FileWriter {
     /// written at the next block boundary with block byte 0x00, synced, then
     /// the byte is turned into 0x01 and synced again. Returns the header's
     /// offset. Everything appended before is durable when this returns.
+    /// Fails with [`Error::Unlinked`] when, after the sync, the file has no
+    /// name left ([`crate::Backend::link_count`] is 0).
     pub fn commit(&mut self, header: &DbHeader) -> Result<u64> {
         let _span =
             tracing::debug_span!("commit_header", path = %self.file.path().display()).entered();
@@ -876,6 +878,21 @@ impl FileWriter {
             .backend
             .sync()
             .map_err(|e| Error::io(self.file.path(), IoOp::Sync, offset, e))?;
+        // A file removed from its directory (or whose directory was deleted)
+        // still syncs: the commit is durable on an inode no name leads to.
+        // One fstat tells, so that such a commit is never reported durable.
+        let links = self
+            .file
+            .shared
+            .backend
+            .link_count()
+            .map_err(|e| Error::io(self.file.path(), IoOp::Len, offset, e))?;
+        if links == 0 {
+            return Err(Error::Unlinked {
+                path: self.file.path().to_path_buf(),
+                offset,
+            });
+        }
         tracing::trace!(offset, update_seq = header.update_seq, "header committed");
         Ok(offset)
     }
@@ -1023,6 +1040,41 @@ impl SequentialReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_commit_to_a_file_without_a_name_fails() {
+        use crate::{Directory, FaultController, FaultyDirectory, OsDirectory};
+        let tmp = tempfile::tempdir().unwrap();
+        let os = OsDirectory::new(tmp.path().join("data")).unwrap();
+        let faulty = FaultyDirectory::new(FaultController::new());
+        type Unlink<'a> = Box<dyn Fn() + 'a>;
+        let dirs: [(&dyn Directory, Unlink<'_>); 3] = [
+            (&os, Box::new(|| os.remove("f").unwrap())),
+            // The whole directory deleted underneath (`rm -rf`).
+            (
+                &os,
+                Box::new(|| std::fs::remove_dir_all(tmp.path().join("data")).unwrap()),
+            ),
+            (&faulty, Box::new(|| faulty.remove("f").unwrap())),
+        ];
+        for (i, (dir, unlink)) in dirs.into_iter().enumerate() {
+            std::fs::create_dir_all(tmp.path().join("data")).unwrap();
+            let file = CouchFile::new(dir.create("f").unwrap(), dir.path().join("f")).unwrap();
+            let (mut writer, _) = FileWriter::create(file, &DbHeader::new(14)).unwrap();
+            writer.append_chunk(b"kept").unwrap();
+            let header = DbHeader::new(14);
+            let offset = writer.commit(&header).unwrap();
+            writer.append_chunk(b"lost").unwrap();
+            unlink();
+            match writer.commit(&header) {
+                Err(Error::Unlinked { path, offset: at }) => {
+                    assert_eq!(path, dir.path().join("f"), "case {i}");
+                    assert!(at > offset, "case {i}");
+                }
+                other => panic!("case {i}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn a_reused_compressor_gives_each_block_as_a_fresh_one_does() {

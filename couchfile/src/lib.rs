@@ -11,7 +11,8 @@
 //! files ([`FileBackend`]), memory ([`MemBackend`]) and fault injection
 //! ([`FaultyBackend`]: crashes at the N-th write or sync, torn tails, ENOSPC,
 //! EIO), and the names of files through the [`Directory`] trait (on disk,
-//! [`OsDirectory`], or in memory with the same faults, [`FaultyDirectory`]).
+//! [`OsDirectory`], or in memory with the same faults, [`FaultyDirectory`]),
+//! which also gives its owner an exclusive lock ([`Directory::lock`]).
 //! This crate is not a B-tree or a document store: it knows nothing of
 //! node layouts or of which chunk holds what; the `btree` crate builds on it.
 //! Nothing read from disk is trusted: every length is checked against the
@@ -60,7 +61,9 @@ pub use codec::{
     MAX_VALUE_LEN, NO_PREV_HEADER_POS, OLDEST_DISK_VERSION,
 };
 pub use crc::CrcKind;
-pub use dir::{Directory, FaultyDirectory, NameTail, OsDirectory};
+pub use dir::{
+    DirLock, Directory, FaultyDirectory, LockHolder, NameTail, OsDirectory, LOCK_FILE_NAME,
+};
 pub use error::{Error, IoOp, Result};
 pub use fault::{FaultController, FaultKind, FaultRule, FaultyBackend, OpKind, TornTail};
 pub use file::{

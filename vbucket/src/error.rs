@@ -126,6 +126,31 @@ pub enum Error {
         #[source]
         source: btree::Error,
     },
+    /// The data directory is in use by another store, of this process or
+    /// another: a directory has one owner at a time (its lock is held for
+    /// the life of the [`crate::Store`]).
+    #[error("{path}: the data directory is in use by {} (its lock is held until that store is closed)", holder_text(*pid, host.as_deref()))]
+    DirectoryLocked {
+        /// The data directory.
+        path: PathBuf,
+        /// The holder's process id, where its lock file names it.
+        pid: Option<u32>,
+        /// The holder's host name, where its lock file names it.
+        host: Option<String>,
+    },
+    /// A revision file has no valid header where the file protocol says it
+    /// must have one: it was damaged (cut short, overwritten) after it was
+    /// written. Nothing of the vbucket was removed or created; see
+    /// [`crate::DamagedFiles`] to move such a file aside and open anyway.
+    #[error("{path}: damaged revision file of {size} bytes: {reason}; every file of the vbucket was left as it is")]
+    DamagedRevision {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+        /// Why it is taken for damage.
+        reason: String,
+    },
     /// The file reopened after a failed commit is older than what had been
     /// committed: durable data was lost underneath us.
     #[error("{path}: after a failed commit the last valid header has seq {found}, below the committed {committed}")]
@@ -167,6 +192,18 @@ impl Error {
         matches!(self, Error::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
     }
 
+    /// The error of a failed [`couchfile::Directory::lock`]:
+    /// [`Error::DirectoryLocked`] when another owner holds it.
+    pub(crate) fn from_lock(e: couchfile::Error) -> Self {
+        match e {
+            couchfile::Error::Locked { path, holder } => {
+                let (pid, host) = holder.map_or((None, None), |h| (h.pid, h.host));
+                Error::DirectoryLocked { path, pid, host }
+            }
+            other => Error::File(other),
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
@@ -174,6 +211,18 @@ impl Error {
             source,
         }
     }
+}
+
+/// `process 1234 on host h`, as far as it is known.
+fn holder_text(pid: Option<u32>, host: Option<&str>) -> String {
+    let mut text = match pid {
+        Some(pid) => format!("process {pid}"),
+        None => "another store (pid unknown)".to_owned(),
+    };
+    if let Some(host) = host {
+        text.push_str(&format!(" on host {host}"));
+    }
+    text
 }
 
 /// The vbucket crate's result type.

@@ -1,6 +1,6 @@
 //! Vbucket file names (`<vbid>.couch.<rev>`, `<vbid>.couch.<rev>.compact`)
-//! and recovery at open: the newest complete revision wins, everything else
-//! of the vbucket is removed.
+//! and recovery at open: the newest revision wins and the vbucket's other
+//! files are removed, unless that revision is damaged ([`DamagedFiles`]).
 
 use crate::error::{Error, Result};
 use crate::vbucket::VbOptions;
@@ -71,7 +71,7 @@ pub(crate) struct OpenedRevision {
 }
 
 /// Opens `file` at its last valid header; `None` when it has none (an
-/// empty file, or one whose first header never became durable).
+/// empty file, or one without a valid header).
 fn last_header(file: &CouchFile, options: &DbOptions) -> Result<Option<LocatedHeader>> {
     match file.find_last_header(options.mode) {
         Ok(found) => Ok(found),
@@ -97,8 +97,79 @@ pub(crate) fn with_cache(file: CouchFile, options: &VbOptions) -> CouchFile {
     }
 }
 
+/// What opening a vbucket does with a damaged revision file: one that
+/// holds no valid header where the file protocol says it must have one.
+///
+/// A revision gets its name only once it has a durable header: revision 1
+/// is created empty and commits its first header at offset 0 before
+/// anything else is written to it, and a compaction names its `.compact`
+/// file revision `rev + 1` only after that file's last header was synced
+/// (and removes the older revision only after the rename is durable). So
+/// the one headerless revision a crash can leave is an interrupted creation
+/// of revision 1: shorter than a block ([`couchfile::BLOCK_SIZE`]) and the
+/// vbucket's only file. It is opened as a new, empty vbucket. Any other
+/// revision without a valid header (a file cut short, header blocks
+/// overwritten, an empty newer revision) is damage, and acknowledged data
+/// may be in it or next to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DamagedFiles {
+    /// The open fails with [`Error::DamagedRevision`], naming the file, and
+    /// every file of the vbucket is left byte for byte as it is: nothing is
+    /// removed or created. The default.
+    #[default]
+    Fail,
+    /// The damaged revision is renamed to `<name>.damaged` (or
+    /// `<name>.damaged.<n>` when that is taken), a name the store ignores
+    /// and never removes, with a warning in the log; the vbucket then opens
+    /// as if the file were absent: from its newest older valid revision, or
+    /// as a new, empty vbucket (a new failover entry) when it has none.
+    /// Recovery to opt into once the file has been looked at or copied.
+    MoveAside,
+}
+
+/// Why revision `rev` of a vbucket, `len` bytes with no valid header, is
+/// damage; `None` when it is an interrupted creation of revision 1 (shorter
+/// than a block, and the vbucket's only file: `vbucket_files` of them).
+fn damage(rev: u64, len: u64, vbucket_files: usize) -> Option<String> {
+    if rev == 1 && vbucket_files == 1 && len < couchfile::BLOCK_SIZE {
+        return None;
+    }
+    let what = if len == 0 {
+        "the file is empty".to_owned()
+    } else {
+        "no valid header (COUCHSTORE_ERROR_NO_HEADER)".to_owned()
+    };
+    let why = if len >= couchfile::BLOCK_SIZE {
+        "a creation interrupted before its first header is shorter than a block".to_owned()
+    } else if rev != 1 {
+        format!("revision {rev} is only named once a compaction has synced a header into it")
+    } else {
+        format!(
+            "an interrupted creation of revision 1 is the vbucket's only file, and it has {vbucket_files}"
+        )
+    };
+    Some(format!(
+        "{what}, and it cannot be an interrupted write: {why}"
+    ))
+}
+
+/// A name for `name` moved aside that `names` does not hold.
+fn aside_name(name: &str, names: &[String]) -> String {
+    let taken = |candidate: &String| names.iter().any(|n| n == candidate);
+    let first = format!("{name}.damaged");
+    if !taken(&first) {
+        return first;
+    }
+    (1u64..)
+        .map(|n| format!("{name}.damaged.{n}"))
+        .find(|candidate| !taken(candidate))
+        .unwrap_or(first)
+}
+
 /// Opens the newest complete revision of `vbid` (creating revision 1 when
-/// there is none), and removes its other revisions and compaction leftovers.
+/// there is none), and removes its older revisions and compaction
+/// leftovers. A revision without a valid header is damage unless it is an
+/// interrupted creation of revision 1 ([`DamagedFiles`] says what then).
 pub(crate) fn open_newest_revision(
     dir: &dyn Directory,
     vbid: Vbid,
@@ -106,14 +177,15 @@ pub(crate) fn open_newest_revision(
 ) -> Result<OpenedRevision> {
     let options = &vb_options.db;
     let _span = tracing::info_span!("recovery", vbid).entered();
-    let names = dir.list().map_err(|e| Error::io(dir.path(), "list", e))?;
-    let mut files: Vec<(VbFile, &String)> = names
+    let mut names = dir.list().map_err(|e| Error::io(dir.path(), "list", e))?;
+    let mut files: Vec<(VbFile, String)> = names
         .iter()
         .filter_map(|n| match parse_name(n) {
-            Some((v, kind)) if v == vbid => Some((kind, n)),
+            Some((v, kind)) if v == vbid => Some((kind, n.clone())),
             _ => None,
         })
         .collect();
+    let vbucket_files = files.len();
     let mut revisions: Vec<u64> = files
         .iter()
         .filter_map(|(kind, _)| match kind {
@@ -123,24 +195,61 @@ pub(crate) fn open_newest_revision(
         .collect();
     revisions.sort_unstable_by(|a, b| b.cmp(a));
     let mut chosen = None;
+    let mut moved_aside = false;
     for rev in revisions {
-        let mut file = open_file(dir, &revision_name(vbid, rev), vb_options)?;
-        if file.len()? == 0 {
-            tracing::info!(vbid, rev, "revision is empty: incomplete");
-            continue;
+        let name = revision_name(vbid, rev);
+        let mut file = open_file(dir, &name, vb_options)?;
+        let len = file.len()?;
+        let header = if len == 0 {
+            None
+        } else {
+            last_header(&file, options)?
+        };
+        if let Some(header) = header {
+            file.set_crc(CrcKind::for_version(header.header.disk_version));
+            tracing::info!(vbid, rev, header = header.offset, "opening revision");
+            chosen = Some((rev, file, header));
+            break;
         }
-        match last_header(&file, options)? {
-            Some(header) => {
-                file.set_crc(CrcKind::for_version(header.header.disk_version));
-                tracing::info!(vbid, rev, header = header.offset, "opening revision");
-                chosen = Some((rev, file, header));
-                break;
+        let Some(reason) = damage(rev, len, vbucket_files) else {
+            tracing::info!(
+                vbid,
+                rev,
+                len,
+                "revision 1 has no header yet: an interrupted creation"
+            );
+            continue;
+        };
+        let path = dir.path().join(&name);
+        match vb_options.damaged_files {
+            DamagedFiles::Fail => {
+                tracing::error!(file = %path.display(), len, %reason, "damaged revision: not opening the vbucket");
+                return Err(Error::DamagedRevision {
+                    path,
+                    size: len,
+                    reason,
+                });
             }
-            None => tracing::info!(vbid, rev, "revision has no valid header: incomplete"),
+            DamagedFiles::MoveAside => {
+                let aside = aside_name(&name, &names);
+                dir.rename(&name, &aside)
+                    .map_err(|e| Error::io(&path, "rename a damaged revision aside", e))?;
+                tracing::warn!(
+                    file = %path.display(),
+                    len,
+                    %reason,
+                    moved_to = %aside,
+                    "damaged revision moved aside; opening the vbucket without it"
+                );
+                names.push(aside);
+                files.retain(|(_, n)| *n != name);
+                moved_aside = true;
+            }
         }
     }
     // Everything but the chosen revision goes: older revisions a crash left
-    // behind after a compaction's rename, incomplete ones, and .compact files.
+    // behind after a compaction's rename, an interrupted creation of
+    // revision 1, and .compact files.
     let keep = chosen.as_ref().map(|(rev, _, _)| revision_name(vbid, *rev));
     files.retain(|(_, name)| Some(name.as_str()) != keep.as_deref());
     for (_, name) in &files {
@@ -168,7 +277,7 @@ pub(crate) fn open_newest_revision(
             OpenedRevision { revision: 1, db }
         }
     };
-    if !files.is_empty() || created {
+    if !files.is_empty() || created || moved_aside {
         dir.sync()
             .map_err(|e| Error::io(dir.path(), "sync directory", e))?;
     }
@@ -199,8 +308,34 @@ mod tests {
             ".couch.1",
             "70000.couch.1",
             "stats.json",
+            couchfile::LOCK_FILE_NAME,
+            "3.couch.2.damaged",
+            "3.couch.2.damaged.1",
         ] {
             assert_eq!(parse_name(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn only_a_short_lone_revision_one_is_an_interrupted_creation() {
+        assert_eq!(damage(1, 0, 1), None);
+        assert_eq!(damage(1, 4095, 1), None);
+        assert!(damage(1, 4096, 1).is_some());
+        assert!(damage(1, 100, 2).is_some(), "not the only file");
+        assert!(damage(2, 100, 1).is_some(), "a compaction's revision");
+        assert!(damage(2, 0, 1).unwrap().contains("empty"));
+    }
+
+    #[test]
+    fn names_moved_aside_are_free() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(aside_name("0.couch.2", &[]), "0.couch.2.damaged");
+        assert_eq!(
+            aside_name(
+                "0.couch.2",
+                &names(&["0.couch.2.damaged", "0.couch.2.damaged.1"])
+            ),
+            "0.couch.2.damaged.2"
+        );
     }
 }

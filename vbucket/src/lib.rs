@@ -1,8 +1,12 @@
 //! `vbucket`: the persistence layer of one vbucket and a [`Store`] of many,
 //! tying `flusher`, `btree` and `couchfile` together. Each vbucket lives in
 //! one append-only couchstore file, `<vbid>.couch.<rev>`, in the store's data
-//! directory; on open the newest complete revision is used and stale
-//! revisions and `.compact` leftovers are removed. Writers [`VBucket::set`]
+//! directory, which the store holds an exclusive lock on while it is open
+//! ([`Error::DirectoryLocked`] for a second owner); on open the newest
+//! revision is used and older revisions and `.compact` leftovers are
+//! removed, while a revision with no valid header is reported
+//! ([`Error::DamagedRevision`]) and kept, or moved aside
+//! ([`DamagedFiles`]). Writers [`VBucket::set`]
 //! and [`VBucket::delete`] from any thread: the mutation gets its seqno at
 //! once, is readable at once (the dirty table is read before the file), and
 //! is durable once [`VBucket::wait_persisted`] returns; a shared pool of
@@ -81,7 +85,7 @@ pub use compaction::{
 };
 pub use compactor::{CompactionConfig, PurgePolicy, PurgeSeqRule};
 pub use error::{Error, Result};
-pub use files::{compact_name, revision_name};
+pub use files::{compact_name, revision_name, DamagedFiles};
 pub use item::{Document, ItemMeta, Mutation, DATATYPE_JSON};
 pub use snapshot::ReadSnapshot;
 pub use store::{

@@ -3,10 +3,10 @@
 
 use crate::compaction::{CompactionOptions, CompactionReport};
 use crate::error::{Error, Result};
-use crate::files;
+use crate::files::{self, DamagedFiles};
 use crate::vbucket::{CommitObserver, VBucket, VBucketStats, VbOptions, VbTarget};
 use btree::{DbOptions, NodeConfig};
-use couchfile::{ChunkCache, Directory, OpenMode, OsDirectory};
+use couchfile::{ChunkCache, DirLock, Directory, OpenMode, OsDirectory};
 use flusher::{FlushStats, Flusher, FlusherConfig, LatencyHistogram, Vbid};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -309,6 +309,10 @@ pub struct StoreConfig {
     /// a 64 MiB cache did not help commits (one run each: p99 7.4 ms with
     /// it, 5.2 ms without). Worth it for a read-heavy vbucket.
     pub node_cache_bytes: u64,
+    /// What opening a vbucket does with a damaged revision file (one with
+    /// no valid header that no crash can leave): fail, keeping every file
+    /// (the default), or move it aside and open without it.
+    pub damaged_files: DamagedFiles,
 }
 
 impl fmt::Debug for StoreConfig {
@@ -321,6 +325,7 @@ impl fmt::Debug for StoreConfig {
             .field("auto_compaction", &self.auto_compaction)
             .field("on_commit", &self.on_commit.as_ref().map(|_| "Fn"))
             .field("node_cache_bytes", &self.node_cache_bytes)
+            .field("damaged_files", &self.damaged_files)
             .finish()
     }
 }
@@ -335,6 +340,7 @@ impl Default for StoreConfig {
             auto_compaction: None,
             on_commit: None,
             node_cache_bytes: 0,
+            damaged_files: DamagedFiles::Fail,
         }
     }
 }
@@ -415,13 +421,20 @@ pub struct Store {
     vbuckets: Arc<VbucketTable>,
     auto: Mutex<AutoState>,
     outcomes: Arc<Outcomes>,
-    // Declared last: dropped after the vbucket handles.
+    // Declared after the vbucket handles: dropped after them.
     flusher: Flusher<VbTarget>,
+    /// The data directory's exclusive lock, taken before anything else and
+    /// released last, once the flusher threads have stopped.
+    _dir_lock: DirLock,
 }
 
 impl Store {
     /// Opens the store in the directory `path` (created if missing) and
-    /// every vbucket that has files there.
+    /// every vbucket that has files there. The store owns the directory
+    /// until it is closed or dropped: while it is open, another open of
+    /// the directory, in this process or another, fails with
+    /// [`Error::DirectoryLocked`] (see [`Directory::lock`]; the lock file
+    /// is [`couchfile::LOCK_FILE_NAME`]).
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Self> {
         let path = path.as_ref();
         let dir = OsDirectory::new(path).map_err(|e| Error::io(path, "open directory", e))?;
@@ -429,11 +442,16 @@ impl Store {
     }
 
     /// Opens the store on any [`Directory`] (an in-memory, fault-injecting
-    /// one in tests) and every vbucket that has files there.
+    /// one in tests) and every vbucket that has files there, once it holds
+    /// the directory's lock ([`Error::DirectoryLocked`] if another store
+    /// has it).
     pub fn open_in(dir: Arc<dyn Directory>, config: StoreConfig) -> Result<Self> {
         let _span = tracing::info_span!("open_store", dir = %dir.path().display()).entered();
         config.validate()?;
+        // Before any file is read or removed.
+        let dir_lock = dir.lock().map_err(Error::from_lock)?;
         let store = Self {
+            _dir_lock: dir_lock,
             flusher: Flusher::new(config.flusher.clone())?,
             node_cache: (config.node_cache_bytes > 0)
                 .then(|| Arc::new(ChunkCache::new(config.node_cache_bytes))),
@@ -488,6 +506,7 @@ impl Store {
             node_cache: self.node_cache.clone(),
             compress_bodies: self.config.compress_bodies,
             write_timeout: self.config.flusher.backpressure_timeout,
+            damaged_files: self.config.damaged_files,
         }
     }
 

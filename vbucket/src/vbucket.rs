@@ -62,6 +62,8 @@ pub(crate) struct VbOptions {
     pub(crate) compress_bodies: bool,
     /// How long a writer waits for room in a full queue.
     pub(crate) write_timeout: Duration,
+    /// What opening the vbucket does with a damaged revision file.
+    pub(crate) damaged_files: files::DamagedFiles,
 }
 
 /// The front end: seqno and CAS assignment and the mutations not yet

@@ -114,7 +114,7 @@ impl Workload {
 
     fn key(k: u64) -> Vec<u8> {
         // Some long keys, so the by-id tree has more levels.
-        if k % 7 == 0 {
+        if k.is_multiple_of(7) {
             format!("key-{k:05}/{}", "long".repeat(40)).into_bytes()
         } else {
             format!("key-{k:05}").into_bytes()
@@ -1561,6 +1561,10 @@ impl couchfile::Directory for GateDirectory {
 
     fn sync(&self) -> std::io::Result<()> {
         self.inner.sync()
+    }
+
+    fn lock(&self) -> couchfile::Result<couchfile::DirLock> {
+        self.inner.lock()
     }
 }
 

@@ -132,7 +132,7 @@ impl Writer {
             return;
         }
         let k = self.rng.below(KEYS);
-        let key = if k % 5 == 0 {
+        let key = if k.is_multiple_of(5) {
             format!("key-{k:03}/{}", "x".repeat(150)).into_bytes()
         } else {
             format!("key-{k:03}").into_bytes()

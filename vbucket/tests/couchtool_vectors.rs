@@ -358,7 +358,7 @@ fn no_command_panics_on_damaged_or_cut_files() {
 
 fn doc(id: String, n: u64, deleted: bool) -> DocUpdate {
     DocUpdate {
-        body: if deleted && n % 2 == 0 {
+        body: if deleted && n.is_multiple_of(2) {
             Body::None
         } else {
             Body::Plain(
@@ -374,7 +374,7 @@ fn doc(id: String, n: u64, deleted: bool) -> DocUpdate {
         rev_seq: n,
         rev_meta: RevMeta::new(n, 0, 0, 1).encode(),
         deleted,
-        content_meta: if n % 3 == 0 {
+        content_meta: if n.is_multiple_of(3) {
             CONTENT_META_COMPRESSED
         } else {
             0

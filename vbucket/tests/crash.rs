@@ -129,7 +129,7 @@ fn workload(seed: u64) -> Vec<Burst> {
             let vb = rng.below(u64::from(VBUCKETS)) as Vbid;
             let k = rng.below(KEYS);
             // Some long keys, so the by-id tree has more than one level.
-            let key = if k % 5 == 0 {
+            let key = if k.is_multiple_of(5) {
                 format!("vb{vb}/key-{k:03}/{}", "x".repeat(150)).into_bytes()
             } else {
                 format!("vb{vb}/key-{k:03}").into_bytes()

@@ -11,6 +11,8 @@
 //! failing reports the mutations it could not flush, and nothing reported
 //! persisted is lost. An I/O error while opening the store fails the open
 //! without removing or rewriting any file, and a later open finds it all.
+//! A commit to a file removed underneath the store (or whose whole data
+//! directory was deleted) still syncs, but is never reported persisted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use couchfile::{
@@ -402,4 +404,64 @@ fn eio_while_opening_the_store_fails_the_open_and_removes_nothing() {
     assert_eq!(vb.snapshot().high_seqno(), last);
     assert_holds(&vb, &model, "reopened after failed opens");
     store.close().unwrap();
+}
+
+/// [`config`] with retries far apart: a test sees the first failure of a
+/// commit (the later ones fail to reopen the file by its name).
+fn config_retrying_late() -> StoreConfig {
+    let mut config = config();
+    config.flusher.retry_backoff_min = Duration::from_secs(3600);
+    config.flusher.retry_backoff_max = Duration::from_secs(3600);
+    config
+}
+
+/// Nothing written after `before` is reported persisted: the commit fails,
+/// and its error says the file lost its name.
+fn nothing_more_persists(vb: &VBucket, before: u64, last: u64, what: &str) {
+    let deadline = Instant::now() + LONG;
+    while vb.stats().unwrap().flush.commit_failures == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let err = vb.wait_persisted(last, SHORT).unwrap_err();
+    assert!(err.is_timeout(), "{what}: {err}");
+    let stats = vb.stats().unwrap();
+    assert_eq!(stats.flush.commit_failures, 1, "{what}: {stats:?}");
+    assert_eq!(stats.flush.persisted_seqno, before, "{what}");
+    assert_eq!(vb.persisted_seqno(), before, "{what}");
+    let error = stats.flush.last_error.expect("the commit's error");
+    assert!(
+        error.contains("0.couch.1: the file was removed from its directory"),
+        "{what}: {error}"
+    );
+}
+
+/// A revision file removed underneath the store: its commits still sync
+/// (the inode lives on), but none is reported persisted.
+#[test]
+fn commits_to_a_removed_file_are_never_acknowledged() {
+    let (dir, _controller, store, vb) = setup(config_retrying_late());
+    let mut model = Model::new();
+    let before = write(&vb, &mut model, 0..10, "before");
+    vb.wait_persisted(before, LONG).unwrap();
+    dir.remove("0.couch.1").unwrap();
+    let last = write(&vb, &mut model, 10..20, "after the removal");
+    nothing_more_persists(&vb, before, last, "file removed");
+    assert!(store.close().is_err(), "the queued mutations are unflushed");
+}
+
+/// The whole data directory deleted (`rm -rf`) under a store on disk: no
+/// write is acknowledged after that.
+#[test]
+fn a_deleted_data_directory_acknowledges_no_more_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("data");
+    let store = Store::open(&path, config_retrying_late()).unwrap();
+    let vb = store.open_vbucket(0).unwrap();
+    let mut model = Model::new();
+    let before = write(&vb, &mut model, 0..10, "before");
+    vb.wait_persisted(before, LONG).unwrap();
+    std::fs::remove_dir_all(&path).unwrap();
+    let last = write(&vb, &mut model, 10..20, "after rm -rf");
+    nothing_more_persists(&vb, before, last, "directory deleted");
+    assert!(store.close().is_err(), "the queued mutations are unflushed");
 }

@@ -128,7 +128,11 @@ fn value(writer: usize, idx: usize, len: usize, compressible: bool) -> Vec<u8> {
 fn meta(writer: usize, idx: usize) -> ItemMeta {
     ItemMeta {
         flags: flags(writer, idx),
-        datatype: if idx % 2 == 0 { DATATYPE_JSON } else { 0 },
+        datatype: if idx.is_multiple_of(2) {
+            DATATYPE_JSON
+        } else {
+            0
+        },
         ..ItemMeta::default()
     }
 }
@@ -319,7 +323,7 @@ fn reader(vbs: &[VBucket], ops: &[Vec<Op>], seed: u64, writing: &AtomicBool) -> 
         let k = (next() % KEYS as u64) as usize;
         let vbid = vbid_of(k);
         let vb = &vbs[usize::from(vbid)];
-        let doc = if round % 3 == 0 {
+        let doc = if round.is_multiple_of(3) {
             vb.get(&key(k)).unwrap()
         } else {
             let doc = vb.get_including_deleted(&key(k)).unwrap();
@@ -349,7 +353,7 @@ fn reader(vbs: &[VBucket], ops: &[Vec<Op>], seed: u64, writing: &AtomicBool) -> 
                 idx,
             });
         }
-        if round % 8 == 0 {
+        if round.is_multiple_of(8) {
             let v = (next() % VBUCKETS as u64) as usize;
             let snap = vbs[v].snapshot();
             let seen = check_snapshot(ops, &snap);
@@ -368,7 +372,7 @@ fn reader(vbs: &[VBucket], ops: &[Vec<Op>], seed: u64, writing: &AtomicBool) -> 
                 seen.docs.get(&k).map(|&(s, _, _)| s),
                 "vb {v}: get of key {k} disagrees with changes_since"
             );
-            if round % 32 == 0 {
+            if round.is_multiple_of(32) {
                 if let Some(prev) = snap.previous().unwrap() {
                     assert!(prev.high_seqno() <= seen.high_seqno);
                     assert!(prev.header_offset() < snap.header_offset());
@@ -380,7 +384,7 @@ fn reader(vbs: &[VBucket], ops: &[Vec<Op>], seed: u64, writing: &AtomicBool) -> 
                 log.snapshots.push(seen);
             }
         }
-        if round % 64 == 0 {
+        if round.is_multiple_of(64) {
             std::thread::yield_now();
         }
     }
@@ -486,6 +490,8 @@ fn verify_files(dir: &Path, couchread: bool) -> Vec<usize> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
+        // The store's lock file stays.
+        .filter(|n| n != couchfile::LOCK_FILE_NAME)
         .collect();
     names.sort();
     let expected: Vec<String> = (0..VBUCKETS)

@@ -147,9 +147,9 @@ fn newest_complete_revision_wins_and_leftovers_go() {
         store.close().unwrap();
     }
     // vbucket 1: a later complete revision (as a compaction's rename leaves
-    // before it unlinks the old one), an empty newer one, a .compact file.
+    // before it unlinks the old one) and a .compact file. (An empty or
+    // headerless newer revision is damage: tests/damaged.rs.)
     std::fs::copy(dir.path().join("1.couch.1"), dir.path().join("1.couch.4")).unwrap();
-    std::fs::write(dir.path().join("1.couch.5"), b"").unwrap();
     std::fs::write(dir.path().join("1.couch.5.compact"), b"partial").unwrap();
     // vbucket 2: a stray .compact only; an unrelated file stays.
     std::fs::write(dir.path().join("2.couch.2.compact"), b"x").unwrap();

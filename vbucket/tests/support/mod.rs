@@ -131,11 +131,13 @@ pub fn verify_file(path: &Path) {
     couchread_verify(path, None);
 }
 
-/// The names of the files in `dir`, sorted.
+/// The names of the files in `dir`, sorted, without the store's lock file
+/// (`LOCK`, which a store leaves in its directory).
 pub fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != couchfile::LOCK_FILE_NAME)
         .collect();
     v.sort();
     v
