@@ -13,7 +13,13 @@
 //! id ranges, counts, local documents. This crate is not a flusher or a
 //! compactor: it knows nothing of queues, revisions or concurrency beyond "one
 //! writer, many snapshots". Nothing read from disk is trusted: a bad node is an
-//! [`Error`], not a panic or a wrong answer.
+//! [`Error`], not a panic or a wrong answer. Every walk down a tree (folds,
+//! lookups, range reduces, modifies) checks each node it reads: keys strictly
+//! ascending and within the range the parent's keys give the child (an
+//! interior key is its child's last key), children before their parent in
+//! the file. A tree whose nodes repeat a child, point out of order or in a
+//! cycle is then an [`Error::CorruptNode`] as soon as the walk meets it, and
+//! no walk reads a node twice.
 //!
 //! ```
 //! use std::sync::Arc;

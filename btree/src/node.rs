@@ -2,7 +2,9 @@
 //! (1 = leaf, 0 = interior) and entries `kvlen(5) key value`.
 
 use crate::error::{Error, Result};
+use crate::tree::TreeOps;
 use couchfile::{decode_kv_length, CouchFile};
+use std::fmt;
 use std::sync::Arc;
 
 /// Type byte of a leaf (key-value) node.
@@ -96,6 +98,92 @@ impl Node {
     /// Entries as (key, value) pairs.
     pub fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         (0..self.len()).map(|i| (self.key(i), self.value(i)))
+    }
+
+    /// Checks the node's keys against the order of its tree and the range
+    /// its place in the tree gives it: strictly ascending by `ops`, the
+    /// first above `low` and the last at most `high`. An interior node's key
+    /// for a child is the child's last key, so child `i` of a node may hold
+    /// keys above key `i - 1` (or above the node's own `low` for the first
+    /// child) and at most key `i`; the root has neither bound. One
+    /// comparison per key, each with the key before it.
+    pub fn check_keys<O: TreeOps + ?Sized>(
+        &self,
+        ops: &O,
+        low: Option<&[u8]>,
+        high: Option<&[u8]>,
+    ) -> std::result::Result<(), KeyOrderError> {
+        let mut previous = low;
+        for i in 0..self.len() {
+            let key = self.key(i);
+            if let Some(previous) = previous {
+                if ops.compare(previous, key).is_ge() {
+                    return Err(if i == 0 {
+                        KeyOrderError::BelowRange
+                    } else {
+                        KeyOrderError::NotAscending { index: i }
+                    });
+                }
+            }
+            previous = Some(key);
+        }
+        match (previous, high) {
+            (Some(last), Some(high)) if ops.compare(last, high).is_gt() => {
+                Err(KeyOrderError::AboveRange {
+                    index: self.len() - 1,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How a node's keys break the order of its tree ([`Node::check_keys`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrderError {
+    /// Key `index` is not above the key before it in the node.
+    NotAscending {
+        /// The key's index in the node.
+        index: usize,
+    },
+    /// The first key is not above the parent's key of the child before
+    /// this one (or the parent's own lower bound): the node overlaps a
+    /// subtree to its left.
+    BelowRange,
+    /// The last key is above the node's key in its parent (the greatest
+    /// key the parent says the subtree holds).
+    AboveRange {
+        /// The key's index in the node (the last).
+        index: usize,
+    },
+}
+
+impl KeyOrderError {
+    /// The index in the node of the key found out of order.
+    pub fn index(&self) -> usize {
+        match self {
+            KeyOrderError::NotAscending { index } | KeyOrderError::AboveRange { index } => *index,
+            KeyOrderError::BelowRange => 0,
+        }
+    }
+}
+
+impl fmt::Display for KeyOrderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyOrderError::NotAscending { index } => write!(
+                f,
+                "keys out of order: key {index} is not above key {}",
+                index.saturating_sub(1)
+            ),
+            KeyOrderError::BelowRange => {
+                f.write_str("keys out of order: key 0 is not above the previous key of its parent")
+            }
+            KeyOrderError::AboveRange { index } => write!(
+                f,
+                "keys out of order: key {index} is above its key in the parent"
+            ),
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! reduces and the bottom-up builder, generic over key order and reduce.
 
 use crate::error::{Error, Result};
-use crate::node::{Node, INTERIOR, LEAF};
+use crate::node::{KeyOrderError, Node, INTERIOR, LEAF};
 use couchfile::{
     encode_kv_length, ChunkPos, Compressor, CouchFile, FileWriter, NodePointer, NodePointerRef,
 };
@@ -362,6 +362,8 @@ struct ChildRun<'n, 'a> {
     /// The child's index in its parent.
     index: usize,
     child: NodePointer,
+    /// The keys the child holds.
+    range: KeyRange<'n>,
     actions: &'n [Action<'a>],
 }
 
@@ -380,6 +382,69 @@ enum Outcome {
     Unchanged,
     /// The subtree was rewritten into these nodes (none if it became empty).
     Replaced(Vec<(Vec<u8>, NodePointer)>),
+}
+
+/// The keys a node may hold, given by the entries above it on its path from
+/// the root (see [`Node::check_keys`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct KeyRange<'k> {
+    /// The node's keys are above this: the parent's key of the child to its
+    /// left, or the parent's own lower bound for a first child.
+    low: Option<&'k [u8]>,
+    /// The node's keys are at most this: its key in its parent.
+    high: Option<&'k [u8]>,
+    /// Offset of the parent (`None` for the root), for the error.
+    parent: Option<u64>,
+}
+
+impl<'k> KeyRange<'k> {
+    /// The root's range: any key.
+    const ROOT: KeyRange<'static> = KeyRange {
+        low: None,
+        high: None,
+        parent: None,
+    };
+
+    /// The range of child `i` of `node`, a node of this range at `offset`.
+    fn child(self, node: &'k Node, offset: u64, i: usize) -> Self {
+        KeyRange {
+            low: if i == 0 {
+                self.low
+            } else {
+                Some(node.key(i - 1))
+            },
+            high: Some(node.key(i)),
+            parent: Some(offset),
+        }
+    }
+}
+
+/// A node reached by a walk down a tree, its keys checked against the
+/// order of the tree and the range its path gives it ([`BTree::visit`]).
+/// Its children are reached through [`Visited::child`], which checks that
+/// each lies before it in the file and gives it its range.
+///
+/// Every walk (folds, range reduces, lookups, modifies) reads its nodes this
+/// way, so on a corrupt file whose checksums hold it fails with
+/// [`Error::CorruptNode`] instead of looping or reading a subtree again: a
+/// child pointer below its parent rules out cycles, and as the children of
+/// a node have disjoint ranges and no node is empty, no node can be reached
+/// twice in one walk, so a walk reads each node of the file at most once.
+struct Visited<'k> {
+    offset: u64,
+    node: Node,
+    range: KeyRange<'k>,
+}
+
+impl Visited<'_> {
+    /// The pointer to child `i` (checked to lie before this node) and the
+    /// range of keys the child may hold.
+    fn child(&self, file: &CouchFile, i: usize) -> Result<(NodePointer, KeyRange<'_>)> {
+        Ok((
+            child_pointer(file, self.offset, self.node.value(i))?,
+            self.range.child(&self.node, self.offset, i),
+        ))
+    }
 }
 
 /// Decodes the pointer to a child of the interior node at `parent`. Children
@@ -431,6 +496,25 @@ impl<O: TreeOps> BTree<O> {
         self.config
     }
 
+    /// Reads the node at `offset`, reached by a walk that gives it the keys
+    /// of `range`, and checks its keys ([`Visited`]).
+    fn visit<'k>(&self, file: &CouchFile, offset: u64, range: KeyRange<'k>) -> Result<Visited<'k>> {
+        let node = Node::read(file, offset)?;
+        node.check_keys(&self.ops, range.low, range.high)
+            .map_err(|e| {
+                let detail = match (e, range.parent) {
+                    (KeyOrderError::NotAscending { .. }, _) | (_, None) => e.to_string(),
+                    (_, Some(parent)) => format!("{e} (the node at {parent})"),
+                };
+                corrupt(file, offset, detail)
+            })?;
+        Ok(Visited {
+            offset,
+            node,
+            range,
+        })
+    }
+
     /// Checks that `actions` are sorted and unique.
     fn check_sorted(&self, actions: &[Action<'_>]) -> Result<()> {
         for (i, pair) in actions.windows(2).enumerate() {
@@ -476,9 +560,13 @@ impl<O: TreeOps> BTree<O> {
             Some(root) if actions.len() >= PARALLEL_MODIFY_MIN_ACTIONS => {
                 let shared = Mutex::new(&mut *writer);
                 let mut sink = SharedWriter::new(&shared);
+                let root = (root, KeyRange::ROOT);
                 self.modify_node(&file, &mut sink, root, actions, fetched, Some(&shared))?
             }
-            Some(root) => self.modify_node(&file, writer, root, actions, fetched, None)?,
+            Some(root) => {
+                let root = (root, KeyRange::ROOT);
+                self.modify_node(&file, writer, root, actions, fetched, None)?
+            }
         };
         match outcome {
             Outcome::Unchanged => Ok(root.cloned()),
@@ -503,22 +591,24 @@ impl<O: TreeOps> BTree<O> {
         Ok(pointers.pop().map(|(_, p)| p))
     }
 
-    /// Rewrites the subtree at `ptr` with `actions`. With `split` (the
-    /// writer behind `writer`, shared), the first nodes whose children take
-    /// the actions in at least [`PARALLEL_MODIFY_MIN_RUNS`] runs share those
-    /// out between this thread and a helper.
+    /// Rewrites the subtree at `ptr` (whose keys lie in its range) with
+    /// `actions`. With `split` (the writer behind `writer`, shared), the
+    /// first nodes whose children take the actions in at least
+    /// [`PARALLEL_MODIFY_MIN_RUNS`] runs share those out between this thread
+    /// and a helper.
     fn modify_node(
         &self,
         file: &CouchFile,
         writer: &mut dyn NodeSink,
-        ptr: &NodePointer,
+        (ptr, range): (&NodePointer, KeyRange<'_>),
         actions: &[Action<'_>],
         fetched: &mut FetchFn<'_>,
         split: Option<&Mutex<&mut FileWriter>>,
     ) -> Result<Outcome> {
-        let node = Node::read(file, ptr.pointer)?;
+        let visited = self.visit(file, ptr.pointer, range)?;
+        let node = &visited.node;
         if node.is_leaf {
-            let outcome = self.modify_leaf(writer, Some(&node), actions, fetched)?;
+            let outcome = self.modify_leaf(writer, Some(node), actions, fetched)?;
             if matches!(outcome, Outcome::Replaced(_)) {
                 file.forget_cached_chunk(ptr.pointer);
             }
@@ -543,9 +633,11 @@ impl<O: TreeOps> BTree<O> {
             if n == 0 {
                 continue;
             }
+            let (child, range) = visited.child(file, i)?;
             runs.push(ChildRun {
                 index: i,
-                child: child_pointer(file, ptr.pointer, node.value(i))?,
+                child,
+                range,
                 actions: &rest[..n],
             });
             rest = &rest[n..];
@@ -587,8 +679,8 @@ impl<O: TreeOps> BTree<O> {
     ) -> Result<Vec<(usize, Outcome)>> {
         runs.iter()
             .map(|run| {
-                let outcome =
-                    self.modify_node(file, writer, &run.child, run.actions, fetched, split)?;
+                let child = (&run.child, run.range);
+                let outcome = self.modify_node(file, writer, child, run.actions, fetched, split)?;
                 Ok((run.index, outcome))
             })
             .collect()
@@ -621,7 +713,7 @@ impl<O: TreeOps> BTree<O> {
                     .modify_node(
                         file,
                         sink,
-                        &run.child,
+                        (&run.child, run.range),
                         run.actions,
                         &mut |key, old| {
                             fetches.push((key.to_vec(), old.map(<[u8]>::to_vec)));
@@ -742,7 +834,7 @@ impl<O: TreeOps> BTree<O> {
         self.check_sorted(&actions)?;
         let mut found = vec![None; keys.len()];
         if let Some(root) = root {
-            self.lookup_node(file, root.pointer, keys, 0, &mut found)?;
+            self.lookup_node(file, root.pointer, KeyRange::ROOT, keys, 0, &mut found)?;
         }
         Ok(found)
     }
@@ -751,11 +843,13 @@ impl<O: TreeOps> BTree<O> {
         &self,
         file: &CouchFile,
         offset: u64,
+        range: KeyRange<'_>,
         keys: &[&[u8]],
         first: usize,
         found: &mut [Option<Vec<u8>>],
     ) -> Result<()> {
-        let node = Node::read(file, offset)?;
+        let visited = self.visit(file, offset, range)?;
+        let node = &visited.node;
         let mut rest = keys;
         let mut index = first;
         if node.is_leaf {
@@ -777,8 +871,8 @@ impl<O: TreeOps> BTree<O> {
                 .take_while(|k| self.ops.compare(k, node.key(i)) != Ordering::Greater)
                 .count();
             if n > 0 {
-                let child = child_pointer(file, offset, node.value(i))?;
-                self.lookup_node(file, child.pointer, &rest[..n], index, found)?;
+                let (child, range) = visited.child(file, i)?;
+                self.lookup_node(file, child.pointer, range, &rest[..n], index, found)?;
                 rest = &rest[n..];
                 index += n;
             }
@@ -818,7 +912,7 @@ impl<O: TreeOps> BTree<O> {
     ) -> Result<()> {
         if let Some(root) = root {
             // Break here means "stopped by f or past the end": either way, done.
-            let _ = self.fold_node(file, root.pointer, start, end, f)?;
+            let _ = self.fold_node(file, root.pointer, KeyRange::ROOT, start, end, f)?;
         }
         Ok(())
     }
@@ -827,11 +921,13 @@ impl<O: TreeOps> BTree<O> {
         &self,
         file: &CouchFile,
         offset: u64,
+        range: KeyRange<'_>,
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         f: &mut EntryFn<'_>,
     ) -> Result<ControlFlow<()>> {
-        let node = Node::read(file, offset)?;
+        let visited = self.visit(file, offset, range)?;
+        let node = &visited.node;
         for i in 0..node.len() {
             let key = node.key(i);
             if node.is_leaf {
@@ -849,9 +945,9 @@ impl<O: TreeOps> BTree<O> {
                 if self.before_start(key, start) {
                     continue;
                 }
-                let child = child_pointer(file, offset, node.value(i))?;
+                let (child, range) = visited.child(file, i)?;
                 if self
-                    .fold_node(file, child.pointer, start, end, f)?
+                    .fold_node(file, child.pointer, range, start, end, f)?
                     .is_break()
                 {
                     return Ok(ControlFlow::Break(()));
@@ -880,7 +976,7 @@ impl<O: TreeOps> BTree<O> {
             if start == Bound::Unbounded && end == Bound::Unbounded {
                 return Ok(root.reduce.clone());
             }
-            self.reduce_node(file, root.pointer, start, end, &mut parts)?;
+            self.reduce_node(file, root.pointer, KeyRange::ROOT, start, end, &mut parts)?;
         }
         self.ops
             .rereduce(&mut parts.iter().map(|p: &Vec<u8>| p.as_slice()))
@@ -890,11 +986,13 @@ impl<O: TreeOps> BTree<O> {
         &self,
         file: &CouchFile,
         offset: u64,
+        range: KeyRange<'_>,
         start: Bound<&[u8]>,
         end: Bound<&[u8]>,
         parts: &mut Vec<Vec<u8>>,
     ) -> Result<()> {
-        let node = Node::read(file, offset)?;
+        let visited = self.visit(file, offset, range)?;
+        let node = &visited.node;
         if node.is_leaf {
             let mut inside = node
                 .entries()
@@ -909,7 +1007,7 @@ impl<O: TreeOps> BTree<O> {
                 lower = Some(key);
                 continue;
             }
-            let child = child_pointer(file, offset, node.value(i))?;
+            let (child, range) = visited.child(file, i)?;
             let starts_inside = match (start, lower) {
                 (Bound::Unbounded, _) => true,
                 (_, None) => false,
@@ -919,7 +1017,7 @@ impl<O: TreeOps> BTree<O> {
             if starts_inside && !self.after_end(key, end) {
                 parts.push(child.reduce);
             } else {
-                self.reduce_node(file, child.pointer, start, end, parts)?;
+                self.reduce_node(file, child.pointer, range, start, end, parts)?;
             }
             if self.after_end(key, end) {
                 break;
