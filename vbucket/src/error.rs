@@ -172,14 +172,19 @@ impl Error {
 
     /// True when a flush-batch commit failed in a way that retrying cannot
     /// fix: the batch cannot be encoded, or the file's bytes are damaged.
-    /// Failures of the medium (I/O errors, a full disk) are worth retrying.
+    /// Failures of the medium (I/O errors, a full disk, a file that lost
+    /// its name) keep the batch queued: they may pass, and until then
+    /// nothing is reported durable.
     pub(crate) fn is_permanent_commit_failure(&self) -> bool {
         let file_error = match self {
             Error::File(e) | Error::Tree(btree::Error::File(e)) => e,
             Error::Tree(_) => return true,
             _ => return false,
         };
-        !matches!(file_error, couchfile::Error::Io { .. })
+        !matches!(
+            file_error,
+            couchfile::Error::Io { .. } | couchfile::Error::Unlinked { .. }
+        )
     }
 
     /// True when a wait for persistence timed out.
