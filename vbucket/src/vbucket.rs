@@ -94,7 +94,7 @@ impl Front {
     fn next_cas(&mut self) -> Option<u64> {
         let now = u64::try_from(unix_nanos()).unwrap_or(u64::MAX) & !0xffff;
         let next = now.max(self.max_cas.checked_add(1)?);
-        if next >= RESERVED_CAS {
+        if next == RESERVED_CAS {
             return None;
         }
         self.max_cas = next;

@@ -64,7 +64,7 @@ fn race_lifecycle(seed: u64, transitions: usize, delete: bool) {
             Arc::clone(&stop),
         );
         threads.push(std::thread::spawn(move || {
-            let mut rng = Rng::new(seed ^ (writer + 1) * 0x9e37_79b9);
+            let mut rng = Rng::new(seed ^ ((writer + 1) * 0x9e37_79b9));
             let mut version = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 version += 1;
@@ -370,7 +370,8 @@ fn huge_timeouts_mean_wait_as_long_as_it_takes() {
 #[test]
 fn configurations_that_cannot_work_fail_the_open() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut StoreConfig)>)> = vec![
+    type Change = Box<dyn Fn(&mut StoreConfig)>;
+    let cases: Vec<(&str, Change)> = vec![
         ("nodes", Box::new(|c| c.nodes.leaf_threshold = usize::MAX)),
         (
             "nodes",
