@@ -207,6 +207,42 @@ mod tests {
     }
 
     #[test]
+    fn check_keys_wants_ascending_keys_within_the_parents_range() {
+        let node = |keys: &[&[u8]]| {
+            let mut bytes = vec![LEAF];
+            for k in keys {
+                bytes.extend_from_slice(&encode_kv_length(k.len(), 0).unwrap());
+                bytes.extend_from_slice(k);
+            }
+            Node::decode(bytes).unwrap()
+        };
+        let ops = crate::Local;
+        let good = node(&[b"b", b"c", b"e"]);
+        assert_eq!(good.check_keys(&ops, None, None), Ok(()));
+        assert_eq!(good.check_keys(&ops, Some(b"a"), Some(b"e")), Ok(()));
+        assert_eq!(
+            good.check_keys(&ops, Some(b"b"), None),
+            Err(KeyOrderError::BelowRange)
+        );
+        assert_eq!(
+            good.check_keys(&ops, None, Some(b"d")),
+            Err(KeyOrderError::AboveRange { index: 2 })
+        );
+        let repeated = node(&[b"b", b"b"]);
+        assert_eq!(
+            repeated.check_keys(&ops, None, None),
+            Err(KeyOrderError::NotAscending { index: 1 })
+        );
+        let reversed = node(&[b"c", b"a"]);
+        let e = reversed.check_keys(&ops, None, None).unwrap_err();
+        assert_eq!(e.index(), 1);
+        assert!(e.to_string().contains("key 1 is not above key 0"), "{e}");
+        // By seq, keys compare as numbers.
+        let seqs = node(&[&[0, 0, 0, 0, 0, 9], &[0, 0, 0, 0, 1, 0]]);
+        assert_eq!(seqs.check_keys(&crate::BySeq, None, None), Ok(()));
+    }
+
+    #[test]
     fn bad_nodes_are_errors() {
         assert!(Node::decode(vec![]).is_err());
         assert!(Node::decode(vec![2]).is_err());

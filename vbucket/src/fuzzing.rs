@@ -75,4 +75,15 @@ mod tests {
             open_vbucket(data);
         }
     }
+
+    #[test]
+    fn open_vbucket_ends_on_forged_trees() {
+        use btree::fuzzing::{base_image, forge, Forgery, TreeKind};
+        let base = base_image().unwrap();
+        for tree in TreeKind::ALL {
+            for forgery in Forgery::ALL {
+                open_vbucket(&forge(base.clone(), tree, forgery).unwrap().image);
+            }
+        }
+    }
 }

@@ -353,27 +353,11 @@ impl Walker<'_> {
             }
         };
 
-        // Key order within the node and against the parent's bounds.
-        for i in 0..node.len() {
-            let key = node.key(i);
-            let bad = if i > 0 && ops.compare(node.key(i - 1), key).is_ge() {
-                Some(format!("key {i} is not above key {}", i - 1))
-            } else if low.is_some_and(|low| ops.compare(key, low).is_le()) {
-                Some(format!(
-                    "key {i} is not above the previous key of its parent"
-                ))
-            } else if high.is_some_and(|high| ops.compare(key, high).is_gt()) {
-                Some(format!("key {i} is above its key in the parent"))
-            } else {
-                None
-            };
-            if let Some(bad) = bad {
-                self.problem(
-                    at,
-                    format!("{tree} node: keys out of order: {bad} ({})", hex(key)),
-                );
-                break;
-            }
+        // Key order within the node and against the parent's bounds: the
+        // check every walk of the btree crate makes.
+        if let Err(bad) = node.check_keys(ops, low, high) {
+            let key = hex(node.key(bad.index()));
+            self.problem(at, format!("{tree} node: {bad} ({key})"));
         }
 
         let mut size = Some(8 + stored.len() as u64);
