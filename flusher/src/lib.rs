@@ -137,6 +137,23 @@ pub fn deadline_after(timeout: Duration) -> Option<std::time::Instant> {
     std::time::Instant::now().checked_add(timeout)
 }
 
+/// Waits on `condvar` until `deadline` (forever when `None`, as
+/// [`deadline_after`] gives for a huge timeout); true when the deadline
+/// passed.
+pub fn wait_until<T>(
+    condvar: &parking_lot::Condvar,
+    guard: &mut parking_lot::MutexGuard<'_, T>,
+    deadline: Option<std::time::Instant>,
+) -> bool {
+    match deadline {
+        Some(deadline) => condvar.wait_until(guard, deadline).timed_out(),
+        None => {
+            condvar.wait(guard);
+            false
+        }
+    }
+}
+
 /// How the flusher batches, bounds memory and retries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlusherConfig {

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::stats::FlushStats;
-use crate::{Batch, Committed, FlushItem, Vbid};
+use crate::{deadline_after, wait_until, Batch, Committed, FlushItem, Vbid};
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
@@ -59,6 +59,19 @@ impl PersistState {
             })),
             None => Some(Ok(self.seqno)),
         }
+    }
+
+    /// Takes the callbacks whose seqno is decided, each with its outcome,
+    /// and keeps the others waiting.
+    fn take_decided(&mut self, vbid: Vbid) -> Vec<(PersistCallback, Result<u64>)> {
+        let mut decided = Vec::new();
+        for (seqno, cb) in std::mem::take(&mut self.callbacks) {
+            match self.outcome(vbid, seqno) {
+                Some(outcome) => decided.push((cb, outcome)),
+                None => self.callbacks.push((seqno, cb)),
+            }
+        }
+        decided
     }
 }
 
@@ -123,24 +136,21 @@ impl<I: FlushItem> VbShared<I> {
 
     /// Ends every wait for persistence: the queue is gone.
     pub(crate) fn close_persistence(&self) {
-        let (callbacks, outcomes) = {
+        let (decided, closed, persisted) = {
             let mut p = self.persist.lock();
             p.closed = true;
-            let callbacks = std::mem::take(&mut p.callbacks);
-            let outcomes: Vec<_> = callbacks
-                .iter()
-                .map(|(seqno, _)| {
-                    p.outcome(self.vbid, *seqno).unwrap_or(Err(Error::Closed {
-                        vbid: self.vbid,
-                        persisted: p.seqno,
-                    }))
-                })
-                .collect();
-            (callbacks, outcomes)
+            let decided = p.take_decided(self.vbid);
+            (decided, std::mem::take(&mut p.callbacks), p.seqno)
         };
         self.persisted.notify_all();
-        for ((_, cb), outcome) in callbacks.into_iter().zip(outcomes) {
+        for (cb, outcome) in decided {
             cb(outcome);
+        }
+        for (_, cb) in closed {
+            cb(Err(Error::Closed {
+                vbid: self.vbid,
+                persisted,
+            }));
         }
     }
 
@@ -201,7 +211,7 @@ impl<I: FlushItem> VbShared<I> {
     /// `failure`) those above the previous decided seqno failed. Wakes the
     /// waiters whose seqno is now decided.
     fn decide(&self, high_seqno: u64, failure: Option<Arc<str>>) {
-        let (ready, outcomes) = {
+        let decided = {
             let mut p = self.persist.lock();
             if let Some(reason) = failure {
                 if high_seqno > p.seqno {
@@ -215,19 +225,10 @@ impl<I: FlushItem> VbShared<I> {
                 }
             }
             p.seqno = p.seqno.max(high_seqno);
-            let seqno = p.seqno;
-            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut p.callbacks)
-                .into_iter()
-                .partition(|(s, _)| *s <= seqno);
-            p.callbacks = waiting;
-            let outcomes: Vec<_> = ready
-                .iter()
-                .filter_map(|(s, _)| p.outcome(self.vbid, *s))
-                .collect();
-            (ready, outcomes)
+            p.take_decided(self.vbid)
         };
         self.persisted.notify_all();
-        for ((_, cb), outcome) in ready.into_iter().zip(outcomes) {
+        for (cb, outcome) in decided {
             cb(outcome);
         }
     }
@@ -246,22 +247,6 @@ impl<I: FlushItem> VbShared<I> {
         }
         stats.persisted_seqno = self.persist.lock().seqno;
         stats
-    }
-}
-
-/// Waits on `condvar` until `deadline` (forever when `None`); true when the
-/// deadline passed.
-pub(crate) fn wait_until<T>(
-    condvar: &Condvar,
-    guard: &mut parking_lot::MutexGuard<'_, T>,
-    deadline: Option<Instant>,
-) -> bool {
-    match deadline {
-        Some(deadline) => condvar.wait_until(guard, deadline).timed_out(),
-        None => {
-            condvar.wait(guard);
-            false
-        }
     }
 }
 
@@ -378,7 +363,7 @@ impl<I: FlushItem> VbQueue<I> {
     /// it was dropped after a permanent failure, and with [`Error::Closed`]
     /// if the queue is removed first.
     pub fn wait_persisted(&self, seqno: u64, timeout: Duration) -> Result<u64> {
-        let deadline = Instant::now().checked_add(timeout);
+        let deadline = deadline_after(timeout);
         let mut p = self.shared.persist.lock();
         loop {
             if let Some(outcome) = p.outcome(self.shared.vbid, seqno) {

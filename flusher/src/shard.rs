@@ -283,6 +283,15 @@ impl<T: FlushTarget> Slot<T> {
         self.retry.is_some() || !self.items.is_empty()
     }
 
+    /// What follows a batch that is done with (committed or dropped).
+    fn next_step(&self) -> Step {
+        if self.has_queued() {
+            Step::More
+        } else {
+            Step::Flushed
+        }
+    }
+
     /// Waits while the queue grows, up to `config.gather_max` (group commit).
     fn gather(&self, config: &FlusherConfig) {
         if config.gather_max.is_zero() {
@@ -353,11 +362,7 @@ impl<T: FlushTarget> Slot<T> {
             Ok(committed) => {
                 self.shared.persisted(&batch, &committed, start.elapsed());
                 self.backoff = config.retry_backoff_min;
-                if self.has_queued() {
-                    Step::More
-                } else {
-                    Step::Flushed
-                }
+                self.next_step()
             }
             Err(error) => {
                 let permanent = self.target.is_permanent(&error);
@@ -372,11 +377,7 @@ impl<T: FlushTarget> Slot<T> {
                     tracing::error!(vbid, error = %reason, items = batch.items.len(), "commit failed for good; the batch is dropped");
                     self.target.discard(&batch);
                     self.shared.dropped(&batch, &reason);
-                    return if self.has_queued() {
-                        Step::More
-                    } else {
-                        Step::Flushed
-                    };
+                    return self.next_step();
                 }
                 tracing::warn!(vbid, error = %reason, backoff = ?self.backoff, "commit failed; the batch stays queued");
                 self.retry = Some(batch);

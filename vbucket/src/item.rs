@@ -134,11 +134,6 @@ impl Item {
         }
     }
 
-    /// True while the revision depends on the key's stored one.
-    pub(crate) fn needs_stored_rev(&self) -> bool {
-        self.unresolved_base().is_some()
-    }
-
     /// The base of an automatic revision that is not read yet.
     pub(crate) fn unresolved_base(&self) -> Option<&OnceLock<u64>> {
         match &self.rev {

@@ -54,16 +54,8 @@ pub const MAX_KEPT_REPORTS: usize = 1024;
 /// Where a vbucket id stands. An id with no entry is closed: it may have
 /// files, and nothing has them open. The three transient states belong to
 /// the one thread running that transition; every other lifecycle call on
-/// the id waits until it ends (see `docs/design.md`, "Vbucket lifecycle").
-///
-/// ```text
-///            open_vbucket                 close_vbucket
-///  closed ──────────────▶ Opening ──ok──▶ Open ──────────────▶ Closing ──▶ closed
-///    ▲  │                    │err           │ delete_vbucket           
-///    │  │ delete_vbucket     ▼              ▼                         
-///    │  └──────────────▶ Deleting ◀───── (closes it first) ───────────▶ closed
-///    └──────────────────────┘ (files removed)
-/// ```
+/// the id waits until it ends. `docs/design.md` ("Vbucket lifecycle and
+/// directory ownership") draws the transitions.
 #[derive(Debug)]
 enum Lifecycle {
     /// Its files are being opened (or created).
@@ -550,7 +542,7 @@ impl Store {
     pub fn close_vbucket(&self, vbid: Vbid) -> Result<()> {
         match self.vbuckets.begin(vbid, Lifecycle::Closing) {
             (transition, Some(vb)) => {
-                let closed = self.shut_down(&[vb]).pop().map_or(Ok(()), |(_, r)| r);
+                let closed = self.shut_down_one(vb);
                 transition.finish(None);
                 closed
             }
@@ -565,7 +557,7 @@ impl Store {
     pub fn delete_vbucket(&self, vbid: Vbid) -> Result<()> {
         let (transition, was_open) = self.vbuckets.begin(vbid, Lifecycle::Deleting);
         if let Some(vb) = was_open {
-            match self.shut_down(&[vb]).pop().map_or(Ok(()), |(_, r)| r) {
+            match self.shut_down_one(vb) {
                 Ok(()) | Err(Error::Unflushed { .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -589,6 +581,11 @@ impl Store {
             .map_err(|e| Error::io(self.dir.path(), "sync directory", e))?;
         transition.finish(None);
         Ok(())
+    }
+
+    /// [`Store::shut_down`] of one vbucket.
+    fn shut_down_one(&self, vb: VBucket) -> Result<()> {
+        self.shut_down(&[vb]).pop().map_or(Ok(()), |(_, r)| r)
     }
 
     /// Closes the vbuckets `vbs` (already taken out of the open state):

@@ -18,7 +18,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest value accepted (kv-engine's default item size limit).
@@ -278,23 +278,20 @@ impl Writer {
     /// of the batch is saved, so the file holds each key's revision from
     /// before the run of automatic mutations (see [`Rev::Auto`]).
     fn resolve_revisions(&mut self, batch: &Batch<QueuedItem>) -> Result<()> {
-        let mut unresolved: Vec<&Item> = batch
+        let mut unresolved: Vec<(&[u8], &OnceLock<u64>)> = batch
             .items
             .iter()
-            .map(|QueuedItem(item)| &**item)
-            .filter(|item| item.needs_stored_rev())
+            .filter_map(|QueuedItem(item)| Some((item.key.as_slice(), item.unresolved_base()?)))
             .collect();
         if unresolved.is_empty() {
             return Ok(());
         }
-        unresolved.sort_by(|a, b| a.key.cmp(&b.key));
-        let keys: Vec<&[u8]> = unresolved.iter().map(|item| item.key.as_slice()).collect();
+        unresolved.sort_by(|a, b| a.0.cmp(b.0));
+        let keys: Vec<&[u8]> = unresolved.iter().map(|(key, _)| *key).collect();
         let infos = self.db.snapshot().doc_infos(&keys)?;
-        for (item, info) in unresolved.iter().zip(infos) {
-            if let Some(base) = item.unresolved_base() {
-                // Set once; a retried commit finds it set.
-                let _ = base.set(info.map_or(0, |i| i.rev_seq));
-            }
+        for ((_, base), info) in unresolved.into_iter().zip(infos) {
+            // Set once; a retried commit finds it set.
+            let _ = base.set(info.map_or(0, |i| i.rev_seq));
         }
         Ok(())
     }
@@ -633,10 +630,14 @@ impl VBucket {
                 reason: "over 2^48 - 1, the largest the file format holds",
             });
         }
-        self.shared.check_open()?;
         // Outside the front lock: a full queue must not stall bookkeeping.
+        // Its queue is removed only once the vbucket is closed.
         self.queue
-            .wait_for_room(self.shared.options.write_timeout)?;
+            .wait_for_room(self.shared.options.write_timeout)
+            .map_err(|e| match e {
+                flusher::Error::Closed { .. } => Error::Closed(self.shared.vbid),
+                other => other.into(),
+            })?;
         let mut front = self.shared.front.lock();
         if front.closed {
             return Err(Error::Closed(self.shared.vbid));
@@ -807,18 +808,8 @@ impl VBucket {
         let deadline = flusher::deadline_after(timeout);
         let mut p = self.shared.published.lock();
         while p.commits <= commits {
-            match deadline {
-                Some(deadline) => {
-                    if self
-                        .shared
-                        .header_committed
-                        .wait_until(&mut p, deadline)
-                        .timed_out()
-                    {
-                        break;
-                    }
-                }
-                None => self.shared.header_committed.wait(&mut p),
+            if flusher::wait_until(&self.shared.header_committed, &mut p, deadline) {
+                break;
             }
         }
         p.handoff()
