@@ -20,57 +20,12 @@ use couchfile::{compress, CouchFile, FileBackend, NodePointer, CONTENT_META_COMP
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-/// The independent Python reader: `$COUCHREAD` when set (the check is then
-/// required), else `shared/tools/couchread.py` beside the repository. `None`
-/// when it or `python3` is missing: the files are still written and
-/// reopened, the cross-check is skipped, and this binary says so once on its
-/// stderr, with the reason.
-fn couchread_reader() -> Option<&'static Path> {
-    static READER: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    READER
-        .get_or_init(|| {
-            let (path, required) = match std::env::var_os("COUCHREAD") {
-                Some(path) => (PathBuf::from(path), true),
-                None => {
-                    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-                    let beside = manifest.ancestors().nth(2).unwrap_or(manifest);
-                    (beside.join("shared/tools/couchread.py"), false)
-                }
-            };
-            let mut missing = Vec::new();
-            if !path.is_file() {
-                missing.push(format!("{} not found", path.display()));
-            }
-            match Command::new("python3").arg("--version").output() {
-                Ok(out) if out.status.success() => {}
-                Ok(out) => missing.push(format!("`python3 --version` failed ({})", out.status)),
-                Err(e) => missing.push(format!("python3 cannot be run ({e})")),
-            }
-            if missing.is_empty() {
-                return Ok(path);
-            }
-            let reason = missing.join("; ");
-            assert!(
-                !required,
-                "COUCHREAD is set but the cross-check cannot run: {reason}"
-            );
-            // Straight to stderr: the harness hides `eprintln!` of passing tests.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: the couchread.py cross-check in `{}` did not run: {reason} \
-                 (set COUCHREAD to the reader's path to require it)",
-                env!("CARGO_CRATE_NAME")
-            );
-            Err(reason)
-        })
-        .as_deref()
-        .ok()
-}
+#[path = "support/couchread.rs"]
+mod reader;
 
 /// A small deterministic generator (splitmix64).
 struct Rng(u64);
@@ -234,9 +189,9 @@ fn parse(output: &str) -> (Vec<Printed>, BTreeMap<Vec<u8>, Vec<u8>>) {
 /// couchread `--verify` (which also walks and verifies the by-id tree),
 /// comparing the documents printed in seq order, bodies included, and the
 /// local documents; with `by_id` also the documents printed in id order.
-/// Skipped when the reader cannot run (see [`couchread_reader`]).
+/// Skipped when the reader cannot run (see [`reader::couchread`]).
 fn check_with_couchread(path: &Path, header: Option<u64>, model: &Model, by_id: bool) {
-    let Some(reader) = couchread_reader() else {
+    let Some(reader) = reader::couchread() else {
         return;
     };
     let offset = header.map(|h| h.to_string());

@@ -6,68 +6,16 @@
 
 use btree::NodeConfig;
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 use vbucket::{Document, FlusherConfig, StoreConfig, VBucket, VbState};
 
-/// The independent Python reader of the format: `$COUCHREAD` when set, else
-/// `shared/tools/couchread.py` beside the repository. It is an extra check:
-/// when it or `python3` is missing, the cross-check is skipped and the test
-/// output says so and why (see [`couchread`]). Also returns whether
-/// `COUCHREAD` named it.
-pub fn couchread_path() -> (PathBuf, bool) {
-    match std::env::var_os("COUCHREAD") {
-        Some(path) => (PathBuf::from(path), true),
-        None => {
-            let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let beside = manifest.ancestors().nth(2).unwrap_or(manifest);
-            (beside.join("shared/tools/couchread.py"), false)
-        }
-    }
-}
-
-/// The reader to cross-check files with, or `None` when it cannot run, in
-/// which case this test binary says once, on its stderr, that the
-/// cross-check was skipped and why. With `COUCHREAD` set the cross-check is
-/// required: a missing reader or `python3` fails the test instead.
-pub fn couchread() -> Option<&'static Path> {
-    static READER: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    READER
-        .get_or_init(|| {
-            let (path, required) = couchread_path();
-            let mut missing = Vec::new();
-            if !path.is_file() {
-                missing.push(format!("{} not found", path.display()));
-            }
-            match Command::new("python3").arg("--version").output() {
-                Ok(out) if out.status.success() => {}
-                Ok(out) => missing.push(format!("`python3 --version` failed ({})", out.status)),
-                Err(e) => missing.push(format!("python3 cannot be run ({e})")),
-            }
-            if missing.is_empty() {
-                return Ok(path);
-            }
-            let reason = missing.join("; ");
-            assert!(
-                !required,
-                "COUCHREAD is set but the cross-check cannot run: {reason}"
-            );
-            // Straight to stderr: the harness hides `eprintln!` of passing tests.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: the couchread.py cross-check in `{}` did not run: {reason} \
-                 (set COUCHREAD to the reader's path to require it)",
-                env!("CARGO_CRATE_NAME")
-            );
-            Err(reason)
-        })
-        .as_deref()
-        .ok()
-}
+#[path = "../../../btree/tests/support/couchread.rs"]
+mod reader;
+pub use reader::couchread;
 
 /// A small xorshift64* generator: deterministic and dependency-free.
 pub struct Rng(u64);
