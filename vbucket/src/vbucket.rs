@@ -552,6 +552,11 @@ impl VBucket {
     /// closing the vbucket), and cancels a running compaction.
     pub(crate) fn close_front(&self) {
         self.shared.front.lock().closed = true;
+        {
+            // Under the published lock: a waiter checks the flag under it.
+            let _published = self.shared.published.lock();
+            self.shared.header_committed.notify_all();
+        }
         // A compaction registers itself only while the vbucket is open,
         // checked under this lock: once we hold it, none can start.
         if let Some(control) = self.shared.compaction.lock().as_ref() {
@@ -800,14 +805,15 @@ impl VBucket {
     }
 
     /// Waits until a header newer than the `commits`-th is published, for up
-    /// to `timeout`; returns the latest header either way.
-    /// A timeout too large to represent (such as [`Duration::MAX`]) waits
-    /// as long as it takes; so does any timeout on a vbucket that is closed
-    /// meanwhile, which publishes nothing more: use a finite one then.
+    /// to `timeout` (a timeout too large to represent, such as
+    /// [`Duration::MAX`], waits as long as it takes), or until the vbucket
+    /// is closed; returns the latest header either way.
     pub fn wait_for_header(&self, commits: u64, timeout: Duration) -> CommittedHeader {
         let deadline = flusher::deadline_after(timeout);
         let mut p = self.shared.published.lock();
-        while p.commits <= commits {
+        // Closing notifies under the published lock, so the flag checked
+        // here cannot be set between the check and the wait.
+        while p.commits <= commits && !self.shared.is_closed() {
             if flusher::wait_until(&self.shared.header_committed, &mut p, deadline) {
                 break;
             }

@@ -520,3 +520,19 @@ proptest! {
         store.close().unwrap();
     }
 }
+
+#[test]
+fn closing_ends_a_wait_for_a_header_without_a_deadline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(tmp.path(), config()).unwrap());
+    let vb = store.open_vbucket(0).unwrap();
+    let commits = vb.latest_header().commits;
+    let waiter = {
+        let vb = vb.clone();
+        std::thread::spawn(move || vb.wait_for_header(commits, Duration::MAX))
+    };
+    store.close_vbucket(0).unwrap();
+    // Nothing was committed meanwhile: the wait ended because of the close.
+    assert_eq!(waiter.join().unwrap().commits, commits);
+    Arc::try_unwrap(store).ok().unwrap().close().unwrap();
+}
