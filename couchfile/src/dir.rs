@@ -146,9 +146,9 @@ pub trait Directory: Send + Sync + fmt::Debug {
     fn sync(&self) -> io::Result<()>;
     /// Takes the directory's exclusive lock, held until the returned
     /// [`DirLock`] is dropped: one owner at a time may use the directory.
-    /// Does not wait: fails at once with [`Error::Locked`] (naming the
-    /// holder where it is known) while another owner holds it, in this
-    /// process or another.
+    /// Does not wait for another owner: fails at once with
+    /// [`Error::Locked`] (naming the holder where it is known) while
+    /// another owner holds it, in this process or another.
     fn lock(&self) -> crate::Result<DirLock>;
 }
 
@@ -232,6 +232,15 @@ impl Directory for OsDirectory {
     /// as two processes do; the kernel drops the lock when the holder
     /// closes the file or dies. Once it holds the lock, the holder writes
     /// its pid and host name into the file for the error of the next one.
+    ///
+    /// One wait: a child process forked by this process (any
+    /// `std::process::Command` of any thread) shares every open file until
+    /// it execs and closes them, so for that moment it holds a lock this
+    /// process has already released. When the lock file names this process
+    /// as the holder and no lock of this process holds it, the lock is
+    /// retried for up to [`FORK_GRACE`]; a
+    /// lock held by another process, or by another owner in this one,
+    /// fails at once.
     fn lock(&self) -> crate::Result<DirLock> {
         let path = self.path.join(LOCK_FILE_NAME);
         let file = OpenOptions::new()
@@ -241,23 +250,97 @@ impl Directory for OsDirectory {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io(&path, IoOp::Open, 0, e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(Error::Locked {
-                    path: self.path.clone(),
-                    holder: read_holder(&file),
-                })
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            let meta = file
+                .metadata()
+                .map_err(|e| Error::io(&path, IoOp::Open, 0, e))?;
+            (meta.dev(), meta.ino())
+        };
+        let locked = |file: &File| Error::Locked {
+            path: self.path.clone(),
+            holder: read_holder(file),
+        };
+        let deadline = std::time::Instant::now() + FORK_GRACE;
+        let mut pause = std::time::Duration::from_millis(1);
+        let held = loop {
+            match HeldLocks::try_take(id, &file) {
+                Ok(held) => break held,
+                Err(TakeError::HeldHere) => return Err(locked(&file)),
+                Err(TakeError::Io(e)) => return Err(Error::io(&path, IoOp::Lock, 0, e)),
+                Err(TakeError::WouldBlock) => {
+                    let holder = read_holder(&file);
+                    let forked_child = holder.as_ref() == Some(&LockHolder::this_process());
+                    if !forked_child || std::time::Instant::now() >= deadline {
+                        return Err(Error::Locked {
+                            path: self.path.clone(),
+                            holder,
+                        });
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(50));
+                }
             }
-            Err(TryLockError::Error(e)) => return Err(Error::io(&path, IoOp::Lock, 0, e)),
-        }
+        };
         let text = LockHolder::this_process().to_text();
         file.set_len(0)
             .map_err(|e| Error::io(&path, IoOp::Truncate, 0, e))?;
         file.write_all_at(text.as_bytes(), 0)
             .map_err(|e| Error::io(&path, IoOp::Write, 0, e))?;
         tracing::debug!(path = %path.display(), "directory locked");
-        Ok(DirLock::new(self.path.clone(), file))
+        Ok(DirLock::new(self.path.clone(), (held, file)))
+    }
+}
+
+/// How long [`OsDirectory::lock`] waits for a lock that only a child
+/// forked by this process holds (until the child execs: microseconds on an
+/// idle machine, longer on a loaded one).
+pub const FORK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The lock files (device, inode) that locks of this process hold, so
+/// that [`OsDirectory::lock`] tells a second owner in this process (an
+/// error at once) from a forked child that still shares a released lock
+/// (worth a short wait).
+#[derive(Debug)]
+struct HeldLocks {
+    id: (u64, u64),
+}
+
+/// Every lock file this process holds a lock on.
+static HELD_LOCKS: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+
+/// Why [`HeldLocks::try_take`] did not take the lock.
+enum TakeError {
+    /// A lock of this process holds the file.
+    HeldHere,
+    /// Another open file holds it (another process, or a forked child).
+    WouldBlock,
+    Io(io::Error),
+}
+
+impl HeldLocks {
+    /// Takes `file`'s `flock` and records it, unless this process already
+    /// holds a lock on the file `id`. Checked and taken under one mutex, so
+    /// two threads of this process cannot both get past the check.
+    fn try_take(id: (u64, u64), file: &File) -> Result<Self, TakeError> {
+        let mut held = HELD_LOCKS.lock();
+        if held.contains(&id) {
+            return Err(TakeError::HeldHere);
+        }
+        match file.try_lock() {
+            Ok(()) => {
+                held.push(id);
+                Ok(Self { id })
+            }
+            Err(TryLockError::WouldBlock) => Err(TakeError::WouldBlock),
+            Err(TryLockError::Error(e)) => Err(TakeError::Io(e)),
+        }
+    }
+}
+
+impl Drop for HeldLocks {
+    fn drop(&mut self) {
+        HELD_LOCKS.lock().retain(|id| *id != self.id);
     }
 }
 
@@ -631,6 +714,59 @@ mod tests {
         assert!(dir.lock().is_err());
         drop(again);
         dir.lock().unwrap();
+    }
+
+    /// Another open of the lock file, locked by hand: what a child forked
+    /// by this process holds until it execs.
+    fn flock_as_a_forked_child(tmp: &Path, holder: &LockHolder) -> File {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(tmp.join(LOCK_FILE_NAME))
+            .unwrap();
+        file.try_lock().unwrap();
+        file.set_len(0).unwrap();
+        file.write_all_at(holder.to_text().as_bytes(), 0).unwrap();
+        file
+    }
+
+    #[test]
+    fn a_lock_only_a_forked_child_shares_is_waited_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = OsDirectory::new(tmp.path()).unwrap();
+        let child = flock_as_a_forked_child(tmp.path(), &LockHolder::this_process());
+        // The "child" execs (closes its files) a little later.
+        let exec = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            drop(child);
+        });
+        let lock = dir.lock().unwrap();
+        exec.join().unwrap();
+        // A second owner in this process still fails at once.
+        let start = std::time::Instant::now();
+        assert!(matches!(dir.lock(), Err(Error::Locked { .. })));
+        assert!(start.elapsed() < FORK_GRACE);
+        drop(lock);
+        dir.lock().unwrap();
+    }
+
+    #[test]
+    fn a_lock_another_process_holds_fails_without_waiting() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = OsDirectory::new(tmp.path()).unwrap();
+        let other = LockHolder {
+            pid: Some(std::process::id().wrapping_add(1)),
+            host: LockHolder::this_process().host,
+        };
+        let _held = flock_as_a_forked_child(tmp.path(), &other);
+        let start = std::time::Instant::now();
+        match dir.lock().unwrap_err() {
+            Error::Locked { holder, .. } => assert_eq!(holder, Some(other)),
+            e => panic!("{e:?}"),
+        }
+        assert!(start.elapsed() < FORK_GRACE);
     }
 
     #[test]

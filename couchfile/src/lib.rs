@@ -62,7 +62,8 @@ pub use codec::{
 };
 pub use crc::CrcKind;
 pub use dir::{
-    DirLock, Directory, FaultyDirectory, LockHolder, NameTail, OsDirectory, LOCK_FILE_NAME,
+    DirLock, Directory, FaultyDirectory, LockHolder, NameTail, OsDirectory, FORK_GRACE,
+    LOCK_FILE_NAME,
 };
 pub use error::{Error, IoOp, Result};
 pub use fault::{FaultController, FaultKind, FaultRule, FaultyBackend, OpKind, TornTail};
