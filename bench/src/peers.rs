@@ -1,6 +1,7 @@
 //! The peers comparison, `bench peers`: one durable batch workload against
-//! this project (`ours`, and `ours-cached` with a node cache, whose ratios to
-//! `ours` show what the cache changes; neither counts as a peer) and, when
+//! this project (`ours`, its default configuration, and `ours-uncached` without
+//! a node cache, whose ratios to `ours` show what the cache changes; neither
+//! counts as a peer) and, when
 //! built with the `peers` feature, against redb, sled,
 //! fjall, nebari and heed (LMDB), with RocksDB behind its own `rocksdb`
 //! feature (its C++ build is slow). Without features only this project runs.
@@ -184,13 +185,13 @@ pub struct EngineSpec {
 
 /// True for this project's own engines (not peers of the target).
 fn is_ours(name: &str) -> bool {
-    name == ours::SPEC.name || name == ours::SPEC_CACHED.name
+    name == ours::SPEC.name || name == ours::SPEC_UNCACHED.name
 }
 
 /// The engines this binary was built with, this project first.
 fn built_in() -> Vec<EngineSpec> {
     #[allow(unused_mut)]
-    let mut engines = vec![ours::SPEC, ours::SPEC_CACHED];
+    let mut engines = vec![ours::SPEC, ours::SPEC_UNCACHED];
     #[cfg(feature = "redb")]
     engines.push(self::redb::SPEC);
     #[cfg(feature = "sled")]

@@ -114,9 +114,9 @@ pub struct Args {
     /// Flusher threads (vbucket v is flushed by thread v % threads).
     #[arg(long, default_value_t = 1)]
     pub flusher_threads: usize,
-    /// MiB of decompressed B-tree nodes the store keeps in memory (0: none,
-    /// the store's default).
-    #[arg(long, default_value_t = 0)]
+    /// MiB of decoded B-tree nodes the store keeps in memory (0: none; the
+    /// store's default is 32).
+    #[arg(long, default_value_t = vbucket::DEFAULT_NODE_CACHE_BYTES >> 20)]
     pub node_cache_mib: u64,
     /// Seed of the key and operation choice.
     #[arg(long, default_value_t = 1)]

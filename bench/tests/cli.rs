@@ -128,7 +128,7 @@ fn a_small_peers_run_reads_every_value_back_with_and_without_the_node_cache() {
         "--batch",
         "100",
         "--engines",
-        "ours-cached",
+        "ours-uncached",
         "--no-disk-baseline",
         "--dir",
         &path(dir.path(), "data"),
@@ -136,7 +136,7 @@ fn a_small_peers_run_reads_every_value_back_with_and_without_the_node_cache() {
         &json,
     ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    for engine in ["ours", "ours-cached"] {
+    for engine in ["ours", "ours-uncached"] {
         assert!(
             stdout.contains(&format!("{engine}: reopen")),
             "no read-back line for {engine}:\n{stdout}"
@@ -151,7 +151,7 @@ fn a_small_peers_run_reads_every_value_back_with_and_without_the_node_cache() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let engines = report["engines"].as_array().expect("an engines array");
     let names: Vec<&str> = engines.iter().filter_map(|e| e["name"].as_str()).collect();
-    assert_eq!(names, ["ours", "ours-cached"]);
+    assert_eq!(names, ["ours", "ours-uncached"]);
     for engine in engines {
         assert_eq!(engine["mismatches"], 0, "{engine}");
     }

@@ -130,7 +130,15 @@ impl Snapshot {
 
     /// Info of the document `id`.
     pub fn doc_info(&self, id: &[u8]) -> Result<Option<DocInfo>> {
-        Ok(self.doc_infos(&[id])?.pop().flatten())
+        self.trees
+            .by_id
+            .lookup_one(
+                &self.file,
+                self.header.header.by_id_root.as_ref(),
+                id,
+                |value| self.decode_by_id(id, value),
+            )?
+            .transpose()
     }
 
     /// Infos of several documents; `ids` must be sorted and unique.
@@ -143,6 +151,25 @@ impl Snapshot {
             .zip(values)
             .map(|(id, v)| v.map(|v| self.decode_by_id(id, &v)).transpose())
             .collect()
+    }
+
+    /// Infos of several documents, `ids` in any order and possibly
+    /// repeated, returned in `ids`' order: one walk of the by-id tree over
+    /// the sorted, unique ids, which reads each node their paths share once
+    /// (couchstore's `docinfos_by_id`).
+    pub fn doc_infos_in_order(&self, ids: &[&[u8]]) -> Result<Vec<Option<DocInfo>>> {
+        let mut unique: Vec<&[u8]> = ids.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        let infos = self.doc_infos(&unique)?;
+        Ok(ids
+            .iter()
+            .map(|id| {
+                // Every id is in `unique`, which is sorted by the by-id
+                // order (bytewise).
+                unique.binary_search(id).ok().and_then(|i| infos[i].clone())
+            })
+            .collect())
     }
 
     fn decode_by_id(&self, id: &[u8], value: &[u8]) -> Result<DocInfo> {

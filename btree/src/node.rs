@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::tree::TreeOps;
 use couchfile::{decode_kv_length, CouchFile};
+use std::any::TypeId;
 use std::fmt;
 use std::sync::Arc;
 
@@ -12,32 +13,89 @@ pub const LEAF: u8 = 1;
 /// Type byte of an interior (key-pointer) node.
 pub const INTERIOR: u8 = 0;
 
-/// A decoded node: its bytes (shared with the file's chunk cache) and where
-/// each entry's key and value lie.
+/// A decoded node: its bytes and where each entry's key and value lie, so
+/// a lookup binary-searches it without parsing it again. What the file's
+/// chunk cache holds for a node.
 #[derive(Debug, Clone)]
 pub struct Node {
     /// True for a leaf.
     pub is_leaf: bool,
-    bytes: Arc<Vec<u8>>,
+    bytes: Vec<u8>,
     /// (key start, key length, value length) of each entry.
     spans: Vec<(u32, u16, u32)>,
+    /// The tree order (the [`TypeId`] of its [`TreeOps`]) the keys were
+    /// found strictly ascending under, once checked or when written by
+    /// this process.
+    ascending_under: Option<TypeId>,
 }
 
+/// Bytes a node's index costs per entry, for the cache's weight.
+const SPAN_BYTES: u64 = std::mem::size_of::<(u32, u16, u32)>() as u64;
+
 impl Node {
-    /// Reads and decodes the node stored at `offset`, through the file's
-    /// chunk cache if it has one.
+    /// Reads and decodes the node stored at `offset`, bypassing the file's
+    /// chunk cache and checking nothing beyond its encoding (for tools and
+    /// tests that look at a node as it is stored).
     pub fn read(file: &CouchFile, offset: u64) -> Result<Self> {
-        let bytes = file.read_cached_chunk(offset)?;
-        Self::decode(bytes).map_err(|detail| Error::CorruptNode {
-            path: file.path().to_path_buf(),
-            offset,
-            detail,
-        })
+        let bytes = file.read_compressed_chunk(offset)?;
+        Self::decode(bytes).map_err(|detail| corrupt(file, offset, detail))
+    }
+
+    /// The node at `offset` of a tree ordered by `ops`, through the file's
+    /// chunk cache: decoded and checked to hold strictly ascending keys
+    /// once, when first read; after that a lookup in the cache, with no
+    /// allocation.
+    pub fn read_ordered<O: TreeOps + ?Sized>(
+        file: &CouchFile,
+        offset: u64,
+        ops: &O,
+    ) -> Result<Arc<Self>> {
+        let order = TypeId::of::<O>();
+        let node = file.read_decoded(offset, |bytes| -> Result<(Node, u64)> {
+            let mut node = Self::decode(bytes).map_err(|detail| corrupt(file, offset, detail))?;
+            node.check_ascending(ops)
+                .map_err(|e| corrupt(file, offset, e.to_string()))?;
+            node.ascending_under = Some(order);
+            let weight = node.weight();
+            Ok((node, weight))
+        })?;
+        if node.ascending_under != Some(order) {
+            // Cached for a tree of another order (only a forged file shares
+            // a node between trees): checked for this one each time.
+            node.check_ascending(ops)
+                .map_err(|e| corrupt(file, offset, e.to_string()))?;
+        }
+        Ok(node)
+    }
+
+    /// A node this process has just encoded into `bytes`, whose entries lie
+    /// at `spans` (key start, key length, value length), in ascending order
+    /// of the tree `order`: what a writer puts in the chunk cache.
+    pub(crate) fn written(
+        is_leaf: bool,
+        bytes: &[u8],
+        spans: impl Iterator<Item = (usize, usize, usize)>,
+        order: TypeId,
+    ) -> Self {
+        Self {
+            is_leaf,
+            bytes: bytes.to_vec(),
+            // Within a chunk's 2^28 bytes, and keys and values within their
+            // 12- and 28-bit lengths: every field fits.
+            spans: spans
+                .map(|(start, klen, vlen)| (start as u32, klen as u16, vlen as u32))
+                .collect(),
+            ascending_under: Some(order),
+        }
+    }
+
+    /// The bytes the node takes in memory, as a cache weighs it.
+    pub fn weight(&self) -> u64 {
+        self.bytes.len() as u64 + self.spans.len() as u64 * SPAN_BYTES
     }
 
     /// Decodes node bytes (already decompressed).
-    pub fn decode(bytes: impl Into<Arc<Vec<u8>>>) -> std::result::Result<Self, String> {
-        let bytes: Arc<Vec<u8>> = bytes.into();
+    pub fn decode(bytes: Vec<u8>) -> std::result::Result<Self, String> {
         let is_leaf = match bytes.first() {
             Some(&LEAF) => true,
             Some(&INTERIOR) => false,
@@ -69,6 +127,7 @@ impl Node {
             is_leaf,
             bytes,
             spans,
+            ascending_under: None,
         })
     }
 
@@ -95,46 +154,90 @@ impl Node {
         &self.bytes[v..v + vlen as usize]
     }
 
+    /// The index of the first entry whose key `below` is false for, given
+    /// that it is true for a prefix of the keys (as for sorted keys and a
+    /// "less than" test): a binary search.
+    pub fn partition_point(&self, below: impl FnMut(&[u8]) -> bool) -> usize {
+        self.partition_point_from(0, below)
+    }
+
+    /// [`Node::partition_point`] among the entries from `start` on,
+    /// relative to `start`.
+    pub fn partition_point_from(
+        &self,
+        start: usize,
+        mut below: impl FnMut(&[u8]) -> bool,
+    ) -> usize {
+        self.spans[start.min(self.spans.len())..].partition_point(|&(key_start, klen, _)| {
+            below(&self.bytes[key_start as usize..key_start as usize + klen as usize])
+        })
+    }
+
     /// Entries as (key, value) pairs.
     pub fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         (0..self.len()).map(|i| (self.key(i), self.value(i)))
     }
 
     /// Checks the node's keys against the order of its tree and the range
-    /// its place in the tree gives it: strictly ascending by `ops`, the
-    /// first above `low` and the last at most `high`. An interior node's key
-    /// for a child is the child's last key, so child `i` of a node may hold
-    /// keys above key `i - 1` (or above the node's own `low` for the first
-    /// child) and at most key `i`; the root has neither bound. One
-    /// comparison per key, each with the key before it.
+    /// its place in the tree gives it: strictly ascending by `ops`
+    /// ([`Node::check_ascending`]), the first above `low` and the last at
+    /// most `high` ([`Node::check_range`]).
     pub fn check_keys<O: TreeOps + ?Sized>(
         &self,
         ops: &O,
         low: Option<&[u8]>,
         high: Option<&[u8]>,
     ) -> std::result::Result<(), KeyOrderError> {
-        let mut previous = low;
-        for i in 0..self.len() {
-            let key = self.key(i);
-            if let Some(previous) = previous {
-                if ops.compare(previous, key).is_ge() {
-                    return Err(if i == 0 {
-                        KeyOrderError::BelowRange
-                    } else {
-                        KeyOrderError::NotAscending { index: i }
-                    });
-                }
+        self.check_ascending(ops)?;
+        self.check_range(ops, low, high)
+    }
+
+    /// Checks that the keys are strictly ascending by `ops`: one comparison
+    /// per key, each with the key before it.
+    pub fn check_ascending<O: TreeOps + ?Sized>(
+        &self,
+        ops: &O,
+    ) -> std::result::Result<(), KeyOrderError> {
+        for i in 1..self.len() {
+            if ops.compare(self.key(i - 1), self.key(i)).is_ge() {
+                return Err(KeyOrderError::NotAscending { index: i });
             }
-            previous = Some(key);
         }
-        match (previous, high) {
-            (Some(last), Some(high)) if ops.compare(last, high).is_gt() => {
-                Err(KeyOrderError::AboveRange {
-                    index: self.len() - 1,
-                })
+        Ok(())
+    }
+
+    /// Checks the keys, known to be ascending, against the range the node's
+    /// place in its tree gives it: an interior node's key for a child is
+    /// the child's last key, so child `i` of a node may hold keys above key
+    /// `i - 1` (or above the node's own `low` for the first child) and at
+    /// most key `i`; the root has neither bound. Two comparisons.
+    pub fn check_range<O: TreeOps + ?Sized>(
+        &self,
+        ops: &O,
+        low: Option<&[u8]>,
+        high: Option<&[u8]>,
+    ) -> std::result::Result<(), KeyOrderError> {
+        if let Some(low) = low {
+            if ops.compare(low, self.key(0)).is_ge() {
+                return Err(KeyOrderError::BelowRange);
             }
-            _ => Ok(()),
         }
+        if let Some(high) = high {
+            let last = self.len() - 1;
+            if ops.compare(self.key(last), high).is_gt() {
+                return Err(KeyOrderError::AboveRange { index: last });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The error of a node that cannot be decoded or is out of order.
+fn corrupt(file: &CouchFile, offset: u64, detail: impl Into<String>) -> Error {
+    Error::CorruptNode {
+        path: file.path().to_path_buf(),
+        offset,
+        detail: detail.into(),
     }
 }
 

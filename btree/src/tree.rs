@@ -2,14 +2,16 @@
 //! reduces and the bottom-up builder, generic over key order and reduce.
 
 use crate::error::{Error, Result};
-use crate::node::{KeyOrderError, Node, INTERIOR, LEAF};
+use crate::node::{Node, INTERIOR, LEAF};
 use couchfile::{
     encode_kv_length, ChunkPos, Compressor, CouchFile, FileWriter, NodePointer, NodePointerRef,
 };
 use parking_lot::Mutex;
+use std::any::TypeId;
 use std::cmp::Ordering;
 use std::ops::{Bound, ControlFlow};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::Arc;
 
 /// A batch of at least this many actions is modified by two threads: at the
 /// first nodes down from the root whose children take the batch in at least
@@ -24,7 +26,7 @@ pub const PARALLEL_MODIFY_MIN_RUNS: usize = 4;
 /// What makes one tree differ from another: how keys sort and how a
 /// subtree's reduce value is computed. Shared by the threads of a parallel
 /// [`BTree::modify`], hence `Sync`.
-pub trait TreeOps: Sync {
+pub trait TreeOps: Sync + 'static {
     /// Orders two keys.
     fn compare(&self, a: &[u8], b: &[u8]) -> Ordering;
     /// The reduce value of a leaf's entries.
@@ -286,7 +288,7 @@ impl Collector {
             )
         };
         let end = self.spans[n - 1].end();
-        let pos = w.append_node(&self.encoded[..end])?;
+        let pos = w.append_node(&self.encoded[..end], &self.spans[..n], TypeId::of::<O>())?;
         let last_key = self.entry(n - 1).0.to_vec();
         self.written.push((
             last_key,
@@ -320,13 +322,33 @@ impl Collector {
 /// Where a tree's new nodes go: a [`FileWriter`] of its own, or one shared
 /// by the threads of a parallel [`BTree::modify`] ([`SharedWriter`]).
 trait NodeSink {
-    /// Compresses `node`, appends it as a chunk and caches it.
-    fn append_node(&mut self, node: &[u8]) -> Result<ChunkPos>;
+    /// Compresses `node` (encoded, its entries at `spans`), appends it as a
+    /// chunk and puts it, decoded, in the file's chunk cache as a node of
+    /// the tree ordered by `order`.
+    fn append_node(&mut self, node: &[u8], spans: &[EntrySpan], order: TypeId) -> Result<ChunkPos>;
+}
+
+/// Puts the node just appended at `offset` in `file`'s chunk cache.
+fn cache_written(file: &CouchFile, offset: u64, node: &[u8], spans: &[EntrySpan], order: TypeId) {
+    file.cache_decoded(offset, || {
+        let node = Node::written(
+            node[0] == LEAF,
+            node,
+            spans
+                .iter()
+                .map(|span| (span.key_start, span.key_len, span.value_len)),
+            order,
+        );
+        let weight = node.weight();
+        (node, weight)
+    });
 }
 
 impl NodeSink for FileWriter {
-    fn append_node(&mut self, node: &[u8]) -> Result<ChunkPos> {
-        Ok(self.append_cached_chunk(node)?)
+    fn append_node(&mut self, node: &[u8], spans: &[EntrySpan], order: TypeId) -> Result<ChunkPos> {
+        let pos = self.append_compressed_chunk(node)?;
+        cache_written(self.file(), pos.offset, node, spans, order);
+        Ok(pos)
     }
 }
 
@@ -348,12 +370,14 @@ impl<'s, 'w> SharedWriter<'s, 'w> {
 }
 
 impl NodeSink for SharedWriter<'_, '_> {
-    fn append_node(&mut self, node: &[u8]) -> Result<ChunkPos> {
+    fn append_node(&mut self, node: &[u8], spans: &[EntrySpan], order: TypeId) -> Result<ChunkPos> {
         let compressed = self.compressor.compress(node);
-        Ok(self
-            .writer
-            .lock()
-            .append_precompressed_chunk(compressed, node)?)
+        let (pos, file) = {
+            let mut writer = self.writer.lock();
+            (writer.append_chunk(compressed)?, writer.file().clone())
+        };
+        cache_written(&file, pos.offset, node, spans, order);
+        Ok(pos)
     }
 }
 
@@ -395,6 +419,8 @@ struct KeyRange<'k> {
     high: Option<&'k [u8]>,
     /// Offset of the parent (`None` for the root), for the error.
     parent: Option<u64>,
+    /// Levels above the node (0 for the root).
+    depth: u32,
 }
 
 impl<'k> KeyRange<'k> {
@@ -403,6 +429,7 @@ impl<'k> KeyRange<'k> {
         low: None,
         high: None,
         parent: None,
+        depth: 0,
     };
 
     /// The range of child `i` of `node`, a node of this range at `offset`.
@@ -415,6 +442,7 @@ impl<'k> KeyRange<'k> {
             },
             high: Some(node.key(i)),
             parent: Some(offset),
+            depth: self.depth + 1,
         }
     }
 }
@@ -432,7 +460,7 @@ impl<'k> KeyRange<'k> {
 /// twice in one walk, so a walk reads each node of the file at most once.
 struct Visited<'k> {
     offset: u64,
-    node: Node,
+    node: Arc<Node>,
     range: KeyRange<'k>,
 }
 
@@ -462,6 +490,12 @@ fn child_pointer(file: &CouchFile, parent: u64, value: &[u8]) -> Result<NodePoin
     }
     Ok(child)
 }
+
+/// The deepest a walk goes below a root. An interior node has at least two
+/// children, so a tree of 2^64 entries is 64 levels deep; a deeper path is a
+/// forged chain of nodes, which would otherwise take a walk's recursion
+/// through the whole stack.
+const MAX_DEPTH: u32 = 96;
 
 /// A B+tree in one file, described by its [`TreeOps`] and [`NodeConfig`].
 /// The tree itself is a root pointer; operations take the root and return
@@ -499,12 +533,19 @@ impl<O: TreeOps> BTree<O> {
     /// Reads the node at `offset`, reached by a walk that gives it the keys
     /// of `range`, and checks its keys ([`Visited`]).
     fn visit<'k>(&self, file: &CouchFile, offset: u64, range: KeyRange<'k>) -> Result<Visited<'k>> {
-        let node = Node::read(file, offset)?;
-        node.check_keys(&self.ops, range.low, range.high)
+        if range.depth > MAX_DEPTH {
+            return Err(corrupt(
+                file,
+                offset,
+                format!("a path from the root over {MAX_DEPTH} levels deep"),
+            ));
+        }
+        let node = Node::read_ordered(file, offset, &self.ops)?;
+        node.check_range(&self.ops, range.low, range.high)
             .map_err(|e| {
-                let detail = match (e, range.parent) {
-                    (KeyOrderError::NotAscending { .. }, _) | (_, None) => e.to_string(),
-                    (_, Some(parent)) => format!("{e} (the node at {parent})"),
+                let detail = match range.parent {
+                    None => e.to_string(),
+                    Some(parent) => format!("{e} (the node at {parent})"),
                 };
                 corrupt(file, offset, detail)
             })?;
@@ -817,6 +858,48 @@ impl<O: TreeOps> BTree<O> {
         Ok(Outcome::Replaced(out.finish(&self.ops, writer)?))
     }
 
+    /// Looks up one key and hands its value, if present, to `f`: a binary
+    /// search down the path, which allocates nothing (the nodes come from
+    /// the file's chunk cache, if it has one).
+    pub fn lookup_one<R>(
+        &self,
+        file: &CouchFile,
+        root: Option<&NodePointer>,
+        key: &[u8],
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>> {
+        match root {
+            Some(root) => self.lookup_one_in(file, root.pointer, KeyRange::ROOT, key, f),
+            None => Ok(None),
+        }
+    }
+
+    fn lookup_one_in<R>(
+        &self,
+        file: &CouchFile,
+        offset: u64,
+        range: KeyRange<'_>,
+        key: &[u8],
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>> {
+        let visited = self.visit(file, offset, range)?;
+        let node = &visited.node;
+        // The first entry whose key is not below `key`: in a leaf, the key
+        // itself if present; in an interior node, the child that may hold
+        // it (a child's key is its last key).
+        let i = node.partition_point(|k| self.ops.compare(k, key) == Ordering::Less);
+        if i == node.len() {
+            return Ok(None);
+        }
+        if node.is_leaf {
+            return Ok(
+                (self.ops.compare(node.key(i), key) == Ordering::Equal).then(|| f(node.value(i)))
+            );
+        }
+        let (child, range) = visited.child(file, i)?;
+        self.lookup_one_in(file, child.pointer, range, key, f)
+    }
+
     /// Looks up sorted, unique `keys`; returns their values in the same order.
     pub fn lookup(
         &self,
@@ -853,11 +936,10 @@ impl<O: TreeOps> BTree<O> {
         let mut rest = keys;
         let mut index = first;
         if node.is_leaf {
+            // Each key's place, searched after the one before it.
             let mut i = 0;
             for key in rest {
-                while i < node.len() && self.ops.compare(node.key(i), key) == Ordering::Less {
-                    i += 1;
-                }
+                i += node.partition_point_from(i, |k| self.ops.compare(k, key) == Ordering::Less);
                 if i < node.len() && self.ops.compare(node.key(i), key) == Ordering::Equal {
                     found[index] = Some(node.value(i).to_vec());
                 }
@@ -865,20 +947,20 @@ impl<O: TreeOps> BTree<O> {
             }
             return Ok(());
         }
-        for i in 0..node.len() {
-            let n = rest
-                .iter()
-                .take_while(|k| self.ops.compare(k, node.key(i)) != Ordering::Greater)
-                .count();
-            if n > 0 {
-                let (child, range) = visited.child(file, i)?;
-                self.lookup_node(file, child.pointer, range, &rest[..n], index, found)?;
-                rest = &rest[n..];
-                index += n;
-            }
-            if rest.is_empty() {
+        let mut i = 0;
+        while !rest.is_empty() {
+            // The child that may hold the next key, then the run of keys it
+            // may hold (up to its key, its last).
+            i += node.partition_point_from(i, |k| self.ops.compare(k, rest[0]) == Ordering::Less);
+            if i == node.len() {
                 break;
             }
+            let n = rest.partition_point(|k| self.ops.compare(k, node.key(i)) != Ordering::Greater);
+            let (child, range) = visited.child(file, i)?;
+            self.lookup_node(file, child.pointer, range, &rest[..n], index, found)?;
+            rest = &rest[n..];
+            index += n;
+            i += 1;
         }
         Ok(())
     }
@@ -1281,9 +1363,10 @@ mod tests {
 
         // The new root is cached as written; the old one was dropped when
         // the change replaced it, and is read from the file again.
-        let new_root = Node::read(&file, new.pointer).unwrap();
+        let read = |offset| Node::read_ordered(&file, offset, tree.ops()).unwrap();
+        let new_root = read(new.pointer);
         assert_eq!(cache.hits_and_misses(), (hits + 1, misses));
-        let old_root = Node::read(&file, old.pointer).unwrap();
+        let old_root = read(old.pointer);
         assert_eq!(cache.hits_and_misses(), (hits + 1, misses + 1));
         assert!(!new_root.is_leaf, "the test wants a tree of several levels");
 
@@ -1292,7 +1375,7 @@ mod tests {
         let last = new_root.len() - 1;
         assert_eq!(new_root.value(last), old_root.value(last));
         let shared = child_pointer(&file, new.pointer, new_root.value(last)).unwrap();
-        Node::read(&file, shared.pointer).unwrap();
+        read(shared.pointer);
         assert_eq!(cache.hits_and_misses(), (hits + 2, misses + 1));
     }
 }

@@ -1,50 +1,97 @@
-//! A bounded cache of decompressed chunks, shared by the readers and the
-//! writer of any number of files: what the B-tree keeps its nodes in, so a
-//! path read on every commit is decompressed once, not once per commit.
+//! A bounded cache of decoded chunks, shared by the readers and the writer
+//! of any number of files: what the B-tree keeps its nodes in (decoded, so
+//! a lookup searches a cached node without parsing it again), so a path read
+//! on every commit or lookup is read, checked and decompressed once.
 
 use quick_cache::sync::Cache;
-use quick_cache::{OptionsBuilder, Weighter};
+use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
+use std::any::Any;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Bytes counted for a cached chunk beyond its payload: the key, the
-/// `Arc`'s counts and the cache's own slot.
+/// Bytes counted for a cached chunk beyond what its owner weighs it at: the
+/// key, the `Arc`'s counts and the cache's own slot.
 const ENTRY_OVERHEAD: u64 = 64;
 
 /// Which file and which offset a cached chunk is from. The file part is a
 /// [`CacheId`], unique for the life of the process.
 type ChunkKey = (u64, u64);
 
-/// Weighs a cached chunk by its bytes.
-#[derive(Debug, Clone, Copy)]
-struct ByLen;
+/// A chunk decoded into whatever its reader searches (a B-tree node, say):
+/// any type, found again by downcasting
+/// ([`CouchFile::read_decoded`](crate::CouchFile::read_decoded)).
+pub type DecodedChunk = Arc<dyn Any + Send + Sync>;
 
-impl Weighter<ChunkKey, Arc<Vec<u8>>> for ByLen {
-    fn weight(&self, _key: &ChunkKey, value: &Arc<Vec<u8>>) -> u64 {
-        value.len() as u64 + ENTRY_OVERHEAD
+/// A cached chunk and the bytes it is counted as.
+#[derive(Clone)]
+struct Entry {
+    value: DecodedChunk,
+    weight: u64,
+}
+
+/// Weighs a cached chunk by the bytes its owner gave.
+#[derive(Debug, Clone, Copy)]
+struct ByWeight;
+
+impl Weighter<ChunkKey, Entry> for ByWeight {
+    fn weight(&self, _key: &ChunkKey, entry: &Entry) -> u64 {
+        entry.weight + ENTRY_OVERHEAD
     }
 }
 
-/// A cache of decompressed chunks, keyed by file and offset, holding at most
+/// Counts the chunks the cache evicts to stay within its bound.
+#[derive(Debug, Clone, Default)]
+struct CountEvictions(Arc<AtomicU64>);
+
+impl Lifecycle<ChunkKey, Entry> for CountEvictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _state: &mut Self::RequestState, _key: ChunkKey, _entry: Entry) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What a [`ChunkCache`] holds and how it has served, so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// The most bytes it holds.
+    pub capacity: u64,
+    /// The bytes it holds now (entries' weights plus a fixed overhead each).
+    pub used: u64,
+    /// The chunks it holds now.
+    pub entries: u64,
+    /// Reads it served.
+    pub hits: u64,
+    /// Reads it did not serve (the chunk was read from the file).
+    pub misses: u64,
+    /// Chunks it dropped to stay within its capacity.
+    pub evictions: u64,
+}
+
+/// A cache of decoded chunks, keyed by file and offset, holding at most
 /// about `capacity` bytes. Files share one through
-/// [`CouchFile::with_cache`](crate::CouchFile::with_cache); chunks written
-/// through [`FileWriter::append_cached_chunk`](crate::FileWriter::append_cached_chunk)
-/// go in as they are written, and chunks read through
-/// [`CouchFile::read_cached_chunk`](crate::CouchFile::read_cached_chunk) as
-/// they are read. Eviction is S3-FIFO: a chunk used once (such as a by-seq
-/// leaf, written and never read again) leaves before one used often (the
-/// interior nodes every commit reads).
+/// [`CouchFile::with_cache`](crate::CouchFile::with_cache); a reader puts
+/// in what it decodes a chunk into through
+/// [`CouchFile::read_decoded`](crate::CouchFile::read_decoded), and a
+/// writer what it has just written through
+/// [`CouchFile::cache_decoded`](crate::CouchFile::cache_decoded). Eviction
+/// is S3-FIFO: a chunk used once (such as a by-seq leaf, written and never
+/// read again) leaves before one used often (the interior nodes every
+/// commit and lookup reads).
 ///
 /// Cached chunks are trusted: they were checked against their checksum when
 /// read, or are what was written. That holds because a file only grows, but
 /// for [`FileWriter::truncate`](crate::FileWriter::truncate), which gives the
-/// file a new [`CacheId`] so nothing cached before it is found again.
+/// file a new [`CacheId`] so nothing cached before it is found again. Every
+/// opened file gets its own id, so nothing cached for one file (or one
+/// revision of a vbucket) is ever served for another.
 pub struct ChunkCache {
-    chunks: Cache<ChunkKey, Arc<Vec<u8>>, ByLen>,
+    chunks: Cache<ChunkKey, Entry, ByWeight, quick_cache::DefaultHashBuilder, CountEvictions>,
     capacity: u64,
     hits: AtomicU64,
     misses: AtomicU64,
+    evictions: Arc<AtomicU64>,
 }
 
 impl ChunkCache {
@@ -63,18 +110,19 @@ impl ChunkCache {
             .weight_capacity(capacity)
             .hot_allocation(0.5)
             .build();
+        let evictions = CountEvictions::default();
+        let counter = Arc::clone(&evictions.0);
         let chunks = match options {
-            Ok(options) => {
-                Cache::with_options(options, ByLen, Default::default(), Default::default())
-            }
+            Ok(options) => Cache::with_options(options, ByWeight, Default::default(), evictions),
             // Only an invalid setting fails, and these are all in range.
-            Err(_) => Cache::with_weighter(items, capacity, ByLen),
+            Err(_) => Cache::with(items, capacity, ByWeight, Default::default(), evictions),
         };
         Self {
             chunks,
             capacity,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            evictions: counter,
         }
     }
 
@@ -106,8 +154,26 @@ impl ChunkCache {
         )
     }
 
-    pub(crate) fn get(&self, file: u64, offset: u64) -> Option<Arc<Vec<u8>>> {
-        let found = self.chunks.get(&(file, offset));
+    /// What it holds and how it has served.
+    pub fn stats(&self) -> CacheStats {
+        let (hits, misses) = self.hits_and_misses();
+        CacheStats {
+            capacity: self.capacity,
+            used: self.used(),
+            entries: self.len() as u64,
+            hits,
+            misses,
+            evictions: self.evictions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The chunk cached for `file` at `offset`, if it is a `T`; counted as
+    /// a hit or a miss.
+    pub(crate) fn get<T: Any + Send + Sync>(&self, file: u64, offset: u64) -> Option<Arc<T>> {
+        let found = self
+            .chunks
+            .get(&(file, offset))
+            .and_then(|entry| entry.value.downcast::<T>().ok());
         let counter = if found.is_some() {
             &self.hits
         } else {
@@ -117,8 +183,8 @@ impl ChunkCache {
         found
     }
 
-    pub(crate) fn insert(&self, file: u64, offset: u64, chunk: Arc<Vec<u8>>) {
-        self.chunks.insert((file, offset), chunk);
+    pub(crate) fn insert(&self, file: u64, offset: u64, value: DecodedChunk, weight: u64) {
+        self.chunks.insert((file, offset), Entry { value, weight });
     }
 
     pub(crate) fn remove(&self, file: u64, offset: u64) {
@@ -129,10 +195,7 @@ impl ChunkCache {
 impl fmt::Debug for ChunkCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ChunkCache")
-            .field("capacity", &self.capacity)
-            .field("used", &self.used())
-            .field("chunks", &self.len())
-            .field("hits_and_misses", &self.hits_and_misses())
+            .field("stats", &self.stats())
             .finish()
     }
 }
@@ -168,7 +231,7 @@ fn next_cache_id() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use crate::{ChunkCache, CouchFile, DbHeader, FileWriter, MemBackend};
+    use crate::{ChunkCache, CouchFile, DbHeader, Error, FileWriter, MemBackend};
     use std::sync::Arc;
 
     fn cached_file(capacity: u64) -> (Arc<ChunkCache>, FileWriter) {
@@ -180,44 +243,99 @@ mod tests {
         (cache, writer)
     }
 
+    /// Appends `data` compressed and caches it decoded (as a `String`), as
+    /// the B-tree does with a node it writes.
+    fn append_cached(w: &mut FileWriter, data: &[u8]) -> u64 {
+        let pos = w.append_compressed_chunk(data).unwrap();
+        w.file().cache_decoded(pos.offset, || {
+            let text = String::from_utf8_lossy(data).into_owned();
+            let weight = text.len() as u64;
+            (text, weight)
+        });
+        pos.offset
+    }
+
+    /// Reads the chunk at `offset` decoded as a `String`; counts decodes.
+    fn read(file: &CouchFile, offset: u64, decodes: &mut u32) -> String {
+        let text = file
+            .read_decoded(offset, |bytes| -> Result<(String, u64), Error> {
+                *decodes += 1;
+                let text = String::from_utf8(bytes).unwrap();
+                let weight = text.len() as u64;
+                Ok((text, weight))
+            })
+            .unwrap();
+        (*text).clone()
+    }
+
     #[test]
     fn chunks_written_through_the_cache_are_read_from_it() {
         let (cache, mut w) = cached_file(1 << 20);
-        let pos = w.append_cached_chunk(b"node bytes").unwrap();
+        let written = append_cached(&mut w, b"node bytes");
         w.flush().unwrap();
         let file = w.file().clone();
-        assert_eq!(&*file.read_cached_chunk(pos.offset).unwrap(), b"node bytes");
-        assert_eq!(cache.hits_and_misses(), (1, 0));
-        // A chunk written without the cache is read, then cached.
+        let mut decodes = 0;
+        assert_eq!(read(&file, written, &mut decodes), "node bytes");
+        assert_eq!((cache.hits_and_misses(), decodes), ((1, 0), 0));
+        // A chunk written without the cache is read and decoded once.
         let plain = w.append_compressed_chunk(b"other").unwrap();
         w.flush().unwrap();
         for _ in 0..2 {
-            assert_eq!(&*file.read_cached_chunk(plain.offset).unwrap(), b"other");
+            assert_eq!(read(&file, plain.offset, &mut decodes), "other");
         }
-        assert_eq!(cache.hits_and_misses(), (2, 1));
+        assert_eq!((cache.hits_and_misses(), decodes), ((2, 1), 1));
         // A renamed handle shares the cached chunks.
         let renamed = file.renamed("renamed.couch");
-        assert_eq!(
-            &*renamed.read_cached_chunk(pos.offset).unwrap(),
-            b"node bytes"
-        );
+        assert_eq!(read(&renamed, written, &mut decodes), "node bytes");
         assert_eq!(cache.hits_and_misses(), (3, 1));
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.hits, stats.misses), (2, 3, 1));
+        assert!(stats.used > 0 && stats.used <= stats.capacity, "{stats:?}");
+    }
+
+    #[test]
+    fn a_chunk_cached_as_another_type_is_read_again() {
+        let (cache, mut w) = cached_file(1 << 20);
+        let offset = append_cached(&mut w, b"text");
+        w.flush().unwrap();
+        let bytes = w
+            .file()
+            .read_decoded(offset, |bytes| -> Result<(Vec<u8>, u64), Error> {
+                Ok((bytes, 4))
+            })
+            .unwrap();
+        assert_eq!(&bytes[..], b"text");
+        assert_eq!(cache.hits_and_misses(), (0, 1));
     }
 
     #[test]
     fn a_truncated_file_never_serves_a_chunk_cached_before() {
         let (_cache, mut w) = cached_file(1 << 20);
         let start = w.position();
-        let first = w.append_cached_chunk(b"before the cut").unwrap();
+        let first = append_cached(&mut w, b"before the cut");
         w.flush().unwrap();
         w.truncate(start).unwrap();
-        let second = w.append_cached_chunk(b"after").unwrap();
+        let second = append_cached(&mut w, b"after");
         w.flush().unwrap();
-        assert_eq!(first.offset, second.offset);
-        assert_eq!(
-            &*w.file().read_cached_chunk(second.offset).unwrap(),
-            b"after"
-        );
+        assert_eq!(first, second);
+        assert_eq!(read(w.file(), second, &mut 0), "after");
+    }
+
+    #[test]
+    fn another_file_never_serves_a_chunk_cached_for_this_one() {
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let writer = |name: &str| {
+            let file = CouchFile::new(Arc::new(MemBackend::new()), name)
+                .unwrap()
+                .with_cache(Arc::clone(&cache));
+            FileWriter::create(file, &DbHeader::new(14)).unwrap().0
+        };
+        let (mut a, mut b) = (writer("a.couch"), writer("b.couch"));
+        let in_a = append_cached(&mut a, b"in a");
+        let in_b = b.append_compressed_chunk(b"in b").unwrap().offset;
+        b.flush().unwrap();
+        assert_eq!(in_a, in_b, "the same offset in two files");
+        assert_eq!(read(b.file(), in_b, &mut 0), "in b");
     }
 
     #[test]
@@ -225,18 +343,20 @@ mod tests {
         let (cache, mut w) = cached_file(8 << 10);
         let chunks: Vec<_> = (0..200u32)
             .map(|i| {
-                let data = vec![i as u8; 300 + i as usize];
-                (w.append_cached_chunk(&data).unwrap(), data)
+                let data = format!("{i:0>width$}", width = 300 + i as usize);
+                (append_cached(&mut w, data.as_bytes()), data)
             })
             .collect();
         w.flush().unwrap();
         assert!(cache.used() <= cache.capacity());
-        for (pos, data) in &chunks {
-            assert_eq!(&*w.file().read_cached_chunk(pos.offset).unwrap(), &data[..]);
+        for (offset, data) in &chunks {
+            assert_eq!(&read(w.file(), *offset, &mut 0), data);
         }
-        let (hits, misses) = cache.hits_and_misses();
-        assert_eq!(hits + misses, 200);
-        assert!(misses > 0, "an 8 KiB cache cannot hold 200 chunks");
+        let stats = cache.stats();
+        assert_eq!(stats.hits + stats.misses, 200);
+        assert!(stats.misses > 0, "an 8 KiB cache cannot hold 200 chunks");
+        assert!(stats.evictions > 0, "{stats:?}");
+        assert!(stats.used <= stats.capacity, "{stats:?}");
     }
 
     #[test]
@@ -244,8 +364,11 @@ mod tests {
         let file = CouchFile::new(Arc::new(MemBackend::new()), "plain.couch").unwrap();
         assert!(file.cache().is_none());
         let (mut w, _) = FileWriter::create(file, &DbHeader::new(14)).unwrap();
-        let pos = w.append_cached_chunk(b"x").unwrap();
+        let offset = append_cached(&mut w, b"x");
         w.flush().unwrap();
-        assert_eq!(&*w.file().read_cached_chunk(pos.offset).unwrap(), b"x");
+        let mut decodes = 0;
+        assert_eq!(read(w.file(), offset, &mut decodes), "x");
+        assert_eq!(read(w.file(), offset, &mut decodes), "x");
+        assert_eq!(decodes, 2);
     }
 }

@@ -1,14 +1,15 @@
 //! Chunks and headers on a backend: [`CouchFile`] reads, [`FileWriter`]
 //! appends and commits.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, InPlace};
 use crate::block::{
     add_prefixes, align_up, logical_head, physical_len, strip_prefixes, BlockType, BLOCK_SIZE,
 };
-use crate::cache::{CacheId, ChunkCache};
+use crate::cache::{CacheId, ChunkCache, DecodedChunk};
 use crate::codec::{DbHeader, CURRENT_DISK_VERSION, OLDEST_DISK_VERSION};
 use crate::crc::CrcKind;
 use crate::error::{Error, IoOp, Result};
+use std::any::Any;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -213,42 +214,11 @@ impl CouchFile {
         })
     }
 
-    /// Reads the logical bytes of a chunk whose 8-byte prefix starts at `pos`:
-    /// returns (checksum field, payload). `is_header` selects which way the
-    /// length's high bit must be and which length limit applies.
-    fn read_chunk_raw(&self, pos: u64, is_header: bool) -> Result<(u32, Vec<u8>)> {
-        self.read_chunk_raw_via(pos, is_header, &mut |offset, physical| {
-            self.read_physical(offset, physical)
-        })
-    }
-
-    /// [`CouchFile::read_chunk_raw`] with the physical reads done by `read`
-    /// (which behaves like [`CouchFile::read_physical`]).
-    fn read_chunk_raw_via(
-        &self,
-        pos: u64,
-        is_header: bool,
-        read: &mut dyn FnMut(u64, &mut [u8]) -> Result<usize>,
-    ) -> Result<(u32, Vec<u8>)> {
+    /// The checksum field and payload length a chunk's 8-byte prefix at
+    /// `pos` gives, checked: the length's high bit set for a data chunk and
+    /// clear for a header, and the length within its limit.
+    fn parse_prefix(&self, pos: u64, is_header: bool, prefix: [u8; 8]) -> Result<(u32, u64)> {
         let what = if is_header { "header" } else { "chunk" };
-        // One read covering the prefix and, usually, the whole chunk, into
-        // the stack; only the payload is copied out of it.
-        let ahead = (READ_AHEAD - pos % BLOCK_SIZE).max(physical_len(pos, 8));
-        let mut first = [0u8; READ_AHEAD as usize];
-        // At most READ_AHEAD: the prefix's 8 bytes and one block byte are
-        // fewer than the 4096 read at a block start.
-        let ahead = &mut first[..ahead as usize];
-        let got = read(pos, ahead)?;
-        let physical = &ahead[..got];
-        let Some(prefix) = logical_head::<8>(pos, physical) else {
-            let file_len = self.len()?;
-            return Err(Error::ShortRead {
-                path: self.path().to_path_buf(),
-                offset: pos,
-                wanted: physical_len(pos, 8),
-                file_len,
-            });
-        };
         let raw_len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
         let stored_crc = u32::from_be_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
         let payload_len = if is_header {
@@ -289,6 +259,45 @@ impl CouchFile {
             }
             len
         };
+        Ok((stored_crc, payload_len))
+    }
+
+    /// Reads the logical bytes of a chunk whose 8-byte prefix starts at `pos`:
+    /// returns (checksum field, payload). `is_header` selects which way the
+    /// length's high bit must be and which length limit applies.
+    fn read_chunk_raw(&self, pos: u64, is_header: bool) -> Result<(u32, Vec<u8>)> {
+        self.read_chunk_raw_via(pos, is_header, &mut |offset, physical| {
+            self.read_physical(offset, physical)
+        })
+    }
+
+    /// [`CouchFile::read_chunk_raw`] with the physical reads done by `read`
+    /// (which behaves like [`CouchFile::read_physical`]).
+    fn read_chunk_raw_via(
+        &self,
+        pos: u64,
+        is_header: bool,
+        read: &mut dyn FnMut(u64, &mut [u8]) -> Result<usize>,
+    ) -> Result<(u32, Vec<u8>)> {
+        // One read covering the prefix and, usually, the whole chunk, into
+        // the stack; only the payload is copied out of it.
+        let ahead = (READ_AHEAD - pos % BLOCK_SIZE).max(physical_len(pos, 8));
+        let mut first = [0u8; READ_AHEAD as usize];
+        // At most READ_AHEAD: the prefix's 8 bytes and one block byte are
+        // fewer than the 4096 read at a block start.
+        let ahead = &mut first[..ahead as usize];
+        let got = read(pos, ahead)?;
+        let physical = &ahead[..got];
+        let Some(prefix) = logical_head::<8>(pos, physical) else {
+            let file_len = self.len()?;
+            return Err(Error::ShortRead {
+                path: self.path().to_path_buf(),
+                offset: pos,
+                wanted: physical_len(pos, 8),
+                file_len,
+            });
+        };
+        let (stored_crc, payload_len) = self.parse_prefix(pos, is_header, prefix)?;
         let total_physical = physical_len(pos, 8 + payload_len);
         self.check_extent(pos, total_physical)?;
         // The payload starts after the prefix's physical bytes, which the
@@ -321,16 +330,55 @@ impl CouchFile {
         Ok((stored_crc, payload))
     }
 
+    /// The data chunk at `pos` read in place ([`Backend::read_in_place`]):
+    /// its checksum field and payload, unchecked; `None` when the backend
+    /// does not map the file or the payload is not one run of bytes (a
+    /// block boundary lies inside it), for the caller to read it instead.
+    fn chunk_in_place(&self, pos: u64) -> Result<Option<(u32, InPlace<'_>)>> {
+        let backend = &self.shared.backend;
+        let prefix_physical = physical_len(pos, 8);
+        let in_place = |offset: u64, len: u64| {
+            backend
+                .read_in_place(offset, len as usize)
+                .map_err(|e| Error::io(self.path(), IoOp::Read, offset, e))
+        };
+        let prefix = match in_place(pos, prefix_physical)? {
+            Some(physical) => logical_head::<8>(pos, &physical),
+            None => return Ok(None),
+        };
+        // Read by the fallback, which reports a short read.
+        let Some(prefix) = prefix else {
+            return Ok(None);
+        };
+        let (stored, payload_len) = self.parse_prefix(pos, false, prefix)?;
+        let start = pos + prefix_physical;
+        if physical_len(start, payload_len) != payload_len {
+            return Ok(None);
+        }
+        self.check_extent(pos, prefix_physical + payload_len)?;
+        Ok(in_place(start, payload_len)?.map(|payload| (stored, payload)))
+    }
+
     /// Reads the payload of the data chunk stored at `offset`, checking its
     /// checksum.
     pub fn read_chunk(&self, offset: u64) -> Result<Vec<u8>> {
+        if let Some((stored, payload)) = self.chunk_in_place(offset)? {
+            self.check(offset, stored, &payload)?;
+            return Ok(payload.to_vec());
+        }
         let (stored, payload) = self.read_chunk_raw(offset, false)?;
         self.checked(offset, stored, payload)
     }
 
     /// The payload if its checksum is `stored`.
     fn checked(&self, offset: u64, stored: u32, payload: Vec<u8>) -> Result<Vec<u8>> {
-        let computed = self.crc.checksum(&payload);
+        self.check(offset, stored, &payload)?;
+        Ok(payload)
+    }
+
+    /// Checks `payload` against its checksum `stored`.
+    fn check(&self, offset: u64, stored: u32, payload: &[u8]) -> Result<()> {
+        let computed = self.crc.checksum(payload);
         if computed != stored {
             return Err(Error::Checksum {
                 path: self.path().to_path_buf(),
@@ -339,30 +387,68 @@ impl CouchFile {
                 computed,
             });
         }
-        Ok(payload)
+        Ok(())
     }
 
-    /// Reads a snappy-compressed data chunk and decompresses it.
+    /// Reads a snappy-compressed data chunk and decompresses it (from the
+    /// file's map, without copying the compressed bytes, where it can).
     pub fn read_compressed_chunk(&self, offset: u64) -> Result<Vec<u8>> {
-        let compressed = self.read_chunk(offset)?;
-        decompress(&compressed).map_err(|e| e.located(self.path(), offset))
+        let decompressed = match self.chunk_in_place(offset)? {
+            Some((stored, payload)) => {
+                self.check(offset, stored, &payload)?;
+                decompress(&payload)
+            }
+            None => decompress(&self.read_chunk(offset)?),
+        };
+        decompressed.map_err(|e| e.located(self.path(), offset))
     }
 
-    /// [`CouchFile::read_compressed_chunk`] through the file's
-    /// [`ChunkCache`]: from the cache when it holds the chunk, else read,
-    /// checked, decompressed and cached. Without a cache, a plain read.
-    /// The bytes are shared, not copied, whether cached or not.
-    pub fn read_cached_chunk(&self, offset: u64) -> Result<Arc<Vec<u8>>> {
+    /// The compressed data chunk at `offset` as `decode` makes it from the
+    /// chunk's decompressed bytes, through the file's [`ChunkCache`]: from
+    /// the cache when it holds the chunk decoded as a `T`, else read,
+    /// checked, decompressed, decoded and cached with the weight `decode`
+    /// gives it (about the bytes it holds). Without a cache, decoded each
+    /// time. A lookup in the cache allocates nothing.
+    pub fn read_decoded<T, E>(
+        &self,
+        offset: u64,
+        decode: impl FnOnce(Vec<u8>) -> std::result::Result<(T, u64), E>,
+    ) -> std::result::Result<Arc<T>, E>
+    where
+        T: Any + Send + Sync,
+        E: From<Error>,
+    {
         let Some(cache) = &self.shared.cache else {
-            return Ok(Arc::new(self.read_compressed_chunk(offset)?));
+            return Ok(Arc::new(decode(self.read_compressed_chunk(offset)?)?.0));
         };
         let id = self.shared.cache_id.get();
-        if let Some(chunk) = cache.get(id, offset) {
+        if let Some(chunk) = cache.get::<T>(id, offset) {
             return Ok(chunk);
         }
-        let chunk = Arc::new(self.read_compressed_chunk(offset)?);
-        cache.insert(id, offset, Arc::clone(&chunk));
-        Ok(chunk)
+        let (value, weight) = decode(self.read_compressed_chunk(offset)?)?;
+        let value = Arc::new(value);
+        cache.insert(id, offset, Arc::clone(&value) as DecodedChunk, weight);
+        Ok(value)
+    }
+
+    /// Puts the decoded chunk `make` gives (a value and its weight) in the
+    /// file's [`ChunkCache`] as the chunk at `offset`, if the file has a
+    /// cache (`make` is not called otherwise): for a writer, what it has
+    /// just appended, so that a reader finds it without reading it back.
+    pub fn cache_decoded<T: Any + Send + Sync>(
+        &self,
+        offset: u64,
+        make: impl FnOnce() -> (T, u64),
+    ) {
+        if let Some(cache) = &self.shared.cache {
+            let (value, weight) = make();
+            cache.insert(
+                self.shared.cache_id.get(),
+                offset,
+                Arc::new(value) as DecodedChunk,
+                weight,
+            );
+        }
     }
 
     /// Drops the chunk at `offset` from the file's [`ChunkCache`], if it
@@ -769,38 +855,6 @@ impl FileWriter {
         let pos = self.append_chunk(&out[..len]);
         self.compressor.out = out;
         pos
-    }
-
-    /// [`FileWriter::append_compressed_chunk`], also putting `data` in the
-    /// file's [`ChunkCache`] (if it has one) for
-    /// [`CouchFile::read_cached_chunk`].
-    pub fn append_cached_chunk(&mut self, data: &[u8]) -> Result<ChunkPos> {
-        let pos = self.append_compressed_chunk(data)?;
-        self.cache_chunk(pos.offset, data);
-        Ok(pos)
-    }
-
-    /// [`FileWriter::append_cached_chunk`] of a chunk compressed elsewhere:
-    /// appends `compressed`, which must be `data` as a [`Compressor`]
-    /// compressed it, and caches `data`. For threads that share a writer and
-    /// compress their chunks before taking it.
-    pub fn append_precompressed_chunk(
-        &mut self,
-        compressed: &[u8],
-        data: &[u8],
-    ) -> Result<ChunkPos> {
-        let pos = self.append_chunk(compressed)?;
-        self.cache_chunk(pos.offset, data);
-        Ok(pos)
-    }
-
-    /// Puts the decompressed `data` of the chunk at `offset` in the file's
-    /// [`ChunkCache`], if it has one.
-    fn cache_chunk(&self, offset: u64, data: &[u8]) {
-        if let Some(cache) = &self.file.shared.cache {
-            let chunk = Arc::new(data.to_vec());
-            cache.insert(self.file.shared.cache_id.get(), offset, chunk);
-        }
     }
 
     /// Writes the buffered bytes to the backend (without syncing).

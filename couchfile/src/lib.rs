@@ -51,9 +51,9 @@ mod fault;
 mod file;
 pub mod fuzzing;
 
-pub use backend::{sync_directory, Backend, FileBackend, MemBackend};
+pub use backend::{sync_directory, Backend, FileBackend, InPlace, MemBackend};
 pub use block::{BlockType, BLOCK_SIZE};
-pub use cache::ChunkCache;
+pub use cache::{CacheStats, ChunkCache, DecodedChunk};
 pub use codec::{
     decode_kv_length, decode_seq_key, decode_u48, encode_kv_length, encode_seq_key, encode_u48,
     DbHeader, DocInfo, NodePointer, NodePointerRef, RevMeta, RevMetaTail, RevMetaV1,

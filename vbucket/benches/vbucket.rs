@@ -7,9 +7,12 @@
 //!   The flusher cuts batches of up to 10,000 items, but it wakes on the
 //!   first set, so an iteration is one commit or two (the number per
 //!   iteration is printed).
-//! - `get_persisted_100k`: `get` of random keys of a vbucket of 100,000
-//!   persisted documents (none in the dirty table): the by-id lookup and
-//!   the body read.
+//! - `get_persisted_100k/{cached,uncached}`: `get` of random keys of a
+//!   vbucket of 100,000 persisted documents (none in the dirty table), after
+//!   a reopen, with the default node cache and without one: the by-id
+//!   lookup and the body read.
+//! - `get_many_100_of_100k/{cached,uncached}`: `get_many` of 100 random
+//!   keys of the same vbucket (throughput in keys).
 //! - `get_unflushed`: `get` of keys whose mutations are still in the dirty
 //!   table. To keep them there the vbucket lives in a fault-injecting
 //!   in-memory directory whose writes fail, so every commit fails (and is
@@ -28,6 +31,8 @@ use vbucket::{FlusherConfig, ItemMeta, Store, StoreConfig, VBucket};
 const BATCH: usize = 1_000;
 const PERSISTED: u64 = 100_000;
 const UNFLUSHED: u64 = 1_000;
+/// Keys of one `get_many`.
+const GET_MANY: usize = 100;
 const VALUE_LEN: usize = 256;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -118,36 +123,73 @@ fn durable_batches(c: &mut Criterion) {
 
 fn persisted_reads(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), config()).unwrap();
-    let vb = store.open_vbucket(0).unwrap();
     let mut rng = SmallRng::seed_from_u64(2);
-    let values = values(&mut rng);
-    let start = Instant::now();
-    fill(&vb, 0, PERSISTED, &values, &mut rng);
-    let stats = vb.stats().unwrap();
-    assert_eq!(stats.dirty_items, 0, "{stats:?}");
-    assert_eq!(stats.live_docs, PERSISTED, "{stats:?}");
-    eprintln!(
-        "get_persisted_100k: {PERSISTED} documents persisted in {:.1?} ({} commits), file {:.1} MiB",
-        start.elapsed(),
-        stats.commits,
-        stats.file_size as f64 / f64::from(1 << 20),
-    );
-
-    let mut g = c.benchmark_group("vbucket");
-    g.sample_size(20)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
-    g.bench_function("get_persisted_100k", |b| {
-        b.iter(|| {
-            let k = key(rng.random::<u64>() % PERSISTED);
-            black_box(vb.get(&k).unwrap().expect("present"))
-        })
-    });
-    g.finish();
-    assert_eq!(vb.stats().unwrap().dirty_items, 0);
-    drop(vb);
-    store.close().unwrap();
+    {
+        let store = Store::open(dir.path(), config()).unwrap();
+        let vb = store.open_vbucket(0).unwrap();
+        let values = values(&mut rng);
+        let start = Instant::now();
+        fill(&vb, 0, PERSISTED, &values, &mut rng);
+        let stats = vb.stats().unwrap();
+        assert_eq!(stats.live_docs, PERSISTED, "{stats:?}");
+        eprintln!(
+            "get_persisted_100k: {PERSISTED} documents persisted in {:.1?} ({} commits), file {:.1} MiB",
+            start.elapsed(),
+            stats.commits,
+            stats.file_size as f64 / f64::from(1 << 20),
+        );
+        drop(vb);
+        store.close().unwrap();
+    }
+    // Reopened, so that every read is of the file (nothing dirty), with the
+    // default node cache and without one.
+    for (name, cache_bytes) in [
+        ("cached", vbucket::DEFAULT_NODE_CACHE_BYTES),
+        ("uncached", 0),
+    ] {
+        let store = Store::open(
+            dir.path(),
+            StoreConfig {
+                node_cache_bytes: cache_bytes,
+                ..config()
+            },
+        )
+        .unwrap();
+        let vb = store.open_vbucket(0).unwrap();
+        let mut g = c.benchmark_group("vbucket");
+        g.sample_size(20)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(3));
+        g.bench_function(format!("get_persisted_100k/{name}"), |b| {
+            b.iter(|| {
+                let k = key(rng.random::<u64>() % PERSISTED);
+                black_box(vb.get(&k).unwrap().expect("present"))
+            })
+        });
+        g.throughput(Throughput::Elements(GET_MANY as u64));
+        g.bench_function(format!("get_many_{GET_MANY}_of_100k/{name}"), |b| {
+            b.iter_batched(
+                || {
+                    (0..GET_MANY)
+                        .map(|_| key(rng.random::<u64>() % PERSISTED))
+                        .collect::<Vec<_>>()
+                },
+                |keys| {
+                    let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+                    black_box(vb.get_many(&keys).unwrap())
+                },
+                BatchSize::SmallInput,
+            )
+        });
+        g.finish();
+        let stats = vb.stats().unwrap();
+        assert_eq!(stats.dirty_items, 0);
+        if let Some(cache) = stats.node_cache {
+            eprintln!("get_persisted_100k/{name}: node cache {cache:?}");
+        }
+        drop(vb);
+        store.close().unwrap();
+    }
 }
 
 fn unflushed_reads(c: &mut Criterion) {

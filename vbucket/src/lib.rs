@@ -89,7 +89,8 @@ pub use files::{compact_name, revision_name, DamagedFiles};
 pub use item::{Document, ItemMeta, Mutation, DATATYPE_JSON};
 pub use snapshot::ReadSnapshot;
 pub use store::{
-    AutoCompaction, CompactionLog, Store, StoreConfig, StoreStats, StoreTotals, MAX_KEPT_REPORTS,
+    AutoCompaction, CompactionLog, Store, StoreConfig, StoreStats, StoreTotals,
+    DEFAULT_NODE_CACHE_BYTES, MAX_KEPT_REPORTS,
 };
 pub use vbstate::{FailoverEntry, VbState, VbucketState, VBSTATE_ID};
 pub use vbucket::{

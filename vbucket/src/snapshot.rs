@@ -65,6 +65,41 @@ impl ReadSnapshot {
         }
     }
 
+    /// The live documents `keys` (in any order, repeats allowed), in the
+    /// caller's order; `None` where absent or deleted. The by-id tree is
+    /// walked once over the sorted keys (each node their paths share is
+    /// read once) and the bodies are read in file order.
+    pub fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Document>>> {
+        Ok(self
+            .get_many_including_deleted(keys)?
+            .into_iter()
+            .map(|doc| doc.filter(|d| !d.deleted))
+            .collect())
+    }
+
+    /// [`ReadSnapshot::get_many`] with deletions included.
+    pub fn get_many_including_deleted(&self, keys: &[&[u8]]) -> Result<Vec<Option<Document>>> {
+        let infos = self.snapshot.doc_infos_in_order(keys)?;
+        self.documents(infos)
+    }
+
+    /// The documents of `infos`, in their order, their bodies read in file
+    /// order.
+    pub(crate) fn documents(
+        &self,
+        mut infos: Vec<Option<DocInfo>>,
+    ) -> Result<Vec<Option<Document>>> {
+        let mut by_offset: Vec<usize> = (0..infos.len()).filter(|&i| infos[i].is_some()).collect();
+        by_offset.sort_unstable_by_key(|&i| infos[i].as_ref().map_or(0, |info| info.bp));
+        let mut docs: Vec<Option<Document>> = (0..infos.len()).map(|_| None).collect();
+        for i in by_offset {
+            if let Some(info) = infos[i].take() {
+                docs[i] = Some(self.document(info)?);
+            }
+        }
+        Ok(docs)
+    }
+
     /// Calls `f` with every document (deletions included) whose seqno is
     /// `since` or later, in seqno order, until it breaks.
     pub fn changes_since(

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::files::{self, DamagedFiles};
 use crate::vbucket::{CommitObserver, VBucket, VBucketStats, VbOptions, VbTarget};
 use btree::{DbOptions, NodeConfig};
-use couchfile::{ChunkCache, DirLock, Directory, OpenMode, OsDirectory};
+use couchfile::{CacheStats, ChunkCache, DirLock, Directory, OpenMode, OsDirectory};
 use flusher::{FlushStats, Flusher, FlusherConfig, LatencyHistogram, Vbid};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -274,6 +274,9 @@ fn auto_compaction_loop(
     }
 }
 
+/// The default of [`StoreConfig::node_cache_bytes`]: 32 MiB.
+pub const DEFAULT_NODE_CACHE_BYTES: u64 = 32 << 20;
+
 /// How a [`Store`] runs.
 #[derive(Clone)]
 pub struct StoreConfig {
@@ -290,17 +293,17 @@ pub struct StoreConfig {
     pub auto_compaction: Option<AutoCompaction>,
     /// Told of every flush-batch commit of every vbucket (metrics, charts).
     pub on_commit: Option<CommitObserver>,
-    /// Bytes of decompressed B-tree nodes kept in memory, shared by all the
-    /// vbuckets' files (0, the default: none). With a cache, a node is read
-    /// from disk, checked and decompressed once rather than on each use; the
-    /// nodes a commit writes go in as they are written, and the ones it
-    /// replaces go out. Measured on `bench peers` at fd3be45 (2026-11-22;
-    /// 200,000 keys, 64 MiB, `ours-cached` against `ours`, two runs; see
-    /// `docs/performance.md`): point reads 2.4x faster,
-    /// durable batch commits 1.04x and 1.14x faster. On the default `bench`
-    /// workload (many small commits over 8 vbuckets, automatic compaction)
-    /// a 64 MiB cache did not help commits (one run each: p99 7.4 ms with
-    /// it, 5.2 ms without). Worth it for a read-heavy vbucket.
+    /// Bytes of decoded B-tree nodes kept in memory, shared by all the
+    /// vbuckets' files; 0 turns the cache off. The default,
+    /// [`DEFAULT_NODE_CACHE_BYTES`] (32 MiB), is what RocksDB's block cache
+    /// and fjall's cache default to; it holds the by-id tree of about a
+    /// million small documents. With a cache, a node is read from disk,
+    /// checked, decompressed and indexed once rather than on each use, and
+    /// a lookup searches it in place; the nodes a commit writes go in as
+    /// they are written, and the ones it replaces go out. Nodes are cached
+    /// per open file, so nothing is served for another file or revision.
+    /// What it holds and how it served is in [`StoreStats::node_cache`] and
+    /// [`VBucketStats::node_cache`].
     pub node_cache_bytes: u64,
     /// What opening a vbucket does with a damaged revision file (one with
     /// no valid header that no crash can leave): fail, keeping every file
@@ -332,7 +335,7 @@ impl Default for StoreConfig {
             open_mode: OpenMode::Normal,
             auto_compaction: None,
             on_commit: None,
-            node_cache_bytes: 0,
+            node_cache_bytes: DEFAULT_NODE_CACHE_BYTES,
             damaged_files: DamagedFiles::Fail,
         }
     }
@@ -376,6 +379,9 @@ pub struct StoreStats {
     pub vbuckets: Vec<VBucketStats>,
     /// The sums (seqnos: maxima; flush statistics merged).
     pub total: StoreTotals,
+    /// The node cache the vbuckets share: capacity, bytes, hits, misses
+    /// and evictions (`None` when the store runs without one).
+    pub node_cache: Option<CacheStats>,
 }
 
 /// Totals over a store's vbuckets.
@@ -641,6 +647,7 @@ impl Store {
                 .merge(&s.commit_latency_otherwise);
             stats.vbuckets.push(s);
         }
+        stats.node_cache = self.node_cache.as_ref().map(|cache| cache.stats());
         Ok(stats)
     }
 

@@ -9,7 +9,8 @@ use crate::snapshot::ReadSnapshot;
 use crate::vbstate::{VbState, VbucketState, VBSTATE_ID};
 use btree::{Db, DbOptions, LocalUpdate, Snapshot};
 use couchfile::{
-    ChunkCache, CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, MAX_KEY_LEN, MAX_U48,
+    CacheStats, ChunkCache, CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, MAX_KEY_LEN,
+    MAX_U48,
 };
 use flusher::{
     Batch, Committed, FlushStats, FlushTarget, Flusher, LatencyHistogram, VbQueue, Vbid,
@@ -474,6 +475,10 @@ pub struct VBucketStats {
     pub commit_latency_during_compaction: LatencyHistogram,
     /// Latency of the other flush-batch commits.
     pub commit_latency_otherwise: LatencyHistogram,
+    /// The store's node cache, which every vbucket of the store shares:
+    /// its capacity, bytes, hits, misses and evictions (`None` when the
+    /// store runs without one).
+    pub node_cache: Option<CacheStats>,
 }
 
 /// One vbucket of a [`crate::Store`]. Cheap to clone; every clone is the same
@@ -729,6 +734,71 @@ impl VBucket {
         }
     }
 
+    /// The live documents `keys` (in any order, repeats allowed), in the
+    /// caller's order: each key's newest mutation, flushed or not; `None`
+    /// where absent or deleted. kv_engine's batched background fetch: the
+    /// unflushed mutations are found under one lock, and the rest in one
+    /// walk of the by-id tree over the sorted keys (see
+    /// [`ReadSnapshot::get_many`]).
+    pub fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Document>>> {
+        Ok(self
+            .get_many_including_deleted(keys)?
+            .into_iter()
+            .map(|doc| doc.filter(|d| !d.deleted))
+            .collect())
+    }
+
+    /// [`VBucket::get_many`] with deletions included.
+    pub fn get_many_including_deleted(&self, keys: &[&[u8]]) -> Result<Vec<Option<Document>>> {
+        let dirty: Vec<Option<Arc<Item>>> = {
+            let front = self.shared.front.lock();
+            if front.closed {
+                vec![None; keys.len()]
+            } else {
+                keys.iter()
+                    .map(|key| front.dirty.get(*key).cloned())
+                    .collect()
+            }
+        };
+        // What the file is asked for: the keys without a dirty mutation, and
+        // those whose mutation still waits for the stored revision (see
+        // `get_including_deleted`).
+        let from_file: Vec<usize> = (0..keys.len())
+            .filter(|&i| {
+                dirty[i]
+                    .as_ref()
+                    .is_none_or(|item| item.unresolved_base().is_some())
+            })
+            .collect();
+        if from_file.is_empty() {
+            return Ok(dirty
+                .iter()
+                .map(|item| item.as_ref().map(|i| i.to_document()))
+                .collect());
+        }
+        // Taken after the dirty table was read: the flusher publishes a
+        // header before it forgets the dirty entries it covers.
+        let snapshot = self.snapshot();
+        let asked: Vec<&[u8]> = from_file.iter().map(|&i| keys[i]).collect();
+        let mut infos = snapshot.inner().doc_infos_in_order(&asked)?;
+        for (n, &i) in from_file.iter().enumerate() {
+            if let Some(base) = dirty[i].as_ref().and_then(|item| item.unresolved_base()) {
+                let _ = base.set(infos[n].take().map_or(0, |info| info.rev_seq));
+            }
+        }
+        let mut stored = snapshot.documents(infos)?;
+        let mut docs: Vec<Option<Document>> = dirty
+            .iter()
+            .map(|item| item.as_ref().map(|item| item.to_document()))
+            .collect();
+        for (n, &i) in from_file.iter().enumerate() {
+            if dirty[i].is_none() {
+                docs[i] = stored[n].take();
+            }
+        }
+        Ok(docs)
+    }
+
     /// A snapshot at the latest committed header. A snapshot is an
     /// immutable view of what was committed: it stays readable after the
     /// vbucket is closed (taken from a closed vbucket's handle, it is its
@@ -865,6 +935,12 @@ impl VBucket {
             flush: self.queue.stats(),
             commit_latency_during_compaction: latencies.during_compaction.clone(),
             commit_latency_otherwise: latencies.otherwise.clone(),
+            node_cache: self
+                .shared
+                .options
+                .node_cache
+                .as_ref()
+                .map(|cache| cache.stats()),
         })
     }
 }

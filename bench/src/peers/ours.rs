@@ -1,7 +1,8 @@
 //! This project: a [`Store`] with one vbucket (vbid 0) in the engine's
 //! directory, default configuration but for the flusher's group commit
-//! (`gather_max`, off by default); `ours-cached` is the same with a 64 MiB
-//! node cache (`StoreConfig::node_cache_bytes`, off by default). A durable
+//! (`gather_max`, off by default), so with its default node cache;
+//! `ours-uncached` is the same without a node cache
+//! (`StoreConfig::node_cache_bytes` 0). A durable
 //! commit of a batch is a `set` of each item followed by `wait_persisted` of
 //! the last seqno (with the group commit, one file commit per batch);
 //! compaction is [`VBucket::compact`] with the default options (concurrent
@@ -24,14 +25,11 @@ const PERSIST_TIMEOUT: Duration = Duration::from_secs(300);
 /// The engine of the report.
 pub const SPEC: EngineSpec = EngineSpec { name: "ours", open };
 
-/// The same with a node cache, to show what the cache changes.
-pub const SPEC_CACHED: EngineSpec = EngineSpec {
-    name: "ours-cached",
-    open: open_cached,
+/// The same without a node cache, to show what the cache changes.
+pub const SPEC_UNCACHED: EngineSpec = EngineSpec {
+    name: "ours-uncached",
+    open: open_uncached,
 };
-
-/// The node cache of `ours-cached`.
-const NODE_CACHE_BYTES: u64 = 64 << 20;
 
 /// An open store and its one vbucket.
 struct Ours {
@@ -47,12 +45,12 @@ struct Ours {
 
 /// Opens (or creates) the store in `dir` and its vbucket 0.
 fn open(dir: &Path) -> Result<Box<dyn Engine>, BoxError> {
-    open_with_cache(dir, 0)
+    open_with_cache(dir, StoreConfig::default().node_cache_bytes)
 }
 
-/// [`open`] with a node cache.
-fn open_cached(dir: &Path) -> Result<Box<dyn Engine>, BoxError> {
-    open_with_cache(dir, NODE_CACHE_BYTES)
+/// [`open`] without a node cache.
+fn open_uncached(dir: &Path) -> Result<Box<dyn Engine>, BoxError> {
+    open_with_cache(dir, 0)
 }
 
 fn open_with_cache(dir: &Path, node_cache_bytes: u64) -> Result<Box<dyn Engine>, BoxError> {
@@ -121,11 +119,14 @@ impl Engine for Ours {
             commit.p99.as_secs_f64() * 1e3,
         );
         if let Some(cache) = self.store.node_cache() {
-            let (hits, misses) = cache.hits_and_misses();
+            let c = cache.stats();
             notes.push_str(&format!(
-                "; node cache: {hits} hits, {misses} misses, {:.1} of {:.1} MiB",
-                cache.used() as f64 / (1024.0 * 1024.0),
-                cache.capacity() as f64 / (1024.0 * 1024.0)
+                "; node cache: {} hits, {} misses, {} evictions, {:.1} of {:.1} MiB",
+                c.hits,
+                c.misses,
+                c.evictions,
+                c.used as f64 / (1024.0 * 1024.0),
+                c.capacity as f64 / (1024.0 * 1024.0)
             ));
         }
         if let Some(report) = self.report.lock().ok()?.as_ref() {
