@@ -5,10 +5,11 @@ use crate::error::{Error, Result};
 use crate::indexes::{decode_seq_reduce, ById, BySeq, IdReduce, Local};
 use crate::tree::{Action, ActionOp, BTree, EntryFn, NodeConfig};
 use couchfile::{
-    encode_seq_key, CouchFile, CrcKind, DbHeader, DocInfo, FileWriter, LocatedHeader, NodePointer,
-    OpenMode, SequentialReader, CONTENT_META_COMPRESSED, MAX_U48,
+    encode_seq_key, CouchFile, CrcKind, DbHeader, DocInfo, DocInfoRef, FileWriter, LocatedHeader,
+    NodePointer, OpenMode, SequentialReader, CONTENT_META_COMPRESSED, MAX_U48,
 };
 use std::ops::{Bound, ControlFlow};
+use std::sync::Arc;
 
 /// Which documents a changes fold reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,7 +46,8 @@ impl Trees {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     file: CouchFile,
-    header: LocatedHeader,
+    /// Shared by the snapshot's clones: cloning one allocates nothing.
+    header: Arc<LocatedHeader>,
     trees: Trees,
 }
 
@@ -55,7 +57,7 @@ impl Snapshot {
         file.set_crc(CrcKind::for_version(header.header.disk_version));
         Self {
             file,
-            header,
+            header: Arc::new(header),
             trees: Trees::new(NodeConfig::default()),
         }
     }
@@ -130,13 +132,27 @@ impl Snapshot {
 
     /// Info of the document `id`.
     pub fn doc_info(&self, id: &[u8]) -> Result<Option<DocInfo>> {
+        self.with_doc_info(id, |info| info.to_owned())
+    }
+
+    /// Hands the info of the document `id`, decoded in place, to `f`: a
+    /// lookup that allocates nothing (with the file's node cache).
+    pub fn with_doc_info<R>(
+        &self,
+        id: &[u8],
+        f: impl FnOnce(DocInfoRef<'_>) -> R,
+    ) -> Result<Option<R>> {
         self.trees
             .by_id
             .lookup_one(
                 &self.file,
                 self.header.header.by_id_root.as_ref(),
                 id,
-                |value| self.decode_by_id(id, value),
+                |value| {
+                    DocInfoRef::decode_by_id(id, value)
+                        .map(f)
+                        .map_err(|e| e.located(self.file.path(), self.header.offset).into())
+                },
             )?
             .transpose()
     }
@@ -198,13 +214,18 @@ impl Snapshot {
 
     /// The body of a document, decompressed; `None` when it has none.
     pub fn read_body(&self, info: &DocInfo) -> Result<Option<Vec<u8>>> {
-        if info.bp == 0 {
+        self.read_body_at(info.bp, info.is_compressed())
+    }
+
+    /// The body stored at `bp` (0: none), decompressed if `compressed`.
+    pub fn read_body_at(&self, bp: u64, compressed: bool) -> Result<Option<Vec<u8>>> {
+        if bp == 0 {
             return Ok(None);
         }
-        Ok(Some(if info.is_compressed() {
-            self.file.read_compressed_chunk(info.bp)?
+        Ok(Some(if compressed {
+            self.file.read_compressed_chunk(bp)?
         } else {
-            self.file.read_chunk(info.bp)?
+            self.file.read_chunk(bp)?
         }))
     }
 

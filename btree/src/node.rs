@@ -346,6 +346,32 @@ mod tests {
     }
 
     #[test]
+    fn a_cached_node_is_checked_again_for_a_tree_of_another_order() {
+        use couchfile::{ChunkCache, DbHeader, FileWriter, MemBackend};
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let file = CouchFile::new(Arc::new(MemBackend::new()), "forged.couch")
+            .unwrap()
+            .with_cache(Arc::clone(&cache));
+        let (mut w, _) = FileWriter::create(file, &DbHeader::new(14)).unwrap();
+        // Ascending as bytes ("ab" < "b"), not as by-seq numbers.
+        let mut bytes = vec![LEAF];
+        for k in [&b"ab"[..], b"b"] {
+            bytes.extend_from_slice(&encode_kv_length(k.len(), 0).unwrap());
+            bytes.extend_from_slice(k);
+        }
+        let offset = w.append_compressed_chunk(&bytes).unwrap().offset;
+        w.flush().unwrap();
+        let file = w.file().clone();
+        let node = Node::read_ordered(&file, offset, &crate::ById).unwrap();
+        assert_eq!(node.len(), 2);
+        assert_eq!(cache.len(), 1);
+        // Cached, but checked for the by-id order only.
+        let e = Node::read_ordered(&file, offset, &crate::BySeq).unwrap_err();
+        assert!(e.to_string().contains("not above key 0"), "{e}");
+        assert!(Node::read_ordered(&file, offset, &crate::ById).is_ok());
+    }
+
+    #[test]
     fn bad_nodes_are_errors() {
         assert!(Node::decode(vec![]).is_err());
         assert!(Node::decode(vec![2]).is_err());

@@ -468,6 +468,13 @@ impl Visited<'_> {
     /// The pointer to child `i` (checked to lie before this node) and the
     /// range of keys the child may hold.
     fn child(&self, file: &CouchFile, i: usize) -> Result<(NodePointer, KeyRange<'_>)> {
+        let (child, range) = self.child_ref(file, i)?;
+        Ok((child.to_owned(), range))
+    }
+
+    /// [`Visited::child`] borrowing the pointer's reduce from the node
+    /// (what a lookup uses: it allocates nothing).
+    fn child_ref(&self, file: &CouchFile, i: usize) -> Result<(NodePointerRef<'_>, KeyRange<'_>)> {
         Ok((
             child_pointer(file, self.offset, self.node.value(i))?,
             self.range.child(&self.node, self.offset, i),
@@ -478,9 +485,9 @@ impl Visited<'_> {
 /// Decodes the pointer to a child of the interior node at `parent`. Children
 /// are always written before their parent, so a pointer that is not below
 /// the parent's offset is corrupt (and could loop forever).
-fn child_pointer(file: &CouchFile, parent: u64, value: &[u8]) -> Result<NodePointer> {
+fn child_pointer<'v>(file: &CouchFile, parent: u64, value: &'v [u8]) -> Result<NodePointerRef<'v>> {
     let child =
-        NodePointer::decode_kp_value(value).map_err(|e| corrupt(file, parent, e.to_string()))?;
+        NodePointerRef::decode_kp_value(value).map_err(|e| corrupt(file, parent, e.to_string()))?;
     if child.pointer >= parent {
         return Err(corrupt(
             file,
@@ -896,7 +903,7 @@ impl<O: TreeOps> BTree<O> {
                 (self.ops.compare(node.key(i), key) == Ordering::Equal).then(|| f(node.value(i)))
             );
         }
-        let (child, range) = visited.child(file, i)?;
+        let (child, range) = visited.child_ref(file, i)?;
         self.lookup_one_in(file, child.pointer, range, key, f)
     }
 
@@ -956,7 +963,7 @@ impl<O: TreeOps> BTree<O> {
                 break;
             }
             let n = rest.partition_point(|k| self.ops.compare(k, node.key(i)) != Ordering::Greater);
-            let (child, range) = visited.child(file, i)?;
+            let (child, range) = visited.child_ref(file, i)?;
             self.lookup_node(file, child.pointer, range, &rest[..n], index, found)?;
             rest = &rest[n..];
             index += n;
@@ -1027,7 +1034,7 @@ impl<O: TreeOps> BTree<O> {
                 if self.before_start(key, start) {
                     continue;
                 }
-                let (child, range) = visited.child(file, i)?;
+                let (child, range) = visited.child_ref(file, i)?;
                 if self
                     .fold_node(file, child.pointer, range, start, end, f)?
                     .is_break()

@@ -408,6 +408,69 @@ pub struct DocInfo {
     pub physical_size: u64,
 }
 
+/// A [`DocInfo`] decoded in place: the key and the revision metadata are
+/// borrowed from the by-id entry, so decoding allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DocInfoRef<'a> {
+    /// The document's key.
+    pub id: &'a [u8],
+    /// Its sequence number (48 bits).
+    pub db_seq: u64,
+    /// Its revision number (48 bits).
+    pub rev_seq: u64,
+    /// Opaque revision metadata (kv-engine: see [`RevMeta`]).
+    pub rev_meta: &'a [u8],
+    /// True for a deletion (tombstone).
+    pub deleted: bool,
+    /// `0x80` = body stored snappy-compressed; low bits: datatype hint.
+    pub content_meta: u8,
+    /// Stored offset of the body chunk; 0 = no body.
+    pub bp: u64,
+    /// 8 + stored body length (0 when there is no body).
+    pub physical_size: u64,
+}
+
+impl<'a> DocInfoRef<'a> {
+    /// Decodes a by-id entry, borrowing from it.
+    pub fn decode_by_id(key: &'a [u8], value: &'a [u8]) -> Result<Self> {
+        let mut r = Reader::new(value, "by-id value");
+        let db_seq = r.uint(6)?;
+        let physical_size = r.uint(4)?;
+        let bp = r.uint(6)?;
+        let rev_seq = r.uint(6)?;
+        let content_meta = r.uint(1)? as u8;
+        Ok(Self {
+            id: key,
+            db_seq,
+            rev_seq,
+            rev_meta: r.rest(),
+            deleted: bp & DELETED_BIT != 0,
+            content_meta,
+            bp: bp & !DELETED_BIT,
+            physical_size,
+        })
+    }
+
+    /// True when the body is stored snappy-compressed.
+    pub fn is_compressed(&self) -> bool {
+        self.content_meta & CONTENT_META_COMPRESSED != 0
+    }
+
+    /// The owned [`DocInfo`].
+    pub fn to_owned(&self) -> DocInfo {
+        DocInfo {
+            id: self.id.to_vec(),
+            db_seq: self.db_seq,
+            rev_seq: self.rev_seq,
+            rev_meta: self.rev_meta.to_vec(),
+            deleted: self.deleted,
+            content_meta: self.content_meta,
+            bp: self.bp,
+            physical_size: self.physical_size,
+        }
+    }
+}
+
 /// `content_meta` flag: the body chunk is snappy-compressed.
 pub const CONTENT_META_COMPRESSED: u8 = 0x80;
 
@@ -441,22 +504,21 @@ impl DocInfo {
 
     /// Decodes a by-id entry.
     pub fn decode_by_id(key: &[u8], value: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(value, "by-id value");
-        let db_seq = r.uint(6)?;
-        let physical_size = r.uint(4)?;
-        let bp = r.uint(6)?;
-        let rev_seq = r.uint(6)?;
-        let content_meta = r.uint(1)? as u8;
-        Ok(Self {
-            id: key.to_vec(),
-            db_seq,
-            rev_seq,
-            rev_meta: r.rest().to_vec(),
-            deleted: bp & DELETED_BIT != 0,
-            content_meta,
-            bp: bp & !DELETED_BIT,
-            physical_size,
-        })
+        Ok(DocInfoRef::decode_by_id(key, value)?.to_owned())
+    }
+
+    /// The same info, borrowing its key and revision metadata.
+    pub fn borrowed(&self) -> DocInfoRef<'_> {
+        DocInfoRef {
+            id: &self.id,
+            db_seq: self.db_seq,
+            rev_seq: self.rev_seq,
+            rev_meta: &self.rev_meta,
+            deleted: self.deleted,
+            content_meta: self.content_meta,
+            bp: self.bp,
+            physical_size: self.physical_size,
+        }
     }
 
     /// Encodes the by-seq value (the key is [`encode_seq_key`] of

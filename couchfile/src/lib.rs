@@ -56,7 +56,7 @@ pub use block::{BlockType, BLOCK_SIZE};
 pub use cache::{CacheStats, ChunkCache, DecodedChunk};
 pub use codec::{
     decode_kv_length, decode_seq_key, decode_u48, encode_kv_length, encode_seq_key, encode_u48,
-    DbHeader, DocInfo, NodePointer, NodePointerRef, RevMeta, RevMetaTail, RevMetaV1,
+    DbHeader, DocInfo, DocInfoRef, NodePointer, NodePointerRef, RevMeta, RevMetaTail, RevMetaV1,
     CONTENT_META_COMPRESSED, CURRENT_DISK_VERSION, MAX_BODY_OFFSET, MAX_KEY_LEN, MAX_U48,
     MAX_VALUE_LEN, NO_PREV_HEADER_POS, OLDEST_DISK_VERSION,
 };

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use btree::{Body, DocUpdate};
-use couchfile::{DocInfo, RevMeta, CONTENT_META_COMPRESSED};
+use couchfile::{DocInfo, DocInfoRef, RevMeta, CONTENT_META_COMPRESSED};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -195,9 +195,14 @@ impl flusher::FlushItem for QueuedItem {
 
 /// The metadata stored in a document's `rev_meta`.
 pub(crate) fn meta_of(path: &Path, info: &DocInfo) -> Result<ItemMeta> {
-    let rev = RevMeta::decode(&info.rev_meta).map_err(|source| Error::BadRevMeta {
+    meta_of_ref(path, &info.borrowed())
+}
+
+/// [`meta_of`] of an info decoded in place.
+pub(crate) fn meta_of_ref(path: &Path, info: &DocInfoRef<'_>) -> Result<ItemMeta> {
+    let rev = RevMeta::decode(info.rev_meta).map_err(|source| Error::BadRevMeta {
         path: path.to_path_buf(),
-        key: String::from_utf8_lossy(&info.id).into_owned(),
+        key: String::from_utf8_lossy(info.id).into_owned(),
         source,
     })?;
     Ok(ItemMeta {

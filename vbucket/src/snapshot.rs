@@ -1,7 +1,7 @@
 //! Read snapshots: one header of one file revision, read as documents.
 
 use crate::error::{Error, Result};
-use crate::item::{meta_of, Document};
+use crate::item::{meta_of, meta_of_ref, Document};
 use crate::vbstate::{VbState, VBSTATE_ID};
 use btree::{ChangesFilter, Snapshot};
 use couchfile::{DocInfo, OpenMode};
@@ -59,10 +59,33 @@ impl ReadSnapshot {
 
     /// The newest mutation of `key`, deletions included.
     pub fn get_including_deleted(&self, key: &[u8]) -> Result<Option<Document>> {
-        match self.snapshot.doc_info(key)? {
-            Some(info) => self.document(info).map(Some),
-            None => Ok(None),
-        }
+        // The info is decoded in place: the document's key, value and
+        // metadata are all this allocates (with the node cache).
+        let path = self.snapshot.file().path();
+        let found = self.snapshot.with_doc_info(key, |info| {
+            meta_of_ref(path, &info).map(|meta| {
+                (
+                    meta,
+                    info.deleted,
+                    info.db_seq,
+                    info.bp,
+                    info.is_compressed(),
+                )
+            })
+        })?;
+        let Some((meta, deleted, seqno, bp, compressed)) = found.transpose()? else {
+            return Ok(None);
+        };
+        Ok(Some(Document {
+            key: key.to_vec(),
+            value: self
+                .snapshot
+                .read_body_at(bp, compressed)?
+                .unwrap_or_default(),
+            deleted,
+            seqno,
+            meta,
+        }))
     }
 
     /// The live documents `keys` (in any order, repeats allowed), in the

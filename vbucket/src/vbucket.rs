@@ -9,8 +9,7 @@ use crate::snapshot::ReadSnapshot;
 use crate::vbstate::{VbState, VbucketState, VBSTATE_ID};
 use btree::{Db, DbOptions, LocalUpdate, Snapshot};
 use couchfile::{
-    CacheStats, ChunkCache, CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, MAX_KEY_LEN,
-    MAX_U48,
+    CacheStats, ChunkCache, CrcKind, Directory, FileWriter, LocatedHeader, MAX_KEY_LEN, MAX_U48,
 };
 use flusher::{
     Batch, Committed, FlushStats, FlushTarget, Flusher, LatencyHistogram, VbQueue, Vbid,
@@ -129,8 +128,9 @@ pub(crate) struct Writer {
 #[derive(Debug, Clone)]
 struct Published {
     revision: u64,
-    file: CouchFile,
-    header: LocatedHeader,
+    /// The latest header of the file: cloned for a reader without
+    /// allocating.
+    snapshot: Snapshot,
     commits: u64,
 }
 
@@ -152,8 +152,8 @@ impl Published {
     fn handoff(&self) -> CommittedHeader {
         CommittedHeader {
             revision: self.revision,
-            offset: self.header.offset,
-            update_seq: self.header.header.update_seq,
+            offset: self.snapshot.offset(),
+            update_seq: self.snapshot.header().update_seq,
             commits: self.commits,
         }
     }
@@ -231,8 +231,7 @@ impl Shared {
         let snapshot = writer.db.snapshot();
         let mut p = self.published.lock();
         p.revision = writer.revision;
-        p.file = snapshot.file().clone();
-        p.header = snapshot.located_header().clone();
+        p.snapshot = snapshot;
         p.commits += 1;
         drop(p);
         self.header_committed.notify_all();
@@ -517,11 +516,9 @@ impl VBucket {
         }
         let high_seqno = header.header.update_seq;
         let max_cas = writer.vbstate.max_cas;
-        let latest = writer.db.snapshot();
         let published = Published {
             revision: writer.revision,
-            file: latest.file().clone(),
-            header: latest.located_header().clone(),
+            snapshot: writer.db.snapshot(),
             commits: 0,
         };
         let shared = Arc::new(Shared {
@@ -804,22 +801,24 @@ impl VBucket {
     /// vbucket is closed (taken from a closed vbucket's handle, it is its
     /// last commit).
     pub fn snapshot(&self) -> ReadSnapshot {
-        let p = self.shared.published.lock().clone();
-        ReadSnapshot::new(
-            self.shared.vbid,
-            p.revision,
-            Snapshot::new(p.file, p.header),
-        )
+        let (revision, snapshot) = {
+            let p = self.shared.published.lock();
+            (p.revision, p.snapshot.clone())
+        };
+        ReadSnapshot::new(self.shared.vbid, revision, snapshot)
     }
 
     /// A snapshot at an older header of the current file revision, given by
     /// its offset (see [`ReadSnapshot::previous`] to walk them).
     pub fn snapshot_at(&self, header_offset: u64) -> Result<ReadSnapshot> {
-        let p = self.shared.published.lock().clone();
+        let (revision, file) = {
+            let p = self.shared.published.lock();
+            (p.revision, p.snapshot.file().clone())
+        };
         Ok(ReadSnapshot::new(
             self.shared.vbid,
-            p.revision,
-            Snapshot::open_at(p.file, header_offset)?,
+            revision,
+            Snapshot::open_at(file, header_offset)?,
         ))
     }
 
@@ -865,7 +864,7 @@ impl VBucket {
     /// The latest committed header with its content (for compaction).
     pub(crate) fn latest_located_header(&self) -> (LocatedHeader, CommittedHeader) {
         let p = self.shared.published.lock();
-        (p.header.clone(), p.handoff())
+        (p.snapshot.located_header().clone(), p.handoff())
     }
 
     /// The latest committed header: what the flusher publishes after every
