@@ -27,7 +27,7 @@ fn value(i: u64, version: u64) -> Vec<u8> {
     let len = ((i * 37 + version * 101) % 700) as usize;
     (0..len)
         .map(|n| {
-            if version % 2 == 0 {
+            if version.is_multiple_of(2) {
                 b'a'
             } else {
                 (n as u64 * 131 + i) as u8
