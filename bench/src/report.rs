@@ -120,6 +120,25 @@ pub fn figures(run: &Run) -> Vec<Figure> {
     f.add(LOAD, "gets", run.reads as f64 / secs, "/s");
     f.latency(LOAD, "read latency", &run.read_latency);
 
+    if let Some(cache) = &run.node_cache {
+        const CACHE: &str = "node cache";
+        let most_used = run
+            .sizes
+            .iter()
+            .map(|s| s.node_cache_used)
+            .max()
+            .unwrap_or(0);
+        f.add(CACHE, "capacity", mib(cache.capacity), "MiB");
+        f.add(CACHE, "most held (sampled)", mib(most_used), "MiB");
+        f.add(
+            CACHE,
+            "hit rate",
+            100.0 * cache.hits as f64 / (cache.hits + cache.misses).max(1) as f64,
+            "%",
+        );
+        f.add(CACHE, "evictions", cache.evictions as f64, "");
+    }
+
     const FLUSH: &str = "flush-batch commits";
     f.add(FLUSH, "batches", run.flush.batches_flushed as f64, "");
     f.add(

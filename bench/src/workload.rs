@@ -326,6 +326,8 @@ pub struct SizeSample {
     pub file_size: u64,
     /// Sum of the space their latest headers use.
     pub space_used: u64,
+    /// Bytes the store's node cache held.
+    pub node_cache_used: u64,
 }
 
 /// One flush-batch commit on the run's clock.
@@ -407,6 +409,8 @@ pub struct Run {
     pub disk: Option<Baseline>,
     /// The final read-back.
     pub check: Check,
+    /// The node cache after the load (`None` without one).
+    pub node_cache: Option<vbucket::CacheStats>,
 }
 
 /// Runs the load in `mode` in `dir` (empty) and does the final check.
@@ -515,6 +519,7 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
                 t: now.as_secs_f64(),
                 file_size: t.file_size,
                 space_used: t.space_used,
+                node_cache_used: stats.node_cache.map_or(0, |c| c.used),
             });
             let mutations = counters.mutations.load(Ordering::Relaxed);
             let rate = (mutations - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-9);
@@ -554,6 +559,7 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
         t: started.elapsed().as_secs_f64(),
         file_size: final_stats.total.file_size,
         space_used: final_stats.total.space_used,
+        node_cache_used: final_stats.node_cache.map_or(0, |c| c.used),
     });
 
     let mut model: HashMap<(u16, u64), Option<u64>> = HashMap::new();
@@ -597,6 +603,7 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
     store.close()?;
     let check = check(args, dir, &model)?;
     let disk = baseline(dir, &compactions)?;
+    let node_cache = final_stats.node_cache;
     let total = final_stats.total;
     Ok(Run {
         mode,
@@ -618,6 +625,7 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
         sizes,
         disk,
         check,
+        node_cache,
     })
 }
 

@@ -99,6 +99,7 @@ pub use vbucket::{
 };
 
 /// Re-exported so users can configure the flusher and read its statistics.
+pub use couchfile::CacheStats;
 pub use flusher::{FlushStats, FlusherConfig, LatencySummary, Vbid};
 
 /// Compiles and runs the examples in the crate's README.
