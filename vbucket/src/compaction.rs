@@ -171,6 +171,19 @@ impl Drop for CompactFile<'_> {
     }
 }
 
+/// Holds a vbucket's compaction slot (see [`VBucket::exclude_compaction`]).
+pub(crate) struct CompactionExcluded<'a> {
+    vb: &'a VBucket,
+}
+
+impl Drop for CompactionExcluded<'_> {
+    fn drop(&mut self) {
+        let shared = self.vb.shared();
+        *shared.compaction.lock() = None;
+        shared.compaction_ended.notify_all();
+    }
+}
+
 fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -227,6 +240,30 @@ impl VBucket {
             Err(e) => tracing::warn!(error = %e, "compaction failed"),
         }
         result
+    }
+
+    /// Aborts a running compaction (its `.compact` file is removed before
+    /// it ends), waits for it to end, and keeps the compaction slot until
+    /// the returned guard is dropped: meanwhile [`VBucket::compact`] fails
+    /// with [`Error::CompactionRunning`]. Closing the vbucket waits for the
+    /// guard as for a compaction. Fails with [`Error::Closed`] once the
+    /// vbucket is closed.
+    pub(crate) fn exclude_compaction(&self) -> Result<CompactionExcluded<'_>> {
+        let shared = self.shared();
+        let mut running = shared.compaction.lock();
+        loop {
+            shared.check_open()?;
+            match running.as_ref() {
+                Some(control) => {
+                    tracing::info!("aborting the running compaction");
+                    control.cancel();
+                    shared.compaction_ended.wait(&mut running);
+                }
+                None => break,
+            }
+        }
+        *running = Some(Control::new());
+        Ok(CompactionExcluded { vb: self })
     }
 
     /// The control of the running compaction, to cancel it or watch it.

@@ -72,6 +72,7 @@ mod compaction;
 mod error;
 mod files;
 pub mod fuzzing;
+pub mod history;
 mod item;
 mod snapshot;
 mod store;
@@ -86,6 +87,7 @@ pub use compaction::{
 pub use compactor::{CompactionConfig, PurgePolicy, PurgeSeqRule};
 pub use error::{Error, Result};
 pub use files::{compact_name, revision_name, DamagedFiles};
+pub use history::{AsOf, HistoryEntry};
 pub use item::{Document, ItemMeta, Mutation, DATATYPE_JSON};
 pub use snapshot::ReadSnapshot;
 pub use store::{
@@ -93,8 +95,8 @@ pub use store::{
 };
 pub use vbstate::{FailoverEntry, VbState, VbucketState, VBSTATE_ID};
 pub use vbucket::{
-    CommitEvent, CommitObserver, CommittedHeader, VBucket, VBucketStats, MAX_REV_SEQ, MAX_SEQNO,
-    MAX_VALUE_SIZE, RESERVED_CAS,
+    CommitEvent, CommitObserver, CommittedHeader, RollbackTo, VBucket, VBucketStats, MAX_REV_SEQ,
+    MAX_SEQNO, MAX_VALUE_SIZE, RESERVED_CAS,
 };
 
 /// Re-exported so users can configure the flusher and read its statistics.
