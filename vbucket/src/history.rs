@@ -15,9 +15,11 @@
 //! the files a vbucket writes (`Writer::commit` never lets them go back).
 
 use crate::error::{Error, Result};
-use couchfile::{CouchFile, LocatedHeader, OpenMode};
+use btree::{Db, Snapshot};
+use compactor::{copy_snapshot, replay, CompactionConfig, Control, CopyStats, Hooks, NoHooks};
+use couchfile::{CouchFile, Directory, FileWriter, LocatedHeader, OpenMode};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// One header of a file's history, as [`crate::VBucket::history`] and
 /// [`crate::ReadSnapshot::history`] list it.
@@ -125,7 +127,9 @@ impl HeaderIndex {
         mode: OpenMode,
     ) -> couchfile::Result<()> {
         let known = self.headers.last().map(|h| h.offset);
-        if known == Some(latest.offset) {
+        if known.is_some_and(|k| latest.offset <= k) {
+            // Indexed already (callers that want an older end filter by
+            // offset).
             return Ok(());
         }
         let mut newer = Vec::new();
@@ -217,8 +221,200 @@ impl HeaderIndex {
         })
     }
 
+    /// The headers, oldest first.
+    pub(crate) fn headers(&self) -> &[LocatedHeader] {
+        &self.headers
+    }
+
     /// The history, newest first.
     pub(crate) fn entries(&self) -> Result<Vec<HistoryEntry>> {
         self.headers.iter().rev().map(HistoryEntry::of).collect()
+    }
+}
+
+/// The history a compaction keeps: for the window from `now - max_age` to
+/// `now`, one header per `granularity` (the newest of each period), each
+/// listing exactly what the source header it stands for lists. Everything
+/// older is compacted as usual into the oldest header kept. Periods are
+/// aligned to the UNIX epoch, so that compacting again keeps the same
+/// headers (a kept header stays the newest of its period).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    /// How far back from `now` headers are kept.
+    pub max_age: Duration,
+    /// One header per period of this length; zero keeps every header of
+    /// the window.
+    pub granularity: Duration,
+    /// The end of the window, in nanoseconds since the epoch (`None`: the
+    /// clock at the start of the compaction). Header timestamps come from
+    /// the file, so a fixed `now` makes a compaction reproducible.
+    pub now: Option<u64>,
+}
+
+impl History {
+    /// The window's start: `now - max_age`, in nanoseconds since the epoch.
+    fn window_start(&self) -> u64 {
+        let now = self.now.unwrap_or_else(|| unix_nanos_of(SystemTime::now()));
+        let age = u64::try_from(self.max_age.as_nanos()).unwrap_or(u64::MAX);
+        now.saturating_sub(age)
+    }
+
+    /// The period of a timestamp.
+    fn period(&self, timestamp: u64) -> u64 {
+        match u64::try_from(self.granularity.as_nanos()) {
+            Ok(0) => timestamp,
+            Ok(g) => timestamp / g,
+            Err(_) => 0,
+        }
+    }
+
+    /// Of `headers` (consecutive headers of a history, oldest first), the
+    /// ones to keep: the newest of each period among those in the window
+    /// (with a timestamp at or after its start), and the last one always.
+    /// Nothing is decided by counting headers: consecutive headers with the
+    /// same update seq are kept or not by their own timestamps.
+    pub(crate) fn select(&self, headers: &[LocatedHeader]) -> Vec<LocatedHeader> {
+        let start = self.window_start();
+        let in_window: Vec<&LocatedHeader> = headers
+            .iter()
+            .filter(|h| timestamp_of(h).is_some_and(|t| t >= start))
+            .collect();
+        let mut kept: Vec<LocatedHeader> = Vec::new();
+        for (i, h) in in_window.iter().enumerate() {
+            let newest_of_period = in_window.get(i + 1).is_none_or(|next| {
+                self.period(timestamp_of(next).unwrap_or(0))
+                    != self.period(timestamp_of(h).unwrap_or(0))
+            });
+            if newest_of_period {
+                kept.push((*h).clone());
+            }
+        }
+        if let Some(last) = headers.last() {
+            if kept.last().is_none_or(|k| k.offset != last.offset) {
+                kept.push(last.clone());
+            }
+        }
+        kept
+    }
+}
+
+/// What replaying a run of headers into a compaction's new file did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HeadersReplayed {
+    /// Documents replayed.
+    pub(crate) docs: u64,
+    /// Bytes written.
+    pub(crate) bytes_written: u64,
+    /// How long it took.
+    pub(crate) duration: Duration,
+    /// Headers committed (one per header replayed).
+    pub(crate) headers: u64,
+}
+
+/// The timestamp a new file's header standing for the source's `header`
+/// gets: the source header's, where its version has one, else the clock.
+fn commit_time(header: &LocatedHeader) -> u64 {
+    match timestamp_of(header) {
+        Some(t) if t != 0 => t,
+        _ => unix_nanos_of(SystemTime::now()),
+    }
+}
+
+/// Replays into `db` (whose last header stands for `from`) each of
+/// `headers` of `source` in turn (later headers of the same history, oldest
+/// first) and commits a header for each, with its timestamp: the new file's
+/// header chain then has one header per source header given, each listing
+/// what that header lists. One header alone is a plain catch-up round.
+pub(crate) fn replay_headers(
+    source: &CouchFile,
+    db: &mut Db,
+    from: &LocatedHeader,
+    headers: &[LocatedHeader],
+    config: &CompactionConfig,
+    control: &Control,
+) -> Result<HeadersReplayed> {
+    let start = Instant::now();
+    let mut done = HeadersReplayed::default();
+    let mut previous = from;
+    for header in headers {
+        let stats = replay(source, previous, header, db, config, control)?;
+        db.commit(commit_time(header))?;
+        done.docs += stats.docs;
+        done.bytes_written += stats.bytes_written;
+        done.headers += 1;
+        previous = header;
+    }
+    done.duration = start.elapsed();
+    Ok(done)
+}
+
+/// The copy phase of a compaction keeping history: `kept` (oldest first,
+/// from [`History::select`], not empty) are the source headers the new file
+/// keeps. The oldest is copied as usual (purge policy and hooks off, since
+/// it is kept as it was: nothing a kept header can see is dropped), then the
+/// others are replayed forward, a header committed for each. Returns the
+/// new file, the copy's figures and the replays'.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn copy_keeping_history(
+    source: &CouchFile,
+    kept: &[LocatedHeader],
+    target: FileWriter,
+    dir: &dyn Directory,
+    sort_prefix: &str,
+    config: &CompactionConfig,
+    control: &Control,
+) -> Result<(Db, CopyStats, HeadersReplayed)> {
+    let (base, later) = kept.split_first().ok_or_else(|| {
+        Error::Compaction(compactor::Error::InvalidArgument(
+            "no header to keep".into(),
+        ))
+    })?;
+    let _span = tracing::info_span!(
+        "copy_keeping_history",
+        headers = kept.len(),
+        oldest = base.offset
+    )
+    .entered();
+    let exact = CompactionConfig {
+        purge: compactor::PurgePolicy::default(),
+        ..config.clone()
+    };
+    let snapshot = Snapshot::new(source.clone(), base.clone());
+    let (mut db, copy) = copy_snapshot(
+        &snapshot,
+        target,
+        dir,
+        sort_prefix,
+        &exact,
+        &mut NoHooks as &mut dyn Hooks,
+        control,
+    )?;
+    let replayed = replay_headers(source, &mut db, base, later, &exact, control)?;
+    Ok((db, copy, replayed))
+}
+
+/// The headers a compaction of `latest` keeps with `history`, oldest first
+/// (the last is `latest`), and whether any is inside the window (if none
+/// is, the compaction is a plain one of `latest`, purging as usual).
+pub(crate) fn plan(
+    index: &HeaderIndex,
+    latest: &LocatedHeader,
+    history: &History,
+) -> (Vec<LocatedHeader>, bool) {
+    let upto: Vec<LocatedHeader> = index
+        .headers()
+        .iter()
+        .take_while(|h| h.offset <= latest.offset)
+        .cloned()
+        .collect();
+    let kept = history.select(&upto);
+    let start = history.window_start();
+    let any_in_window = kept
+        .iter()
+        .any(|h| timestamp_of(h).is_some_and(|t| t >= start));
+    if any_in_window {
+        (kept, true)
+    } else {
+        (vec![latest.clone()], false)
     }
 }

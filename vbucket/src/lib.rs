@@ -87,7 +87,7 @@ pub use compaction::{
 pub use compactor::{CompactionConfig, PurgePolicy, PurgeSeqRule};
 pub use error::{Error, Result};
 pub use files::{compact_name, revision_name, DamagedFiles};
-pub use history::{AsOf, HistoryEntry};
+pub use history::{AsOf, History, HistoryEntry};
 pub use item::{Document, ItemMeta, Mutation, DATATYPE_JSON};
 pub use snapshot::ReadSnapshot;
 pub use store::{

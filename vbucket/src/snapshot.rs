@@ -120,7 +120,7 @@ impl ReadSnapshot {
     /// oldest, newest first (see [`crate::history`]). Indexes the header
     /// chain afresh; [`crate::VBucket::history`] keeps its index.
     pub fn history(&self) -> Result<Vec<HistoryEntry>> {
-        self.index()?.entries()
+        Self::history_of(&self.snapshot)
     }
 
     /// The snapshot at the newest header, at or before this one, that is at
@@ -134,6 +134,12 @@ impl ReadSnapshot {
             self.revision,
             Snapshot::new(self.snapshot.file().clone(), header.clone()),
         ))
+    }
+
+    /// The history of `snapshot`'s file from its header back, newest first
+    /// (for a file read without a vbucket, as couchtool does).
+    pub fn history_of(snapshot: &Snapshot) -> Result<Vec<HistoryEntry>> {
+        HeaderIndex::build(snapshot.file(), snapshot.located_header(), OpenMode::Normal)?.entries()
     }
 
     fn index(&self) -> Result<HeaderIndex> {

@@ -815,8 +815,9 @@ impl VBucket {
     }
 
     /// Calls `f` with the history of `file` (revision `revision`) up to its
-    /// header `latest`, indexed from the cache, which is extended first.
-    fn with_history<T>(
+    /// header `latest` at least, indexed from the cache, which is extended
+    /// first (it may go beyond `latest`: filter by offset where it matters).
+    pub(crate) fn with_history_index<T>(
         &self,
         revision: u64,
         file: &CouchFile,
@@ -841,12 +842,12 @@ impl VBucket {
     /// ([`crate::CompactionOptions::history`]).
     pub fn history(&self) -> Result<Vec<HistoryEntry>> {
         let p = self.shared.published.lock().clone();
-        self.with_history(p.revision, &p.file, &p.header, HeaderIndex::entries)
+        self.with_history_index(p.revision, &p.file, &p.header, HeaderIndex::entries)
     }
 
     fn snapshot_as_of(&self, point: AsOf) -> Result<ReadSnapshot> {
         let p = self.shared.published.lock().clone();
-        let header = self.with_history(p.revision, &p.file, &p.header, |index| {
+        let header = self.with_history_index(p.revision, &p.file, &p.header, |index| {
             Ok(index.find_or_error(point, p.file.path())?.clone())
         })?;
         Ok(ReadSnapshot::new(
@@ -905,7 +906,7 @@ impl VBucket {
         let latest = writer.db.committed().clone();
         let file = writer.db.writer_mut().file().clone();
         let revision = writer.revision;
-        let chosen = self.with_history(revision, &file, &latest, |index| {
+        let chosen = self.with_history_index(revision, &file, &latest, |index| {
             Ok(index.rollback_target(&latest, seqno).cloned())
         })?;
         let vbstate = match &chosen {

@@ -80,6 +80,7 @@ fn compaction_options(hook: Option<CompactionHook>) -> CompactionOptions {
         mode: CompactionMode::Concurrent,
         max_rounds: 2,
         lock_budget: Duration::ZERO,
+        history: None,
         hook,
     }
 }

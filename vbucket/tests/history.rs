@@ -811,3 +811,354 @@ fn couchtool_rollback_below_the_purge_seqno_is_zero() {
     assert!(summary.to_string().contains("to zero"));
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
 }
+
+/// The headers `history` keeps of `entries` (newest first, as `history()`
+/// lists them), computed here from the rule: for the window
+/// `[now - age, now]`, the newest header of each period of `granularity`
+/// nanoseconds (aligned to the epoch), and the newest header always.
+fn expected_kept(
+    entries: &[vbucket::HistoryEntry],
+    now: u64,
+    age: u64,
+    granularity: u64,
+) -> Vec<vbucket::HistoryEntry> {
+    let start = now.saturating_sub(age);
+    let mut kept: Vec<vbucket::HistoryEntry> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let t = e.timestamp.unwrap();
+        let newest_of_period =
+            i == 0 || entries[i - 1].timestamp.unwrap() / granularity != t / granularity;
+        if i == 0 || (t >= start && newest_of_period) {
+            kept.push(*e);
+        }
+    }
+    kept
+}
+
+/// `couchtool compact --history-age --history-granularity --now` on a file
+/// with many headers: the new file has exactly the headers the rule keeps,
+/// each listing what its source header lists (same update seq, purge seq
+/// and timestamp), and every header passes `couchread.py --verify`;
+/// tombstones a kept header sees are kept although deletes are dropped.
+#[test]
+fn couchtool_compact_with_history_keeps_one_header_per_period() {
+    use vbucket::tool::{self, CompactOptions, OpenOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(22);
+    let mut log = Log::default();
+    {
+        let store = Store::open(dir.path(), config()).unwrap();
+        let vb = store.open_vbucket(0).unwrap();
+        build(&vb, &mut rng, &mut log, 60);
+        store.close().unwrap();
+    }
+    let src = dir.path().join(vbucket::revision_name(0, 1));
+    let source = {
+        let snapshot = btree::Snapshot::open_latest(
+            couchfile::CouchFile::open_read_only(&src).unwrap(),
+            couchfile::OpenMode::Normal,
+        )
+        .unwrap();
+        let store_snapshot = tool::open(&src, &OpenOptions::normal()).unwrap();
+        assert_eq!(snapshot.offset(), store_snapshot.offset());
+        let store = Store::open(dir.path(), config()).unwrap();
+        let history = store.open_vbucket(0).unwrap().history().unwrap();
+        store.close().unwrap();
+        history
+    };
+    // Leave out the creation header (timestamp 0) from the window.
+    let newest = source[0].timestamp.unwrap();
+    let oldest = source[source.len() - 2].timestamp.unwrap();
+    let span = newest - oldest;
+    let (age, granularity) = (span * 2 / 3, (span / 10).max(1));
+    let expected = expected_kept(&source, newest, age, granularity);
+    assert!(
+        expected.len() >= 4 && expected.len() < source.len() / 2,
+        "{}",
+        expected.len()
+    );
+    let dst = dir.path().join("out.couch");
+    let options = CompactOptions {
+        drop_deletes: true,
+        history: Some(vbucket::History {
+            max_age: Duration::from_nanos(age),
+            granularity: Duration::from_nanos(granularity),
+            now: Some(newest),
+        }),
+        ..CompactOptions::default()
+    };
+    let summary = tool::compact(&src, &dst, &options).unwrap();
+    assert_eq!(summary.headers, expected.len() as u64);
+    let out = btree::Snapshot::open_latest(
+        couchfile::CouchFile::open_read_only(&dst).unwrap(),
+        couchfile::OpenMode::Normal,
+    )
+    .unwrap();
+    let out_history = vbucket::ReadSnapshot::history_of(&out).unwrap();
+    assert_eq!(out_history.len(), expected.len());
+    for (got, want) in out_history.iter().zip(&expected) {
+        assert_eq!(
+            (
+                got.update_seq,
+                got.purge_seq,
+                got.timestamp,
+                got.doc_count,
+                got.deleted_count
+            ),
+            (
+                want.update_seq,
+                want.purge_seq,
+                want.timestamp,
+                want.doc_count,
+                want.deleted_count
+            )
+        );
+        assert_eq!(
+            docs_of_listing(&dump(&dst, &OpenOptions::at(got.offset))),
+            docs_of_listing(&dump(&src, &OpenOptions::at(want.offset))),
+            "header {} for source header {}",
+            got.offset,
+            want.offset
+        );
+        support::couchread_verify(&dst, Some(got.offset));
+    }
+    // The binary, with durations and --now.
+    let dst2 = dir.path().join("out2.couch");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_couchtool"))
+        .args(["compact", "--drop-deletes"])
+        .args(["--history-age", &format!("{age}ns")])
+        .args(["--history-granularity", &format!("{granularity}ns")])
+        .args(["--now", &newest.to_string()])
+        .arg(&src)
+        .arg(&dst2)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        std::fs::read(&dst2).unwrap().len(),
+        std::fs::read(&dst).unwrap().len()
+    );
+    // Without history: one header, tombstones dropped.
+    let dst3 = dir.path().join("out3.couch");
+    let plain = tool::compact(
+        &src,
+        &dst3,
+        &CompactOptions {
+            drop_deletes: true,
+            ..CompactOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(plain.headers, 1);
+    assert!(plain.size_after < summary.size_after);
+}
+
+/// Compactions with history while a writer keeps the flusher committing:
+/// every header of the final file lists exactly the model at its update
+/// seq (nothing lost or purged, deletes dropped or not), and a last
+/// compaction without concurrent writes keeps exactly one header per period
+/// of what it found. A rollback then goes back to a kept header.
+#[test]
+fn concurrent_compactions_with_history_keep_every_header_as_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let vb = store.open_vbucket(0).unwrap();
+    let mut rng = Rng::new(23);
+    let mut log = Log::default();
+    build(&vb, &mut rng, &mut log, 10);
+    let history = vbucket::History {
+        max_age: Duration::from_secs(3600),
+        granularity: Duration::from_micros(300),
+        now: None,
+    };
+    let mut options = CompactionOptions {
+        history: Some(history),
+        ..CompactionOptions::default()
+    };
+    options.compactor.purge.drop_deletes = true;
+    let writer = {
+        let vb = vb.clone();
+        std::thread::spawn(move || {
+            let mut rng = Rng::new(24);
+            let mut written = Log::default();
+            for _ in 0..60 {
+                let n = 1 + rng.below(8) as usize;
+                let last = mutate(&vb, &mut rng, &mut written, n);
+                vb.wait_persisted(last, WAIT).unwrap();
+            }
+            written
+        })
+    };
+    let mut compactions = 0;
+    while !writer.is_finished() || compactions < 3 {
+        let report = vb.compact(&options).unwrap();
+        assert!(report.history_headers >= 1);
+        compactions += 1;
+    }
+    log.0.extend(writer.join().unwrap().0);
+    let check = |what: &str| {
+        let entries = vb.history().unwrap();
+        for e in &entries {
+            let snapshot = vb.snapshot_at(e.offset).unwrap();
+            assert_eq!(
+                listing(&snapshot),
+                log.at(e.update_seq),
+                "{what}: header {} (update seq {})",
+                e.offset,
+                e.update_seq
+            );
+        }
+        entries
+    };
+    let before = check("after concurrent compactions");
+    let now = before[0].timestamp.unwrap();
+    let report = vb
+        .compact(&CompactionOptions {
+            history: Some(vbucket::History {
+                now: Some(now),
+                ..history
+            }),
+            ..options.clone()
+        })
+        .unwrap();
+    let after = check("after a last compaction");
+    let expected = expected_kept(&before, now, 3600 * 1_000_000_000, 300_000);
+    assert_eq!(
+        after
+            .iter()
+            .map(|e| (e.update_seq, e.timestamp))
+            .collect::<Vec<_>>(),
+        expected
+            .iter()
+            .map(|e| (e.update_seq, e.timestamp))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(report.history_headers, expected.len() as u64);
+    let path = dir
+        .path()
+        .join(vbucket::revision_name(0, vb.snapshot().revision()));
+    // Roll back to a kept header in the middle.
+    let middle = after[after.len() / 2];
+    assert_eq!(
+        vb.rollback(middle.update_seq).unwrap(),
+        RollbackTo::Seqno(middle.update_seq)
+    );
+    assert_eq!(listing(&vb.snapshot()), log.at(middle.update_seq));
+    store.close().unwrap();
+    verify_file(&path);
+    for e in [after[0], after[after.len() / 2], after[after.len() - 1]] {
+        support::couchread_verify(&path, Some(e.offset));
+    }
+}
+
+/// A crash at each I/O of a compaction keeping history: every image opens
+/// on the old revision or the new one, with every header of its history
+/// listing the model at its update seq, no `.compact` file left, and the
+/// new revision (once it is there) holding exactly the headers kept.
+#[test]
+fn history_compaction_crash_sweep() {
+    let dir = Arc::new(FaultyDirectory::new(FaultController::new()));
+    let mut rng = Rng::new(25);
+    let mut log = Log::default();
+    let (source, now) = {
+        let store = Store::open_in(Arc::clone(&dir) as Arc<dyn Directory>, config()).unwrap();
+        let vb = store.open_vbucket(0).unwrap();
+        build(&vb, &mut rng, &mut log, 30);
+        let history = vb.history().unwrap();
+        store.close().unwrap();
+        let now = history[0].timestamp.unwrap();
+        (history, now)
+    };
+    let span = now - source[source.len() - 2].timestamp.unwrap();
+    let history = vbucket::History {
+        max_age: Duration::from_nanos(span / 2),
+        granularity: Duration::from_nanos((span / 8).max(1)),
+        now: Some(now),
+    };
+    let expected = expected_kept(&source, now, span / 2, (span / 8).max(1));
+    let kept: Vec<_> = expected
+        .iter()
+        .map(|e| (e.update_seq, e.timestamp))
+        .collect();
+    let mut options = CompactionOptions {
+        history: Some(history),
+        ..CompactionOptions::default()
+    };
+    options.compactor.purge.drop_deletes = true;
+    let base = dir
+        .crash_image(TornTail::Everything, NameTail::Everything)
+        .unwrap();
+    let high = log.0.last().unwrap().0;
+    let mut points = 0;
+    for crash_at in 0.. {
+        let run = Arc::new(
+            base.crash_image(TornTail::Everything, NameTail::Everything)
+                .unwrap(),
+        );
+        let store = Store::open_in(Arc::clone(&run) as Arc<dyn Directory>, config()).unwrap();
+        let vb = store.open_vbucket(0).unwrap();
+        run.controller().crash_at(crash_at);
+        let result = vb.compact(&options);
+        let crashed = run.controller().has_crashed();
+        // A crash after the rename (the directory sync, the unlink of the
+        // old revision) leaves a compaction that returned Ok.
+        assert!(result.is_ok() || crashed, "crash at {crash_at}: {result:?}");
+        drop(vb);
+        drop(store);
+        for t in [
+            TornTail::Nothing,
+            TornTail::Everything,
+            TornTail::Prefix(4097),
+        ] {
+            for names in [NameTail::Synced, NameTail::Everything] {
+                let what = format!("crash at {crash_at} ({t:?}, {names:?})");
+                let image = Arc::new(run.crash_image(t, names).unwrap());
+                let store =
+                    Store::open_in(Arc::clone(&image) as Arc<dyn Directory>, config()).unwrap();
+                let vb = store.open_vbucket(0).unwrap();
+                assert_eq!(vb.high_seqno(), high, "{what}");
+                let revision = vb.snapshot().revision();
+                assert_eq!(
+                    image
+                        .list()
+                        .unwrap()
+                        .into_iter()
+                        .filter(|n| n.starts_with("0."))
+                        .collect::<Vec<_>>(),
+                    vec![vbucket::revision_name(0, revision)],
+                    "{what}"
+                );
+                let entries = vb.history().unwrap();
+                if revision == 2 {
+                    assert_eq!(
+                        entries
+                            .iter()
+                            .map(|e| (e.update_seq, e.timestamp))
+                            .collect::<Vec<_>>(),
+                        kept,
+                        "{what}"
+                    );
+                } else {
+                    assert_eq!(entries.len(), source.len(), "{what}");
+                }
+                for e in &entries {
+                    assert_eq!(
+                        listing(&vb.snapshot_at(e.offset).unwrap()),
+                        log.at(e.update_seq),
+                        "{what}: header {}",
+                        e.offset
+                    );
+                }
+                if !crashed {
+                    assert_eq!(revision, 2, "{what}: a compaction that returned is durable");
+                }
+                store.close().unwrap();
+            }
+        }
+        points += 1;
+        if !crashed {
+            break;
+        }
+    }
+    assert!(points > 20, "{points} crash points");
+}

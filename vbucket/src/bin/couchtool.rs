@@ -128,7 +128,8 @@ enum Command {
     #[command(after_help = "Examples:\n  \
                             couchtool compact 0.couch.1 0.couch.2\n  \
                             couchtool compact --drop-deletes 0.couch.1 0.couch.2\n  \
-                            couchtool compact --upgrade legacy_v11.couch upgraded.couch")]
+                            couchtool compact --upgrade legacy_v11.couch upgraded.couch\n  \
+                            couchtool compact --history-age 1h --history-granularity 5m 0.couch.1 0.couch.2")]
     Compact {
         /// Drop every tombstone (the purge seqno becomes the source's plus
         /// one, as couchstore's DROP_DELETES flag counts purges).
@@ -142,6 +143,21 @@ enum Command {
         /// as couchstore's `couch_compact --upgrade` does.
         #[arg(long)]
         upgrade: bool,
+        /// Keep the headers of this last stretch of time (before --now),
+        /// one per --history-granularity, each listing what the source
+        /// header it stands for lists (nothing they see is purged).
+        /// DURATION: a number and a unit (ns, us, ms, s, m, h, d).
+        #[arg(long, value_name = "DURATION", value_parser = tool::parse_duration, requires = "history_granularity")]
+        history_age: Option<std::time::Duration>,
+        /// With --history-age: one header (the newest) per period of this
+        /// length, periods aligned to the UNIX epoch.
+        #[arg(long, value_name = "DURATION", value_parser = tool::parse_duration, requires = "history_age")]
+        history_granularity: Option<std::time::Duration>,
+        /// With --history-age: the end of the window, in nanoseconds since
+        /// the UNIX epoch (default: the clock). The header timestamps come
+        /// from the file, so this makes the result reproducible.
+        #[arg(long, value_name = "UNIX_NANOS", requires = "history_age")]
+        now: Option<u64>,
         #[command(flatten)]
         open: Open,
         /// The couchstore file to compact (opened read-only).
@@ -191,6 +207,9 @@ fn run(command: &Command, out: &mut dyn Write) -> tool::Result<Outcome> {
             drop_deletes,
             purge_before_seq,
             upgrade,
+            history_age,
+            history_granularity,
+            now,
             open,
             src,
             dst,
@@ -200,6 +219,11 @@ fn run(command: &Command, out: &mut dyn Write) -> tool::Result<Outcome> {
                 drop_deletes: *drop_deletes,
                 purge_before_seq: purge_before_seq.unwrap_or(0),
                 upgrade: *upgrade,
+                history: history_age.map(|max_age| vbucket::History {
+                    max_age,
+                    granularity: history_granularity.unwrap_or_default(),
+                    now: *now,
+                }),
             };
             let summary = tool::compact(src, dst, &options)?;
             writeln!(out, "{summary}").map_err(tool::Error::Output)?;

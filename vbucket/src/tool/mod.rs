@@ -152,6 +152,39 @@ fn open_or_error(path: &Path, options: &OpenOptions) -> Result<Snapshot> {
     })
 }
 
+/// Parses a duration for the command line: a whole number with a unit,
+/// `ns`, `us`, `ms`, `s`, `m`, `h` or `d` (`90s`, `15m`, `2h`, `7d`); a
+/// bare number is seconds.
+pub fn parse_duration(text: &str) -> std::result::Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a whole number and a unit, such as 90s or 2h"))?;
+    let per_unit = match unit {
+        "ns" => Duration::from_nanos(1),
+        "us" => Duration::from_micros(1),
+        "ms" => Duration::from_millis(1),
+        "" | "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        "d" => Duration::from_secs(86_400),
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (ns, us, ms, s, m, h, d)"
+            ))
+        }
+    };
+    let n = u32::try_from(n).map_err(|_| format!("{text:?}: too large"))?;
+    per_unit
+        .checked_mul(n)
+        .ok_or_else(|| format!("{text:?}: too large"))
+}
+
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
