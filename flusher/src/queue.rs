@@ -510,8 +510,9 @@ impl<I: FlushItem> VbQueue<I> {
     /// after it is seen by [`PersistState::rolled_back`].
     fn wait_start(&self, seqno: u64) -> (usize, Option<Error>) {
         let epoch = self.shared.epoch();
-        let last = self.shared.queue.lock().last_seqno;
-        let error = if epoch > 0 && seqno > last {
+        // Without a rollback there is nothing to check (and no lock taken).
+        let rolled_back = epoch > 0 && seqno > self.shared.queue.lock().last_seqno;
+        let error = if rolled_back {
             let to = self
                 .shared
                 .persist

@@ -562,6 +562,7 @@ impl VBucket {
         // The sync itself runs after the lock is released.
         w.dir_sync_pending = true;
         shared.publish(&w);
+        shared.compacted_size.store(size_after, Ordering::Relaxed);
         final_round.duration = final_start.elapsed();
         rounds.push(final_round);
         // Fairly: a flusher waiting for the lock gets it now, and adds its

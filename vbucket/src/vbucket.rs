@@ -175,6 +175,8 @@ pub(crate) struct Shared {
     header_committed: Condvar,
     /// Total time the flusher waited for the commit lock (nanoseconds).
     pub(crate) flusher_lock_wait_nanos: AtomicU64,
+    /// Size of the file the last compaction wrote (0: none since open).
+    pub(crate) compacted_size: AtomicU64,
     /// The running compaction's control, so closing can cancel it.
     pub(crate) compaction: Mutex<Option<compactor::Control>>,
     /// Signalled when a compaction ends (closing waits for it).
@@ -533,6 +535,9 @@ pub struct VBucketStats {
     pub commit_latency_during_compaction: LatencyHistogram,
     /// Latency of the other flush-batch commits.
     pub commit_latency_otherwise: LatencyHistogram,
+    /// Size of the file the last compaction wrote, history included (0:
+    /// no compaction since the vbucket was opened).
+    pub compacted_size: u64,
 }
 
 /// One vbucket of a [`crate::Store`]. Cheap to clone; every clone is the same
@@ -593,6 +598,7 @@ impl VBucket {
             published: Mutex::new(published),
             header_committed: Condvar::new(),
             flusher_lock_wait_nanos: AtomicU64::new(0),
+            compacted_size: AtomicU64::new(0),
             compaction: Mutex::new(None),
             compaction_ended: Condvar::new(),
             commit_latency: Mutex::new(CommitLatencies::default()),
@@ -1071,6 +1077,7 @@ impl VBucket {
             flush: self.queue.stats(),
             commit_latency_during_compaction: latencies.during_compaction.clone(),
             commit_latency_otherwise: latencies.otherwise.clone(),
+            compacted_size: self.shared.compacted_size.load(Ordering::Relaxed),
         })
     }
 }
