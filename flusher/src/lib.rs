@@ -8,7 +8,8 @@
 //! commit, sync included, has returned. A queue over its byte bound makes
 //! writers wait, then fail with [`Error::TemporarilyFull`]. A failed commit
 //! keeps its batch queued, asks the target to recover, and is retried with
-//! backoff. It is not a storage format and knows nothing about files, B-trees
+//! backoff. A rollback ([`VbQueue::rollback`]) forgets what is queued and in
+//! flight and fails the waits above its seqno. It is not a storage format and knows nothing about files, B-trees
 //! or compaction: the `vbucket` crate supplies the flush target.
 //!
 //! ```

@@ -354,7 +354,6 @@ pub(crate) fn replay_headers(
 /// it is kept as it was: nothing a kept header can see is dropped), then the
 /// others are replayed forward, a header committed for each. Returns the
 /// new file, the copy's figures and the replays'.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn copy_keeping_history(
     source: &CouchFile,
     kept: &[LocatedHeader],
