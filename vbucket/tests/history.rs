@@ -1162,3 +1162,87 @@ fn history_compaction_crash_sweep() {
     }
     assert!(points > 20, "{points} crash points");
 }
+
+/// The catch-up rounds keep the flusher's headers at the history's
+/// granularity: headers committed during the copy (each its own period at a
+/// 1 ns granularity) are all in the new file, each listing the model at its
+/// update seq; with one period for everything, the round keeps only its
+/// latest; without history, one header per round.
+#[test]
+fn catch_up_rounds_keep_the_flushers_headers_at_the_granularity() {
+    for (granularity, expect_all) in [
+        (Duration::from_nanos(1), true),
+        (Duration::from_secs(3600), false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), config()).unwrap();
+        let vb = store.open_vbucket(0).unwrap();
+        let log = Arc::new(parking_lot::Mutex::new(Log::default()));
+        let mut rng = Rng::new(26);
+        build(&vb, &mut rng, &mut log.lock(), 5);
+        let during: Arc<parking_lot::Mutex<Vec<u64>>> = Arc::default();
+        let commits_during = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let hook = {
+            let (vb, log, during) = (vb.clone(), Arc::clone(&log), Arc::clone(&during));
+            let commits_during = Arc::clone(&commits_during);
+            let rng = parking_lot::Mutex::new(Rng::new(27));
+            Arc::new(move |phase| {
+                if phase == CompactionPhase::Copied {
+                    // Commits while the copy's file waits for its rounds
+                    // (five waits; the flusher may split a wait's batch).
+                    let first = vb.latest_header().commits;
+                    for _ in 0..5 {
+                        let last = mutate(&vb, &mut rng.lock(), &mut log.lock(), 3);
+                        vb.wait_persisted(last, WAIT).unwrap();
+                        during.lock().push(vb.latest_header().update_seq);
+                    }
+                    let n = vb.latest_header().commits - first;
+                    commits_during.store(n, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
+        };
+        let options = CompactionOptions {
+            history: Some(vbucket::History {
+                max_age: Duration::from_secs(3600),
+                granularity,
+                now: None,
+            }),
+            // One unlocked round takes everything the hook committed.
+            lock_budget: Duration::from_secs(3600),
+            hook: Some(hook),
+            ..CompactionOptions::default()
+        };
+        let before = vb.history().unwrap();
+        let report = vb.compact(&options).unwrap();
+        let after = vb.history().unwrap();
+        let log = log.lock();
+        for e in &after {
+            assert_eq!(
+                listing(&vb.snapshot_at(e.offset).unwrap()),
+                log.at(e.update_seq)
+            );
+        }
+        let seqs: Vec<u64> = after.iter().map(|e| e.update_seq).collect();
+        let during = during.lock();
+        if expect_all {
+            for s in during.iter() {
+                assert!(
+                    seqs.contains(s),
+                    "the flusher's header at {s} is kept: {seqs:?}"
+                );
+            }
+            let n = commits_during.load(std::sync::atomic::Ordering::SeqCst) as usize;
+            assert!(n >= during.len());
+            assert_eq!(
+                after.len(),
+                before.len() - 1 + n,
+                "every header but the empty first"
+            );
+        } else {
+            // Everything is one period: the copy's header and the round's.
+            assert_eq!(seqs, vec![*during.last().unwrap(), before[0].update_seq]);
+        }
+        assert_eq!(report.history_headers, after.len() as u64);
+        store.close().unwrap();
+    }
+}
