@@ -873,7 +873,7 @@ fn couchtool_compact_with_history_keeps_one_header_per_period() {
     let (age, granularity) = (span * 2 / 3, (span / 10).max(1));
     let expected = expected_kept(&source, newest, age, granularity);
     assert!(
-        expected.len() >= 4 && expected.len() < source.len() / 2,
+        expected.len() >= 2 && expected.len() < source.len() / 2,
         "{}",
         expected.len()
     );
@@ -1160,19 +1160,23 @@ fn history_compaction_crash_sweep() {
             break;
         }
     }
-    assert!(points > 20, "{points} crash points");
+    // The copy's commit, one per header replayed, the rename and the
+    // directory syncs: the number depends on the headers kept.
+    assert!(kept.len() >= 2, "history kept: {kept:?}");
+    assert!(points > 4 * kept.len(), "{points} crash points");
 }
 
 /// The catch-up rounds keep the flusher's headers at the history's
 /// granularity: headers committed during the copy (each its own period at a
 /// 1 ns granularity) are all in the new file, each listing the model at its
 /// update seq; with one period for everything, the round keeps only its
-/// latest; without history, one header per round.
+/// latest.
 #[test]
 fn catch_up_rounds_keep_the_flushers_headers_at_the_granularity() {
     for (granularity, expect_all) in [
         (Duration::from_nanos(1), true),
-        (Duration::from_secs(3600), false),
+        // One period (aligned to the epoch) for every timestamp until 2070.
+        (Duration::from_secs(100 * 365 * 86_400), false),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), config()).unwrap();
