@@ -68,7 +68,7 @@ pub fn write(path: &Path, runs: &[Run]) -> Result<(), BoxError> {
             .caption(
                 format!(
                     "flush-batch commit latency, slowest per {BUCKET} s ({} compaction)",
-                    run.mode.name()
+                    run.name()
                 ),
                 ("sans-serif", 16),
             )
@@ -102,7 +102,7 @@ pub fn write(path: &Path, runs: &[Run]) -> Result<(), BoxError> {
 
         let mut size = ChartBuilder::on(&areas[columns + column])
             .caption(
-                format!("file size and live data ({} compaction)", run.mode.name()),
+                format!("file size and live data ({} compaction)", run.name()),
                 ("sans-serif", 16),
             )
             .margin(12)

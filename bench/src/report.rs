@@ -234,6 +234,24 @@ pub fn figures(run: &Run) -> Vec<Figure> {
         ms(flusher_waited),
         "ms",
     );
+    let history_headers: u64 = run
+        .compactions
+        .iter()
+        .map(|c| c.report.history_headers)
+        .sum();
+    let history_bytes: u64 = run.compactions.iter().map(|c| c.report.history_bytes).sum();
+    f.add(
+        COMPACTION,
+        "history headers kept per compaction",
+        history_headers as f64 / n.max(1) as f64,
+        "",
+    );
+    f.add(
+        COMPACTION,
+        "history replayed (total written)",
+        mib(history_bytes),
+        "MiB",
+    );
 
     const SPACE: &str = "space (file size / live data, sampled every 0.5 s)";
     let (average, max) = space_amplification(run);
@@ -271,7 +289,7 @@ fn format_value(value: f64, unit: &str) -> String {
 /// Prints one run's report.
 pub fn print(run: &Run) {
     let mut section = "";
-    println!("\n==== {} compaction ====", run.mode.name());
+    println!("\n==== {} compaction ====", run.name());
     for fig in figures(run) {
         if fig.section != section {
             section = fig.section;
@@ -305,16 +323,12 @@ pub fn print(run: &Run) {
 
 /// Prints two runs side by side with the ratio of the second to the first.
 pub fn print_comparison(a: &Run, b: &Run) {
-    println!(
-        "\n==== side by side ({} / {}) ====",
-        b.mode.name(),
-        a.mode.name()
-    );
+    println!("\n==== side by side ({} / {}) ====", b.name(), a.name());
     println!(
         "  {:<40} {:>12} {:>12} {:>9}",
         "",
-        a.mode.name(),
-        b.mode.name(),
+        a.name(),
+        b.name(),
         "ratio"
     );
     let mut section = "";
@@ -341,6 +355,43 @@ pub fn print_comparison(a: &Run, b: &Run) {
             x.unit
         );
     }
+}
+
+/// The cost of keeping history, `with` against `without` (runs of the same
+/// load): space (file size at the end, steady-state amplification) and
+/// compaction time (total, per compaction).
+pub fn print_history_cost(without: &Run, with: &Run) {
+    let end_size = |r: &Run| r.sizes.last().map_or(0, |s| s.file_size);
+    let total = |r: &Run| -> Duration { r.compactions.iter().map(|c| c.report.duration).sum() };
+    let per = |r: &Run| total(r).as_secs_f64() / r.compactions.len().max(1) as f64;
+    let ratio = |a: f64, b: f64| if a == 0.0 { 0.0 } else { b / a };
+    let (amp_without, _) = space_amplification(without);
+    let (amp_with, _) = space_amplification(with);
+    println!("\n==== the cost of history ====");
+    if let Some(h) = &with.history {
+        println!(
+            "  history kept: {:?} back, one header per {:?}",
+            h.max_age, h.granularity
+        );
+    }
+    println!(
+        "  space: file size at the end {:.1} -> {:.1} MiB ({:.2}x); steady-state amplification {:.2} -> {:.2}x",
+        mib(end_size(without)),
+        mib(end_size(with)),
+        ratio(end_size(without) as f64, end_size(with) as f64),
+        amp_without,
+        amp_with
+    );
+    println!(
+        "  compaction time: {:.3} -> {:.3} ms per compaction ({:.2}x); {} -> {} compactions, {:.1} -> {:.1} s in all",
+        per(without) * 1e3,
+        per(with) * 1e3,
+        ratio(per(without), per(with)),
+        without.compactions.len(),
+        with.compactions.len(),
+        total(without).as_secs_f64(),
+        total(with).as_secs_f64()
+    );
 }
 
 /// The figures of a run as a JSON object: `{section: {name: value}}`.
@@ -378,12 +429,18 @@ pub fn json(args: &Args, runs: &[Run]) -> Value {
         },
         "runs": runs.iter().map(|run| json!({
             "compaction": run.mode.name(),
+            "history": run.history.map(|h| json!({
+                "max_age_s": h.max_age.as_secs_f64(),
+                "granularity_s": h.granularity.as_secs_f64(),
+            })),
             "figures": figures_json(run),
             "compactions": run.compactions.iter().map(|c| json!({
                 "vbid": c.vbid, "t": c.t,
                 "duration_ms": ms(c.report.duration), "lock_held_ms": ms(c.report.lock_held),
                 "size_before": c.report.size_before, "size_after": c.report.size_after,
                 "rounds": c.report.rounds.len(),
+                "history_headers": c.report.history_headers,
+                "history_bytes": c.report.history_bytes,
                 "copy_ms": ms(c.report.copy.duration),
                 "copy_bytes_written": c.report.copy.bytes_written,
                 "round_ms": c.report.rounds.iter().map(|r| ms(r.duration)).collect::<Vec<_>>(),

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vbucket::{
-    AutoCompaction, CommitEvent, CompactionMode, CompactionOptions, CompactionReport, ItemMeta,
-    Store, StoreConfig, VBucket,
+    AutoCompaction, CommitEvent, CompactionMode, CompactionOptions, CompactionReport, History,
+    ItemMeta, Store, StoreConfig, VBucket,
 };
 
 /// How compactions share a vbucket with its flusher.
@@ -100,8 +100,20 @@ pub struct Args {
     pub compaction: ModeArg,
     /// Run the load twice, concurrent then blocking compaction, and print
     /// them side by side with their ratios (`--compaction` is then ignored).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "history")]
     pub compare: bool,
+    /// Run the load twice, compaction without history then keeping history
+    /// (`--history-age`, `--history-granularity`), and print them side by
+    /// side: the space and the compaction time the history costs.
+    #[arg(long)]
+    pub history: bool,
+    /// With `--history`: how far back the compactions keep headers
+    /// (a number and a unit: ns, us, ms, s, m, h, d).
+    #[arg(long, default_value = "30s", value_parser = vbucket::tool::parse_duration)]
+    pub history_age: Duration,
+    /// With `--history`: one header kept per period of this length.
+    #[arg(long, default_value = "2s", value_parser = vbucket::tool::parse_duration)]
+    pub history_granularity: Duration,
     /// Compact a vbucket once this fraction of its file is garbage.
     #[arg(long, default_value_t = 0.5)]
     pub fragmentation_threshold: f64,
@@ -372,6 +384,8 @@ pub struct Check {
 pub struct Run {
     /// The compaction mode.
     pub mode: ModeArg,
+    /// The history the compactions kept (`None`: none).
+    pub history: Option<History>,
     /// Length of the load.
     pub load: Duration,
     /// Mutations accepted.
@@ -413,8 +427,24 @@ pub struct Run {
     pub node_cache: Option<vbucket::CacheStats>,
 }
 
-/// Runs the load in `mode` in `dir` (empty) and does the final check.
-fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
+impl Run {
+    /// The run's name in reports: the mode, and whether history was kept.
+    pub fn name(&self) -> String {
+        run_name(self.mode, self.history.as_ref())
+    }
+}
+
+/// `concurrent`, or `concurrent+history` when history is kept.
+fn run_name(mode: ModeArg, history: Option<&History>) -> String {
+    match history {
+        Some(_) => format!("{}+history", mode.name()),
+        None => mode.name().to_string(),
+    }
+}
+
+/// Runs the load in `mode` (keeping `history`, if any) in `dir` (empty)
+/// and does the final check.
+fn run(args: &Args, mode: ModeArg, history: Option<History>, dir: &Path) -> Result<Run, BoxError> {
     let commits: Arc<Mutex<Vec<CommitEvent>>> = Arc::default();
     let on_commit = {
         let commits = Arc::clone(&commits);
@@ -427,6 +457,7 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
             max_concurrent: args.max_concurrent_compactions,
             options: CompactionOptions {
                 mode: mode.mode(),
+                history,
                 ..CompactionOptions::default()
             },
             ..AutoCompaction::default()
@@ -461,7 +492,7 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
         },
         args.delete_ratio,
         args.zipf,
-        mode.name(),
+        run_name(mode, history.as_ref()),
         args.fragmentation_threshold,
         args.flusher_threads,
         args.seconds,
@@ -528,7 +559,7 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
             progress.set_position(now.as_secs());
             progress.set_message(format!(
                 "{} {rate:>7.0} mut/s  lag {:>6}  file {:>6.1} MiB  live {:>6.1} MiB  compactions {}",
-                mode.name(),
+                run_name(mode, history.as_ref()),
                 high.saturating_sub(persisted),
                 mib(t.file_size),
                 mib(t.space_used),
@@ -607,6 +638,7 @@ fn run(args: &Args, mode: ModeArg, dir: &Path) -> Result<Run, BoxError> {
     let total = final_stats.total;
     Ok(Run {
         mode,
+        history,
         load,
         accepted: counters.mutations.load(Ordering::Relaxed),
         persisted,
@@ -696,9 +728,11 @@ fn check(
 
 /// A fresh directory for one run: `--dir` itself (or a subdirectory per
 /// mode when comparing), or a temporary one.
-fn run_in_dir(args: &Args, mode: ModeArg) -> Result<Run, BoxError> {
+fn run_in_dir(args: &Args, mode: ModeArg, history: Option<History>) -> Result<Run, BoxError> {
     let dir = match &args.dir {
-        Some(dir) if args.compare => Some(dir.join(mode.name())),
+        Some(dir) if args.compare || args.history => {
+            Some(dir.join(run_name(mode, history.as_ref())))
+        }
         other => other.clone(),
     };
     let (dir, _temp) = work_dir(dir.as_deref())?;
@@ -706,7 +740,7 @@ fn run_in_dir(args: &Args, mode: ModeArg) -> Result<Run, BoxError> {
     if std::fs::read_dir(&dir)?.next().is_some() {
         return Err(format!("--dir {} is not empty", dir.display()).into());
     }
-    run(args, mode, &dir)
+    run(args, mode, history, &dir)
 }
 
 /// Runs the workload (once, or in both modes with `--compare`), prints the
@@ -716,19 +750,29 @@ pub fn main(args: &Args) -> Result<bool, BoxError> {
     if args.vbuckets == 0 || args.writers == 0 {
         return Err("--vbuckets and --writers must be at least 1".into());
     }
-    let modes = if args.compare {
-        vec![ModeArg::Concurrent, ModeArg::Blocking]
+    let history = History {
+        max_age: args.history_age,
+        granularity: args.history_granularity,
+        now: None,
+    };
+    let plan = if args.compare {
+        vec![(ModeArg::Concurrent, None), (ModeArg::Blocking, None)]
+    } else if args.history {
+        vec![(args.compaction, None), (args.compaction, Some(history))]
     } else {
-        vec![args.compaction]
+        vec![(args.compaction, None)]
     };
     let mut runs = Vec::new();
-    for mode in modes {
-        let run = run_in_dir(args, mode)?;
+    for (mode, history) in plan {
+        let run = run_in_dir(args, mode, history)?;
         report::print(&run);
         runs.push(run);
     }
-    if let [concurrent, blocking] = runs.as_slice() {
-        report::print_comparison(concurrent, blocking);
+    if let [without, with] = runs.as_slice() {
+        report::print_comparison(without, with);
+        if args.history {
+            report::print_history_cost(without, with);
+        }
     }
     if let Some(out) = &args.out {
         std::fs::write(

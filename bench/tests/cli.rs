@@ -156,3 +156,56 @@ fn a_small_peers_run_reads_every_value_back_with_and_without_the_node_cache() {
         assert_eq!(engine["mismatches"], 0, "{engine}");
     }
 }
+
+#[test]
+fn a_short_history_run_reports_the_cost_of_history_and_reads_everything_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, data) = (path(dir.path(), "report.json"), path(dir.path(), "data"));
+    let output = bench(&[
+        "--history",
+        "--history-age",
+        "10s",
+        "--history-granularity",
+        "200ms",
+        "--seconds",
+        "2",
+        "--vbuckets",
+        "2",
+        "--keys",
+        "2000",
+        "--rate",
+        "20000",
+        "--read-rate",
+        "2000",
+        "--min-file-size",
+        "65536",
+        "--dir",
+        &data,
+        "--out",
+        &json,
+        "--no-chart",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for section in [
+        "==== concurrent compaction ====",
+        "==== concurrent+history compaction ====",
+        "==== side by side (concurrent+history / concurrent) ====",
+        "==== the cost of history ====",
+        "space: file size at the end",
+        "compaction time:",
+        "history headers kept per compaction",
+        "all 4000 keys read back as persisted: none differ",
+    ] {
+        assert!(stdout.contains(section), "no {section:?} in:\n{stdout}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert!(runs[0]["history"].is_null());
+    assert_eq!(runs[1]["history"]["granularity_s"], 0.2);
+    for run in runs {
+        let check = &run["figures"]["final check (close, reopen, read back)"];
+        assert_eq!(check["keys that differ"], 0.0);
+    }
+}

@@ -629,6 +629,23 @@ impl Db {
         Ok(offset)
     }
 
+    /// Makes `header`, an older header of this file, the pending one, so
+    /// that the next [`Db::commit`] commits it again as the newest (with a
+    /// new timestamp and `prev_header_pos`): couchstore's
+    /// `couchstore_rewind_db_header` followed by a commit. Anything saved
+    /// since the last commit is forgotten. Fails when `header` is of
+    /// another disk version than the file's last header.
+    pub fn rewind_to(&mut self, header: &DbHeader) -> Result<()> {
+        if header.disk_version != self.committed.header.disk_version {
+            return Err(Error::InvalidArgument(format!(
+                "cannot rewind a version {} file to a version {} header",
+                self.committed.header.disk_version, header.disk_version
+            )));
+        }
+        self.pending = header.clone();
+        Ok(())
+    }
+
     /// Forgets everything saved since the last commit.
     pub fn rollback_pending(&mut self) {
         self.pending = self.committed.header.clone();

@@ -80,6 +80,18 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// The seqno waited for was removed by a rollback of the vbucket
+    /// ([`crate::VbQueue::rollback`]) before it was persisted, or after,
+    /// to a point below it: it is no longer part of the vbucket's history.
+    #[error("vbucket {vbid}: seqno {seqno} was rolled back (the vbucket went back to seqno {to})")]
+    RolledBack {
+        /// The vbucket.
+        vbid: Vbid,
+        /// The seqno waited for.
+        seqno: u64,
+        /// The seqno the vbucket was rolled back to.
+        to: u64,
+    },
     /// A flusher thread is gone (it panicked).
     #[error("flusher thread of vbucket {0} is gone")]
     ThreadGone(Vbid),

@@ -8,7 +8,8 @@
 //! commit, sync included, has returned. A queue over its byte bound makes
 //! writers wait, then fail with [`Error::TemporarilyFull`]. A failed commit
 //! keeps its batch queued, asks the target to recover, and is retried with
-//! backoff. It is not a storage format and knows nothing about files, B-trees
+//! backoff. A rollback ([`VbQueue::rollback`]) forgets what is queued and in
+//! flight and fails the waits above its seqno. It is not a storage format and knows nothing about files, B-trees
 //! or compaction: the `vbucket` crate supplies the flush target.
 //!
 //! ```
@@ -55,7 +56,7 @@ mod shard;
 mod stats;
 
 pub use error::{Error, Result};
-pub use queue::VbQueue;
+pub use queue::{RollbackNotice, VbQueue};
 pub use shard::{Flusher, PendingRemoval, Removed};
 pub use stats::{FlushStats, LatencyHistogram, LatencySummary};
 
@@ -87,6 +88,11 @@ pub struct Batch<I> {
     pub drained: usize,
     /// Bytes of the items drained (what persisting releases from the queue).
     pub drained_bytes: usize,
+    /// The queue's rollback epoch its items were queued in (see
+    /// [`VbQueue::rollback`]). Once the queue is rolled back, a batch of an
+    /// earlier epoch is forgotten: a target that rolls back must not write
+    /// it (it compares this with the epoch [`VbQueue::rollback`] returned).
+    pub epoch: u64,
 }
 
 /// What a successful commit made durable.

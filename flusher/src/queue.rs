@@ -7,7 +7,7 @@ use crate::{deadline_after, wait_until, Batch, Committed, FlushItem, Vbid};
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,9 +38,20 @@ struct PersistState {
     /// Seqno ranges (inclusive) of batches dropped after a permanent
     /// failure, with the error; adjacent ranges of one error are merged.
     failed: Vec<(u64, u64, Arc<str>)>,
+    /// The seqno each rollback went back to, in order: the `n`th rollback
+    /// (counting from 1) made epoch `n`. A wait that began in epoch `e` for
+    /// a seqno above one of the later targets was rolled back.
+    rollbacks: Vec<u64>,
 }
 
 impl PersistState {
+    /// The error of a wait for `seqno` that began in `epoch`, if a rollback
+    /// since went below it.
+    fn rolled_back(&self, vbid: Vbid, seqno: u64, epoch: usize) -> Option<Error> {
+        let to = self.rollbacks.get(epoch..)?.iter().copied().min()?;
+        (seqno > to).then_some(Error::RolledBack { vbid, seqno, to })
+    }
+
     /// The outcome of a wait for `seqno`, once it is decided.
     fn outcome(&self, vbid: Vbid, seqno: u64) -> Option<Result<u64>> {
         if seqno > self.seqno {
@@ -78,7 +89,12 @@ impl PersistState {
 /// State shared by a vbucket's writers and its flusher thread.
 pub(crate) struct VbShared<I> {
     pub(crate) vbid: Vbid,
-    items: Sender<I>,
+    /// Each item with the rollback epoch it was queued in.
+    items: Sender<(u64, I)>,
+    /// Rollbacks so far (see [`VbQueue::rollback`]); changed only with
+    /// both the queue and the persist lock held, so either lock sees it
+    /// stable.
+    epoch: AtomicU64,
     wake: Sender<Vbid>,
     /// True while a wake-up for this vbucket is pending at the flusher.
     scheduled: AtomicBool,
@@ -93,7 +109,7 @@ pub(crate) struct VbShared<I> {
 impl<I: FlushItem> VbShared<I> {
     pub(crate) fn new(
         vbid: Vbid,
-        items: Sender<I>,
+        items: Sender<(u64, I)>,
         wake: Sender<Vbid>,
         max_queued_bytes: usize,
         persisted_seqno: u64,
@@ -101,6 +117,7 @@ impl<I: FlushItem> VbShared<I> {
         Self {
             vbid,
             items,
+            epoch: AtomicU64::new(0),
             wake,
             scheduled: AtomicBool::new(false),
             max_queued_bytes,
@@ -114,10 +131,16 @@ impl<I: FlushItem> VbShared<I> {
                 callbacks: Vec::new(),
                 closed: false,
                 failed: Vec::new(),
+                rollbacks: Vec::new(),
             }),
             persisted: Condvar::new(),
             stats: Mutex::new(FlushStats::default()),
         }
+    }
+
+    /// The current rollback epoch.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
     }
 
     /// The flusher is about to look at the queue: later enqueues wake it again.
@@ -179,7 +202,7 @@ impl<I: FlushItem> VbShared<I> {
             s.commit_latency.record(latency);
         }
         self.release(batch);
-        self.decide(batch.high_seqno, None);
+        self.decide(batch.epoch, batch.high_seqno, None);
     }
 
     /// A batch failed with an error that retrying cannot fix and was
@@ -187,13 +210,17 @@ impl<I: FlushItem> VbShared<I> {
     pub(crate) fn dropped(&self, batch: &Batch<I>, reason: &str) {
         self.stats.lock().batches_dropped += 1;
         self.release(batch);
-        self.decide(batch.high_seqno, Some(Arc::from(reason)));
+        self.decide(batch.epoch, batch.high_seqno, Some(Arc::from(reason)));
     }
 
-    /// Releases a batch's items and bytes from the queue's accounting.
+    /// Releases a batch's items and bytes from the queue's accounting (a
+    /// rollback since the batch was cut released them already).
     fn release(&self, batch: &Batch<I>) {
         {
             let mut q = self.queue.lock();
+            if self.epoch() != batch.epoch {
+                return;
+            }
             q.items = q.items.saturating_sub(batch.drained);
             q.bytes = q.bytes.saturating_sub(batch.drained_bytes);
             if q.items == 0 {
@@ -209,10 +236,14 @@ impl<I: FlushItem> VbShared<I> {
 
     /// Every seqno up to `high_seqno` is decided: persisted, or (with a
     /// `failure`) those above the previous decided seqno failed. Wakes the
-    /// waiters whose seqno is now decided.
-    fn decide(&self, high_seqno: u64, failure: Option<Arc<str>>) {
+    /// waiters whose seqno is now decided. A batch of an `epoch` before the
+    /// last rollback decides nothing: the rollback did.
+    fn decide(&self, epoch: u64, high_seqno: u64, failure: Option<Arc<str>>) {
         let decided = {
             let mut p = self.persist.lock();
+            if self.epoch() != epoch {
+                return;
+            }
             if let Some(reason) = failure {
                 if high_seqno > p.seqno {
                     let lo = p.seqno + 1;
@@ -324,7 +355,8 @@ impl<I: FlushItem> VbQueue<I> {
                 });
             }
             // Sent under the lock so that channel order is seqno order.
-            if self.shared.items.send(item).is_err() {
+            let epoch = self.shared.epoch();
+            if self.shared.items.send((epoch, item)).is_err() {
                 return Err(Error::ThreadGone(self.shared.vbid));
             }
             q.last_seqno = seqno;
@@ -360,12 +392,23 @@ impl<I: FlushItem> VbQueue<I> {
     /// Waits until `seqno` is durable, for up to `timeout` (a timeout too
     /// large to represent, such as [`Duration::MAX`], waits for as long as
     /// it takes). Fails with [`Error::CommitFailed`] if the batch holding
-    /// it was dropped after a permanent failure, and with [`Error::Closed`]
-    /// if the queue is removed first.
+    /// it was dropped after a permanent failure, with [`Error::Closed`]
+    /// if the queue is removed first, and with [`Error::RolledBack`] if a
+    /// rollback ([`VbQueue::rollback`]) removed `seqno`, before or during
+    /// the wait. (Seqnos above a rollback's target are assigned again
+    /// after it: a wait that begins after the rollback, for a seqno that
+    /// has been assigned again, waits for the new mutation.)
     pub fn wait_persisted(&self, seqno: u64, timeout: Duration) -> Result<u64> {
         let deadline = deadline_after(timeout);
+        let (epoch, rolled_back) = self.wait_start(seqno);
+        if let Some(e) = rolled_back {
+            return Err(e);
+        }
         let mut p = self.shared.persist.lock();
         loop {
+            if let Some(e) = p.rolled_back(self.shared.vbid, seqno, epoch) {
+                return Err(e);
+            }
             if let Some(outcome) = p.outcome(self.shared.vbid, seqno) {
                 return outcome;
             }
@@ -390,11 +433,16 @@ impl<I: FlushItem> VbQueue<I> {
     /// (right away, on this thread, if it already is; otherwise on the
     /// flusher thread), with [`Error::CommitFailed`] if its batch was
     /// dropped after a permanent failure, or with [`Error::Closed`] if the
-    /// queue is removed first. Keep it short: it runs on the flusher's
+    /// queue is removed first, or with [`Error::RolledBack`] as
+    /// [`VbQueue::wait_persisted`]. Keep it short: it runs on the flusher's
     /// thread.
     pub fn on_persisted(&self, seqno: u64, callback: impl FnOnce(Result<u64>) + Send + 'static) {
+        let (epoch, rolled_back) = self.wait_start(seqno);
         let mut p = self.shared.persist.lock();
-        if let Some(outcome) = p.outcome(self.shared.vbid, seqno) {
+        if let Some(e) = rolled_back.or_else(|| p.rolled_back(self.shared.vbid, seqno, epoch)) {
+            drop(p);
+            callback(Err(e));
+        } else if let Some(outcome) = p.outcome(self.shared.vbid, seqno) {
             drop(p);
             callback(outcome);
         } else if p.closed {
@@ -409,6 +457,81 @@ impl<I: FlushItem> VbQueue<I> {
         }
     }
 
+    /// Rolls the queue back to `seqno` (the vbucket went back to a header
+    /// covering exactly the seqnos up to it): every queued item is
+    /// forgotten (the flusher drops it unwritten), as is any batch already
+    /// cut (its commit decides nothing; a target that rolls back refuses
+    /// it, see [`Batch::epoch`]); the next item enqueued must have a seqno
+    /// above `seqno`; the persisted seqno becomes `seqno`; waits for a seqno
+    /// above it (those under way, callbacks registered, and waits that
+    /// began before the rollback) end with [`Error::RolledBack`], the
+    /// others with the persisted seqno.
+    ///
+    /// The caller keeps enqueues and commits out meanwhile (the vbucket
+    /// holds its front and commit locks). The callbacks decided are run
+    /// when the returned notice is dropped (or [`RollbackNotice::notify`]),
+    /// so that the caller can release its locks first.
+    pub fn rollback(&self, seqno: u64) -> RollbackNotice {
+        let vbid = self.shared.vbid;
+        let mut q = self.shared.queue.lock();
+        let mut p = self.shared.persist.lock();
+        let epoch = self.shared.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        q.items = 0;
+        q.bytes = 0;
+        q.ages.clear();
+        q.last_seqno = seqno;
+        p.seqno = seqno;
+        p.failed.retain(|(lo, _, _)| *lo <= seqno);
+        if let Some(last) = p.failed.last_mut() {
+            last.1 = last.1.min(seqno);
+        }
+        p.rollbacks.push(seqno);
+        let mut callbacks = p.take_decided(vbid);
+        callbacks.extend(std::mem::take(&mut p.callbacks).into_iter().map(|(s, cb)| {
+            let outcome = Err(Error::RolledBack {
+                vbid,
+                seqno: s,
+                to: seqno,
+            });
+            (cb, outcome)
+        }));
+        drop(p);
+        drop(q);
+        self.shared.room.notify_all();
+        self.shared.persisted.notify_all();
+        tracing::info!(vbid, seqno, epoch, "queue rolled back");
+        RollbackNotice { epoch, callbacks }
+    }
+
+    /// The rollback epoch a wait for `seqno` begins in, and its error if
+    /// `seqno` was rolled back before: after a rollback, a seqno above every
+    /// one queued since can only be one the rollback removed (a wait is for
+    /// a seqno already assigned). The epoch is read first, so a rollback
+    /// after it is seen by [`PersistState::rolled_back`].
+    fn wait_start(&self, seqno: u64) -> (usize, Option<Error>) {
+        let epoch = self.shared.epoch();
+        // Without a rollback there is nothing to check (and no lock taken).
+        let rolled_back = epoch > 0 && seqno > self.shared.queue.lock().last_seqno;
+        let error = if rolled_back {
+            let to = self
+                .shared
+                .persist
+                .lock()
+                .rollbacks
+                .last()
+                .copied()
+                .unwrap_or(0);
+            Some(Error::RolledBack {
+                vbid: self.shared.vbid,
+                seqno,
+                to,
+            })
+        } else {
+            None
+        };
+        (usize::try_from(epoch).unwrap_or(usize::MAX), error)
+    }
+
     /// This vbucket's flush statistics.
     pub fn stats(&self) -> FlushStats {
         self.shared.stats()
@@ -418,6 +541,44 @@ impl<I: FlushItem> VbQueue<I> {
         Error::Closed {
             vbid: self.shared.vbid,
             persisted: self.persisted_seqno(),
+        }
+    }
+}
+
+/// What [`VbQueue::rollback`] decided: the new epoch, and the persistence
+/// callbacks to run (when this is dropped, or by [`RollbackNotice::notify`]).
+#[must_use = "the callbacks run when the notice is dropped: drop it once the caller's locks are released"]
+pub struct RollbackNotice {
+    epoch: u64,
+    callbacks: Vec<(PersistCallback, Result<u64>)>,
+}
+
+impl std::fmt::Debug for RollbackNotice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RollbackNotice")
+            .field("epoch", &self.epoch)
+            .field("callbacks", &self.callbacks.len())
+            .finish()
+    }
+}
+
+impl RollbackNotice {
+    /// The queue's epoch from the rollback on ([`Batch::epoch`] of every
+    /// batch cut from now on, until the next rollback).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Runs the decided callbacks now.
+    pub fn notify(self) {
+        drop(self);
+    }
+}
+
+impl Drop for RollbackNotice {
+    fn drop(&mut self) {
+        for (cb, outcome) in self.callbacks.drain(..) {
+            cb(outcome);
         }
     }
 }

@@ -258,7 +258,8 @@ impl<T: FlushTarget> Drop for Flusher<T> {
 struct Slot<T: FlushTarget> {
     target: T,
     shared: Arc<VbShared<T::Item>>,
-    items: Receiver<T::Item>,
+    /// The queued items, each with the rollback epoch it was queued in.
+    items: Receiver<(u64, T::Item)>,
     /// A batch whose commit failed, to retry at `retry_at`.
     retry: Option<Batch<T::Item>>,
     retry_at: Instant,
@@ -312,20 +313,37 @@ impl<T: FlushTarget> Slot<T> {
         }
     }
 
-    /// Drains up to one batch's worth of items and keeps the newest of each key.
+    /// Drains up to one batch's worth of items and keeps the newest of each
+    /// key. Items a rollback forgot (of an earlier epoch than the batch's)
+    /// are dropped; an item of a later epoch means the items gathered so far
+    /// were rolled back meanwhile, so the batch starts again from it.
     fn cut_batch(&self, config: &FlusherConfig) -> Option<Batch<T::Item>> {
         let mut items = Vec::new();
         let mut bytes = 0usize;
+        let mut epoch = self.shared.epoch();
         while items.len() < config.max_batch_items.max(1) && bytes < config.max_batch_bytes {
             match self.items.try_recv() {
-                Ok(item) => {
+                Ok((item_epoch, item)) => {
+                    if item_epoch > epoch {
+                        items.clear();
+                        bytes = 0;
+                        epoch = item_epoch;
+                    }
+                    if item_epoch < epoch {
+                        continue;
+                    }
                     bytes += item.size();
                     items.push(item);
                 }
                 Err(_) => break,
             }
         }
-        (!items.is_empty()).then(|| dedup(items, bytes))
+        (!items.is_empty()).then(|| dedup(items, bytes, epoch))
+    }
+
+    /// True when a rollback forgot `batch` after it was cut.
+    fn is_rolled_back(&self, batch: &Batch<T::Item>) -> bool {
+        batch.epoch != self.shared.epoch()
     }
 
     /// Commits one batch (a due retry first).
@@ -335,6 +353,10 @@ impl<T: FlushTarget> Slot<T> {
             Some(batch) if now < self.retry_at => {
                 self.retry = Some(batch);
                 return Step::Backoff;
+            }
+            Some(batch) if self.is_rolled_back(&batch) => {
+                tracing::debug!(vbid = self.shared.vbid, "a failed batch was rolled back");
+                return self.next_step();
             }
             Some(batch) => {
                 self.shared.record_retry();
@@ -358,7 +380,14 @@ impl<T: FlushTarget> Slot<T> {
         )
         .entered();
         let start = Instant::now();
-        match self.target.commit(&batch) {
+        let result = self.target.commit(&batch);
+        if self.is_rolled_back(&batch) {
+            // The rollback decided its waiters and reset the accounting;
+            // the target refused it (or committed it just before the
+            // rollback, which then went back past it).
+            return self.next_step();
+        }
+        match result {
             Ok(committed) => {
                 self.shared.persisted(&batch, &committed, start.elapsed());
                 self.backoff = config.retry_backoff_min;
@@ -420,7 +449,7 @@ impl<T: FlushTarget> Slot<T> {
 }
 
 /// Keeps only the newest item of each key; the result stays in seqno order.
-fn dedup<I: FlushItem>(items: Vec<I>, drained_bytes: usize) -> Batch<I> {
+fn dedup<I: FlushItem>(items: Vec<I>, drained_bytes: usize, epoch: u64) -> Batch<I> {
     let drained = items.len();
     let high_seqno = items.iter().map(FlushItem::seqno).max().unwrap_or(0);
     let mut order: Vec<usize> = (0..drained).collect();
@@ -447,6 +476,7 @@ fn dedup<I: FlushItem>(items: Vec<I>, drained_bytes: usize) -> Batch<I> {
         high_seqno,
         drained,
         drained_bytes,
+        epoch,
     }
 }
 

@@ -61,6 +61,7 @@ struct Recorded {
     high_seqno: u64,
     drained: usize,
     drained_bytes: usize,
+    epoch: u64,
 }
 
 #[derive(Debug, Default)]
@@ -139,6 +140,7 @@ impl FlushTarget for TestTarget {
             high_seqno: batch.high_seqno,
             drained: batch.drained,
             drained_bytes: batch.drained_bytes,
+            epoch: batch.epoch,
         });
         Ok(Committed {
             header_offset: m.batches.len() as u64,
@@ -1059,4 +1061,82 @@ fn configurations_that_cannot_work_are_refused() {
             r.err()
         );
     }
+}
+
+/// A rollback while a batch is in the target's commit and more are queued:
+/// the queued items never reach the target, the batch in flight decides
+/// nothing when its commit returns, every wait above the target (under way,
+/// a callback, or begun after the rollback) fails with `RolledBack`, and
+/// items queued after it (reusing the seqnos) persist in the new epoch.
+#[test]
+fn a_rollback_forgets_queued_items_and_the_batch_in_flight() {
+    let flusher = Flusher::new(FlusherConfig {
+        max_batch_items: 2,
+        ..config()
+    })
+    .unwrap();
+    let (target, mut control) = gated_target();
+    let queue = flusher.add(0, target, 10).unwrap();
+    for s in 11..=16 {
+        queue.enqueue(item(&format!("k{s}"), s, s)).unwrap();
+    }
+    assert_eq!(control.wait_entered(), 12, "the first batch is in flight");
+    let (tx, rx) = mpsc::channel();
+    for seqno in [10, 12, 16] {
+        let tx = tx.clone();
+        queue.on_persisted(seqno, move |r| tx.send((seqno, r)).unwrap());
+    }
+    assert!(matches!(rx.recv().unwrap(), (10, Ok(10))));
+    let waiter = {
+        let queue = queue.clone();
+        std::thread::spawn(move || queue.wait_persisted(14, LONG))
+    };
+    let notice = queue.rollback(10);
+    assert_eq!(notice.epoch(), 1);
+    notice.notify();
+    for _ in 0..2 {
+        let (seqno, r) = rx.recv().unwrap();
+        assert!(
+            matches!(r, Err(Error::RolledBack { seqno: s, to: 10, .. }) if s == seqno),
+            "{seqno}: {r:?}"
+        );
+    }
+    let e = waiter.join().unwrap().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::RolledBack {
+                seqno: 14,
+                to: 10,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(matches!(
+        queue.wait_persisted(16, LONG),
+        Err(Error::RolledBack { seqno: 16, .. })
+    ));
+    assert_eq!(queue.persisted_seqno(), 10);
+    assert_eq!(queue.stats().queued_items, 0);
+    // The commit in flight returns: nothing more is persisted.
+    control.open();
+    for s in 11..=13 {
+        queue.enqueue(item(&format!("k{s}"), 100 + s, s)).unwrap();
+    }
+    assert_eq!(queue.wait_persisted(13, LONG).unwrap(), 13);
+    let model = control.model();
+    let old: Vec<_> = model.batches.iter().filter(|b| b.epoch == 0).collect();
+    assert_eq!(old.len(), 1, "only the batch in flight reached the target");
+    assert_eq!(old[0].high_seqno, 12);
+    let new: Vec<u64> = model
+        .batches
+        .iter()
+        .filter(|b| b.epoch == 1)
+        .flat_map(|b| b.items.iter().map(|i| i.value))
+        .collect();
+    assert_eq!(new, vec![111, 112, 113]);
+    drop(model);
+    assert_eq!(queue.persisted_seqno(), 13);
+    assert_eq!(queue.stats().queued_items, 0);
 }

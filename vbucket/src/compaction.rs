@@ -8,9 +8,10 @@
 
 use crate::error::{Error, Result};
 use crate::files::{self, compact_name, revision_name};
+use crate::history::{self, History};
 use crate::vbucket::VBucket;
 use btree::Db;
-use compactor::{copy_snapshot, replay, CompactionConfig, Control, CopyStats, Hooks, NoHooks};
+use compactor::{copy_snapshot, CompactionConfig, Control, CopyStats, Hooks, NoHooks};
 use couchfile::{CouchFile, CrcKind, Directory, FileWriter, LocatedHeader};
 use parking_lot::MutexGuard;
 use std::fmt;
@@ -81,6 +82,14 @@ pub struct CompactionOptions {
     /// the rate of the last round) to replay within this time; the first
     /// round runs whenever there is a gap, to measure that rate.
     pub lock_budget: Duration,
+    /// History to keep (`None`: only the latest header, as couchstore's
+    /// compaction). With it, the new file keeps one header per
+    /// [`History::granularity`] for the last [`History::max_age`], each
+    /// listing what the source header it stands for lists, and the
+    /// catch-up rounds keep the flusher's headers at the same granularity.
+    /// Nothing a kept header sees is purged (the purge policy and the hooks
+    /// apply only when no header is inside the window).
+    pub history: Option<History>,
     /// Test hook.
     pub hook: Option<CompactionHook>,
 }
@@ -92,6 +101,7 @@ impl Default for CompactionOptions {
             mode: CompactionMode::Concurrent,
             max_rounds: 10,
             lock_budget: Duration::from_millis(2),
+            history: None,
             hook: None,
         }
     }
@@ -104,6 +114,7 @@ impl fmt::Debug for CompactionOptions {
             .field("mode", &self.mode)
             .field("max_rounds", &self.max_rounds)
             .field("lock_budget", &self.lock_budget)
+            .field("history", &self.history)
             .field("hook", &self.hook.is_some())
             .finish()
     }
@@ -152,6 +163,15 @@ pub struct CompactionReport {
     pub size_after: u64,
     /// Purge seq of the new file.
     pub purge_seq: u64,
+    /// Headers of the source kept in the new file by
+    /// [`CompactionOptions::history`] (the copy's and one per header
+    /// replayed from the oldest kept up to the latest, catch-up rounds
+    /// included); 0 without history.
+    pub history_headers: u64,
+    /// Bytes the history cost: written by the replays from the oldest
+    /// header kept up to the one the compaction started from (what a
+    /// compaction without history would not have written).
+    pub history_bytes: u64,
 }
 
 /// Removes the `.compact` file unless the compaction got as far as renaming it.
@@ -168,6 +188,19 @@ impl Drop for CompactFile<'_> {
                 tracing::warn!(file = %self.name, error = %e, "cannot remove an aborted compaction's file");
             }
         }
+    }
+}
+
+/// Holds a vbucket's compaction slot (see [`VBucket::exclude_compaction`]).
+pub(crate) struct CompactionExcluded<'a> {
+    vb: &'a VBucket,
+}
+
+impl Drop for CompactionExcluded<'_> {
+    fn drop(&mut self) {
+        let shared = self.vb.shared();
+        *shared.compaction.lock() = None;
+        shared.compaction_ended.notify_all();
     }
 }
 
@@ -229,6 +262,30 @@ impl VBucket {
         result
     }
 
+    /// Aborts a running compaction (its `.compact` file is removed before
+    /// it ends), waits for it to end, and keeps the compaction slot until
+    /// the returned guard is dropped: meanwhile [`VBucket::compact`] fails
+    /// with [`Error::CompactionRunning`]. Closing the vbucket waits for the
+    /// guard as for a compaction. Fails with [`Error::Closed`] once the
+    /// vbucket is closed.
+    pub(crate) fn exclude_compaction(&self) -> Result<CompactionExcluded<'_>> {
+        let shared = self.shared();
+        let mut running = shared.compaction.lock();
+        loop {
+            shared.check_open()?;
+            match running.as_ref() {
+                Some(control) => {
+                    tracing::info!("aborting the running compaction");
+                    control.cancel();
+                    shared.compaction_ended.wait(&mut running);
+                }
+                None => break,
+            }
+        }
+        *running = Some(Control::new());
+        Ok(CompactionExcluded { vb: self })
+    }
+
     /// The control of the running compaction, to cancel it or watch it.
     pub fn compaction_control(&self) -> Option<Control> {
         self.shared().compaction.lock().clone()
@@ -271,6 +328,21 @@ impl VBucket {
             }
         };
         let size_before = source.file().len()?;
+        // The history kept: the window fixed now, the headers from the
+        // vbucket's index of the file.
+        let history = options.history.map(|h| History {
+            now: Some(h.now.unwrap_or_else(unix_nanos)),
+            ..h
+        });
+        let plan = match &history {
+            Some(h) => Some(self.with_history_index(
+                revision,
+                source.file(),
+                source.located_header(),
+                |index| Ok(history::plan(index, source.located_header(), h)),
+            )?),
+            None => None,
+        };
         let new_revision = revision + 1;
         let name = compact_name(vbid, new_revision);
         match dir.remove(&name) {
@@ -290,15 +362,36 @@ impl VBucket {
             CouchFile::new(backend, dir.path().join(&name))?,
             &shared.options,
         ))?;
-        let (mut db, copy) = copy_snapshot(
-            &source,
-            target,
-            dir,
-            &name,
-            &options.compactor,
-            hooks,
-            control,
-        )?;
+        let mut history_headers = 0;
+        let mut history_bytes = 0;
+        let (mut db, copy) = match &plan {
+            Some((kept, true)) => {
+                let (db, copy, replayed) = history::copy_keeping_history(
+                    source.file(),
+                    kept,
+                    target,
+                    dir,
+                    &name,
+                    &options.compactor,
+                    control,
+                )?;
+                history_headers = 1 + replayed.headers;
+                history_bytes = replayed.bytes_written;
+                (db, copy)
+            }
+            _ => copy_snapshot(
+                &source,
+                target,
+                dir,
+                &name,
+                &options.compactor,
+                hooks,
+                control,
+            )?,
+        };
+        // With history, the rounds keep the flusher's headers at the same
+        // granularity; without, one header per round.
+        let keep_history = matches!(plan, Some((_, true)));
         hook(CompactionPhase::Copied);
         // One catch-up round: replays `from..to` of the source into the new
         // file and commits it (a header, synced). So when no flush lands
@@ -307,14 +400,32 @@ impl VBucket {
         // everything, and the lock is held only for the rename and the
         // switch. Invariant: the new file's committed header covers `last`
         // whenever no round is in progress (the copy commits too).
+        let round_headers = std::cell::Cell::new(0u64);
         let catch_up = |db: &mut Db,
                         from: &LocatedHeader,
                         to: &LocatedHeader,
                         config: &CompactionConfig,
                         locked: bool|
          -> Result<RoundStats> {
-            let stats = replay(source.file(), from, to, db, config, control)?;
-            db.commit(unix_nanos())?;
+            let headers = match (&history, keep_history) {
+                (Some(h), true) => {
+                    self.with_history_index(revision, source.file(), to, |index| {
+                        let between: Vec<LocatedHeader> = index
+                            .headers()
+                            .iter()
+                            .filter(|x| x.offset > from.offset && x.offset <= to.offset)
+                            .cloned()
+                            .collect();
+                        Ok(h.select(&between))
+                    })?
+                }
+                _ => vec![to.clone()],
+            };
+            let stats =
+                history::replay_headers(source.file(), db, from, &headers, config, control)?;
+            if keep_history {
+                round_headers.set(round_headers.get() + stats.headers);
+            }
             Ok(RoundStats {
                 docs: stats.docs,
                 bytes_written: stats.bytes_written,
@@ -451,6 +562,7 @@ impl VBucket {
         // The sync itself runs after the lock is released.
         w.dir_sync_pending = true;
         shared.publish(&w);
+        shared.compacted_size.store(size_after, Ordering::Relaxed);
         final_round.duration = final_start.elapsed();
         rounds.push(final_round);
         // Fairly: a flusher waiting for the lock gets it now, and adds its
@@ -497,6 +609,8 @@ impl VBucket {
             duration: start.elapsed(),
             size_before,
             size_after,
+            history_headers: history_headers + round_headers.get(),
+            history_bytes,
         })
     }
 }

@@ -162,9 +162,27 @@ pub enum Error {
         /// Update seq that had been committed.
         committed: u64,
     },
+    /// No header of the file's history is at or before the point asked
+    /// for (the history starts later, or, for a time, its headers have no
+    /// timestamps).
+    #[error("{path}: no header at or before {point} (the oldest header has update seq {})", oldest.map_or_else(|| "none".to_owned(), |s| s.to_string()))]
+    NoHeaderAsOf {
+        /// The file.
+        path: PathBuf,
+        /// The point asked for.
+        point: crate::history::AsOf,
+        /// Update seq of the oldest header of the history, if any.
+        oldest: Option<u64>,
+    },
 }
 
 impl Error {
+    /// True when a wait for persistence ended because a rollback removed
+    /// the seqno waited for ([`crate::VBucket::rollback`]).
+    pub fn is_rolled_back(&self) -> bool {
+        matches!(self, Error::Flusher(flusher::Error::RolledBack { .. }))
+    }
+
     /// True when the vbucket's queue is over its memory bound: retry later.
     pub fn is_temporarily_full(&self) -> bool {
         matches!(self, Error::Flusher(flusher::Error::TemporarilyFull { .. }))

@@ -38,7 +38,18 @@
 //!   [--recovery] [--header-offset N] SRC DST` copies a header of SRC into
 //!   the new file DST with the compactor and prints a summary
 //!   ([`tool::compact`]); a version 11 file stays version 11 unless
-//!   `--upgrade` is given, as with couchstore's `couch_compact`.
+//!   `--upgrade` is given, as with couchstore's `couch_compact`; with
+//!   `--history-age DURATION --history-granularity DURATION [--now
+//!   UNIX_NANOS]` it keeps one header per period of the window ([`History`]);
+//! - `couchtool rollback FILE --to-seq N` appends the newest header at or
+//!   below N again as the newest and prints the seqno rolled back to, or
+//!   "to zero" ([`tool::rollback`]);
+//! - `--as-of-seq N` and `--as-of-time UNIX_NANOS` open the newest header at
+//!   or before a seqno or a time (dump, info, verify, compact).
+//!
+//! [`VBucket::history`], [`VBucket::snapshot_as_of_seqno`] and
+//! [`VBucket::snapshot_as_of_time`] read a vbucket's older headers;
+//! [`VBucket::rollback`] goes back to one (see [`history`]).
 //!
 //! Exit status: 0 when all is well, 1 on an error or a problem found.
 //! `cargo install --path vbucket` installs `couchtool`; `couchtool --version`
@@ -72,6 +83,7 @@ mod compaction;
 mod error;
 mod files;
 pub mod fuzzing;
+pub mod history;
 mod item;
 mod snapshot;
 mod store;
@@ -86,6 +98,7 @@ pub use compaction::{
 pub use compactor::{CompactionConfig, PurgePolicy, PurgeSeqRule};
 pub use error::{Error, Result};
 pub use files::{compact_name, revision_name, DamagedFiles};
+pub use history::{AsOf, History, HistoryEntry};
 pub use item::{Document, ItemMeta, Mutation, DATATYPE_JSON};
 pub use snapshot::ReadSnapshot;
 pub use store::{
@@ -94,8 +107,8 @@ pub use store::{
 };
 pub use vbstate::{FailoverEntry, VbState, VbucketState, VBSTATE_ID};
 pub use vbucket::{
-    CommitEvent, CommitObserver, CommittedHeader, VBucket, VBucketStats, MAX_REV_SEQ, MAX_SEQNO,
-    MAX_VALUE_SIZE, RESERVED_CAS,
+    CommitEvent, CommitObserver, CommittedHeader, RollbackTo, VBucket, VBucketStats, MAX_REV_SEQ,
+    MAX_SEQNO, MAX_VALUE_SIZE, RESERVED_CAS,
 };
 
 /// Re-exported so users can configure the flusher and read its statistics.

@@ -1,6 +1,7 @@
 //! Read snapshots: one header of one file revision, read as documents.
 
 use crate::error::{Error, Result};
+use crate::history::{AsOf, HeaderIndex, HistoryEntry};
 use crate::item::{meta_of, meta_of_ref, Document};
 use crate::vbstate::{VbState, VBSTATE_ID};
 use btree::{ChangesFilter, Snapshot};
@@ -171,6 +172,40 @@ impl ReadSnapshot {
                     Snapshot::new(file.clone(), header),
                 )
             }))
+    }
+
+    /// The history of the file from this snapshot's header back to the
+    /// oldest, newest first (see [`crate::history`]). Indexes the header
+    /// chain afresh; [`crate::VBucket::history`] keeps its index.
+    pub fn history(&self) -> Result<Vec<HistoryEntry>> {
+        Self::history_of(&self.snapshot)
+    }
+
+    /// The snapshot at the newest header, at or before this one, that is at
+    /// or before `point` (a binary search over the header chain);
+    /// [`Error::NoHeaderAsOf`] when there is none.
+    pub fn as_of(&self, point: AsOf) -> Result<ReadSnapshot> {
+        let index = self.index()?;
+        let header = index.find_or_error(point, self.snapshot.file().path())?;
+        Ok(ReadSnapshot::new(
+            self.vbid,
+            self.revision,
+            Snapshot::new(self.snapshot.file().clone(), header.clone()),
+        ))
+    }
+
+    /// The history of `snapshot`'s file from its header back, newest first
+    /// (for a file read without a vbucket, as couchtool does).
+    pub fn history_of(snapshot: &Snapshot) -> Result<Vec<HistoryEntry>> {
+        HeaderIndex::build(snapshot.file(), snapshot.located_header(), OpenMode::Normal)?.entries()
+    }
+
+    fn index(&self) -> Result<HeaderIndex> {
+        Ok(HeaderIndex::build(
+            self.snapshot.file(),
+            self.snapshot.located_header(),
+            OpenMode::Normal,
+        )?)
     }
 
     fn document(&self, info: DocInfo) -> Result<Document> {

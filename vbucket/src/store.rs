@@ -201,6 +201,24 @@ impl Outcomes {
     }
 }
 
+/// The share of a vbucket's file that a compaction would reclaim: what its
+/// latest header does not use. When compactions keep history, what the
+/// last compaction wrote (the latest header's data and the history it
+/// kept) counts as used: only what was appended since is garbage, so a
+/// file whose history alone is larger than its data is not compacted
+/// again and again.
+fn fragmentation(stats: &crate::VBucketStats, keeps_history: bool) -> f64 {
+    if stats.file_size == 0 {
+        return 0.0;
+    }
+    let used = if keeps_history {
+        stats.space_used.max(stats.compacted_size)
+    } else {
+        stats.space_used
+    };
+    stats.file_size.saturating_sub(used) as f64 / stats.file_size as f64
+}
+
 /// The automatic compaction loop: checks the vbuckets' fragmentation every
 /// interval, and as soon as a compaction ends, and starts compactions, at
 /// most `max_concurrent` at a time.
@@ -235,6 +253,7 @@ fn auto_compaction_loop(
             .into_iter()
             .filter(|vb| !running.contains_key(&vb.vbid()))
             .collect();
+        let keeps_history = config.options.history.is_some();
         let mut due: Vec<(f64, VBucket)> = candidates
             .into_iter()
             .filter_map(|vb| {
@@ -242,8 +261,7 @@ fn auto_compaction_loop(
                 if stats.file_size < config.min_file_size || stats.file_size == 0 {
                     return None;
                 }
-                let garbage = stats.file_size.saturating_sub(stats.space_used) as f64;
-                let fragmentation = garbage / stats.file_size as f64;
+                let fragmentation = fragmentation(&stats, keeps_history);
                 (fragmentation >= config.fragmentation_threshold).then_some((fragmentation, vb))
             })
             .collect();
@@ -711,5 +729,29 @@ impl Drop for Store {
         // As close, reporting failures only in the log: handles that outlive
         // the store must not write into files a new owner may open.
         let _ = self.close_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fragmentation;
+    use crate::VBucketStats;
+
+    #[test]
+    fn with_history_what_the_last_compaction_wrote_is_not_garbage() {
+        let stats = VBucketStats {
+            file_size: 1000,
+            space_used: 200,
+            compacted_size: 700,
+            ..VBucketStats::default()
+        };
+        assert!((fragmentation(&stats, false) - 0.8).abs() < 1e-9);
+        assert!((fragmentation(&stats, true) - 0.3).abs() < 1e-9);
+        let fresh = VBucketStats {
+            compacted_size: 1000,
+            ..stats
+        };
+        assert_eq!(fragmentation(&fresh, true), 0.0);
+        assert_eq!(fragmentation(&VBucketStats::default(), true), 0.0);
     }
 }

@@ -4,12 +4,14 @@
 
 use crate::error::{Error, Result};
 use crate::files::{self, revision_name};
+use crate::history::{unix_nanos_of, AsOf, HeaderIndex, HistoryEntry};
 use crate::item::{Document, Item, ItemMeta, Mutation, QueuedItem, Rev};
 use crate::snapshot::ReadSnapshot;
 use crate::vbstate::{VbState, VbucketState, VBSTATE_ID};
 use btree::{Db, DbOptions, LocalUpdate, Snapshot};
 use couchfile::{
-    CacheStats, ChunkCache, CrcKind, Directory, FileWriter, LocatedHeader, MAX_KEY_LEN, MAX_U48,
+    CacheStats, ChunkCache, CouchFile, CrcKind, Directory, FileWriter, LocatedHeader, OpenMode,
+    MAX_KEY_LEN, MAX_U48,
 };
 use flusher::{
     Batch, Committed, FlushStats, FlushTarget, Flusher, LatencyHistogram, VbQueue, Vbid,
@@ -122,6 +124,9 @@ pub(crate) struct Writer {
     /// A compaction renamed its file into place but could not sync the
     /// directory: nothing may be reported durable until that sync succeeds.
     pub(crate) dir_sync_pending: bool,
+    /// The flusher queue's rollback epoch as of the last rollback: a batch
+    /// of an earlier epoch holds rolled-back mutations and is not written.
+    pub(crate) epoch: u64,
 }
 
 /// The latest commit, as published to readers and to compaction.
@@ -171,6 +176,8 @@ pub(crate) struct Shared {
     header_committed: Condvar,
     /// Total time the flusher waited for the commit lock (nanoseconds).
     pub(crate) flusher_lock_wait_nanos: AtomicU64,
+    /// Size of the file the last compaction wrote (0: none since open).
+    pub(crate) compacted_size: AtomicU64,
     /// The running compaction's control, so closing can cancel it.
     pub(crate) compaction: Mutex<Option<compactor::Control>>,
     /// Signalled when a compaction ends (closing waits for it).
@@ -179,6 +186,33 @@ pub(crate) struct Shared {
     commit_latency: Mutex<CommitLatencies>,
     /// Told of every flush-batch commit.
     on_commit: OnCommit,
+    /// The history of the current file revision, indexed as far as it was
+    /// last asked for (extended by the next search).
+    history: Mutex<HistoryCache>,
+}
+
+/// The header index of one file revision.
+#[derive(Debug, Default)]
+struct HistoryCache {
+    revision: u64,
+    index: HeaderIndex,
+}
+
+/// Where a [`VBucket::rollback`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollbackTo {
+    /// To the newest header whose update seq is at or below the seqno asked
+    /// for: this is its update seq, the vbucket's high and persisted seqno
+    /// from now on.
+    Seqno(u64),
+    /// No header can serve: none has an update seq at or below the seqno
+    /// asked for (or it is the file's first, empty header, without a
+    /// vbstate), or the purge seqno is above it (deletions at or below it
+    /// are gone). Nothing was changed: the vbucket, its file and its queue
+    /// are as they were. The caller rebuilds the vbucket from scratch:
+    /// [`crate::Store::delete_vbucket`], then
+    /// [`crate::Store::open_vbucket`], then refill it.
+    Zero,
 }
 
 /// The optional commit observer, debug-printable.
@@ -211,14 +245,17 @@ impl Shared {
 
     /// Removes the dirty entries `batch` covers (those not replaced by a
     /// newer mutation since): after its header is published, or when it
-    /// was dropped.
+    /// was dropped. The dirty table holds each key's newest mutation, so an
+    /// entry the batch covers is the batch's own item; comparing identities
+    /// rather than seqnos keeps a mutation accepted after a rollback (whose
+    /// seqno may be below the batch's) in place.
     fn forget_dirty(&self, batch: &Batch<QueuedItem>) {
         let mut front = self.front.lock();
         for QueuedItem(item) in &batch.items {
             if front
                 .dirty
                 .get(&item.key)
-                .is_some_and(|d| d.seqno <= batch.high_seqno)
+                .is_some_and(|d| Arc::ptr_eq(d, item))
             {
                 front.dirty.remove(&item.key);
             }
@@ -315,8 +352,13 @@ impl Writer {
         Ok(offset)
     }
 
-    fn commit(&mut self) -> Result<u64> {
-        let timestamp = u64::try_from(unix_nanos()).unwrap_or(u64::MAX);
+    /// Commits the pending header. Its timestamp is the clock's, but never
+    /// below the last header's, so that the file's history is ordered by
+    /// time as well as by seqno (see [`crate::history`]).
+    pub(crate) fn commit(&mut self) -> Result<u64> {
+        let timestamp = u64::try_from(unix_nanos())
+            .unwrap_or(u64::MAX)
+            .max(self.db.committed().header.timestamp);
         match self.db.commit(timestamp) {
             Ok(offset) => Ok(offset),
             Err(e) => {
@@ -328,10 +370,17 @@ impl Writer {
 
     /// Reopens the file at its last valid header after a failed commit.
     fn recover(&mut self, shared: &Shared) -> Result<()> {
+        let committed = self.db.committed().header.update_seq;
+        self.reopen(shared, committed).map(drop)
+    }
+
+    /// Reopens the file at its last valid header, which must cover
+    /// `min_seq` ([`Error::LostCommit`] otherwise), and returns it.
+    fn reopen(&mut self, shared: &Shared, min_seq: u64) -> Result<LocatedHeader> {
         let _span = tracing::info_span!("recovery", vbid = shared.vbid).entered();
         let name = revision_name(shared.vbid, self.revision);
         let mut file = files::open_file(&*shared.dir, &name, &shared.options)?;
-        let committed = self.db.committed().header.update_seq;
+        let committed = min_seq;
         let header = match file.find_last_header(shared.options.db.mode) {
             Ok(Some(header)) if header.header.update_seq >= committed => header,
             Ok(found) => {
@@ -345,9 +394,13 @@ impl Writer {
         };
         tracing::info!(header = header.offset, "reopened after a failed commit");
         file.set_crc(CrcKind::for_version(header.header.disk_version));
-        self.db = Db::from_writer(FileWriter::new(file)?, header, shared.options.db.nodes);
+        self.db = Db::from_writer(
+            FileWriter::new(file)?,
+            header.clone(),
+            shared.options.db.nodes,
+        );
         self.needs_recovery = false;
-        Ok(())
+        Ok(header)
     }
 
     /// Readies the writer for a commit after an earlier failure.
@@ -401,6 +454,14 @@ impl FlushTarget for VbTarget {
                     writer
                 }
             };
+            if batch.epoch != writer.epoch {
+                // Rolled back while it waited: the flusher forgets it.
+                return Ok(Committed {
+                    header_offset: writer.db.committed().offset,
+                    high_seqno: batch.high_seqno,
+                    bytes_written: 0,
+                });
+            }
             writer.recover_if_needed(shared)?;
             let committed = writer.commit_batch(&shared.options, batch)?;
             shared.publish(&writer);
@@ -478,6 +539,9 @@ pub struct VBucketStats {
     /// its capacity, bytes, hits, misses and evictions (`None` when the
     /// store runs without one).
     pub node_cache: Option<CacheStats>,
+    /// Size of the file the last compaction wrote, history included (0:
+    /// no compaction since the vbucket was opened).
+    pub compacted_size: u64,
 }
 
 /// One vbucket of a [`crate::Store`]. Cheap to clone; every clone is the same
@@ -508,6 +572,7 @@ impl VBucket {
             vbstate: stored_vbstate.clone().unwrap_or_else(VbState::new_vbucket),
             needs_recovery: false,
             dir_sync_pending: false,
+            epoch: 0,
         };
         if stored_vbstate.is_none() {
             // A new vbucket: its identity (the failover uuid) must be durable.
@@ -535,10 +600,12 @@ impl VBucket {
             published: Mutex::new(published),
             header_committed: Condvar::new(),
             flusher_lock_wait_nanos: AtomicU64::new(0),
+            compacted_size: AtomicU64::new(0),
             compaction: Mutex::new(None),
             compaction_ended: Condvar::new(),
             commit_latency: Mutex::new(CommitLatencies::default()),
             on_commit: OnCommit(on_commit),
+            history: Mutex::new(HistoryCache::default()),
         });
         let queue = flusher.add(
             vbid,
@@ -822,6 +889,158 @@ impl VBucket {
         ))
     }
 
+    /// Calls `f` with the history of `file` (revision `revision`) up to its
+    /// header `latest` at least, indexed from the cache, which is extended
+    /// first (it may go beyond `latest`: filter by offset where it matters).
+    pub(crate) fn with_history_index<T>(
+        &self,
+        revision: u64,
+        file: &CouchFile,
+        latest: &LocatedHeader,
+        f: impl FnOnce(&HeaderIndex) -> Result<T>,
+    ) -> Result<T> {
+        let mut cache = self.shared.history.lock();
+        if cache.revision != revision {
+            *cache = HistoryCache {
+                revision,
+                index: HeaderIndex::default(),
+            };
+        }
+        cache.index.extend_to(file, latest, OpenMode::Normal)?;
+        f(&cache.index)
+    }
+
+    /// The headers of the vbucket's current file revision, newest first,
+    /// from the latest committed one back to the oldest (see
+    /// [`crate::history`]: a rollback's abandoned headers are left out).
+    /// Compaction keeps only the latest header, unless it keeps history
+    /// ([`crate::CompactionOptions::history`]).
+    pub fn history(&self) -> Result<Vec<HistoryEntry>> {
+        let p = self.shared.published.lock().clone();
+        self.with_history_index(
+            p.revision,
+            p.snapshot.file(),
+            p.snapshot.located_header(),
+            HeaderIndex::entries,
+        )
+    }
+
+    fn snapshot_as_of(&self, point: AsOf) -> Result<ReadSnapshot> {
+        let p = self.shared.published.lock().clone();
+        let file = p.snapshot.file();
+        let header =
+            self.with_history_index(p.revision, file, p.snapshot.located_header(), |index| {
+                Ok(index.find_or_error(point, file.path())?.clone())
+            })?;
+        Ok(ReadSnapshot::new(
+            self.shared.vbid,
+            p.revision,
+            Snapshot::new(file.clone(), header),
+        ))
+    }
+
+    /// A snapshot at the newest header of the current file revision whose
+    /// update seq is at or below `seqno` (a binary search over the indexed
+    /// header chain); [`Error::NoHeaderAsOf`] when there is none.
+    pub fn snapshot_as_of_seqno(&self, seqno: u64) -> Result<ReadSnapshot> {
+        self.snapshot_as_of(AsOf::Seqno(seqno))
+    }
+
+    /// A snapshot at the newest header of the current file revision
+    /// committed at or before `time` (a binary search over the indexed
+    /// header chain, by the headers' timestamps); [`Error::NoHeaderAsOf`]
+    /// when there is none.
+    pub fn snapshot_as_of_time(&self, time: SystemTime) -> Result<ReadSnapshot> {
+        self.snapshot_as_of(AsOf::Time(unix_nanos_of(time)))
+    }
+
+    /// Rolls the vbucket back to the newest header whose update seq is at
+    /// or below `seqno` (what a replica does when its history diverged from
+    /// the new active's). It:
+    ///
+    /// 1. aborts a running compaction (its `.compact` file is removed) and
+    ///    keeps new ones out until it is done;
+    /// 2. takes the commit lock, so the flusher waits;
+    /// 3. chooses the header (a binary search over the file's history) and
+    ///    appends it again as the newest header, with the file's layout
+    ///    (couchstore's `couchstore_rewind_db_header` and a commit), synced:
+    ///    one header append, nothing written before it, so a crash leaves
+    ///    the vbucket before or after the rollback;
+    /// 4. drops every unflushed mutation (all are above the header's update
+    ///    seq), queued or in a batch the flusher holds;
+    /// 5. resets the high seqno, the persisted seqno, the CAS clock and the
+    ///    vbstate (state, failover table) to the header's. Waits for a seqno
+    ///    above it end with an error ([`Error::is_rolled_back`]).
+    ///
+    /// Readers see the rolled-back state once it returns. Returns
+    /// [`RollbackTo::Zero`], having changed nothing, when no header can
+    /// serve (see there). Fails with [`Error::Closed`] once the vbucket is
+    /// closed.
+    pub fn rollback(&self, seqno: u64) -> Result<RollbackTo> {
+        let shared = &*self.shared;
+        let _span = tracing::info_span!("rollback", vbid = shared.vbid, seqno).entered();
+        let _no_compaction = self.exclude_compaction()?;
+        let mut writer = shared.writer.lock();
+        // Closing sets the flag, then waits for the commit lock and for the
+        // compaction slot this holds: a closed vbucket is not rolled back.
+        shared.check_open()?;
+        writer.recover_if_needed(shared)?;
+        let latest = writer.db.committed().clone();
+        let file = writer.db.writer_mut().file().clone();
+        let revision = writer.revision;
+        let chosen = self.with_history_index(revision, &file, &latest, |index| {
+            Ok(index.rollback_target(&latest, seqno).cloned())
+        })?;
+        let vbstate = match &chosen {
+            Some(header) => {
+                ReadSnapshot::new(shared.vbid, revision, Snapshot::new(file, header.clone()))
+                    .vbstate()?
+            }
+            None => None,
+        };
+        let (Some(chosen), Some(vbstate)) = (chosen, vbstate) else {
+            tracing::info!("rolled back to zero: nothing changed, the vbucket must be rebuilt");
+            return Ok(RollbackTo::Zero);
+        };
+        let to = chosen.header.update_seq;
+        let rewound = chosen.offset != latest.offset;
+        if rewound {
+            writer.db.rewind_to(&chosen.header)?;
+            if let Err(e) = writer.commit() {
+                // The header may have reached the file or not: reopen it
+                // at its last valid header and see which.
+                writer.db.rollback_pending();
+                match writer.reopen(shared, to) {
+                    Ok(h) if h.offset > latest.offset => {
+                        tracing::warn!(error = %e, "the rollback's commit failed after its header was written");
+                    }
+                    Ok(_) => return Err(e),
+                    Err(reopen) => {
+                        tracing::warn!(error = %reopen, "cannot reopen after the rollback's failed commit");
+                        return Err(e);
+                    }
+                }
+            }
+            shared.publish(&writer);
+        }
+        writer.vbstate = vbstate;
+        let notice = {
+            // Under the front lock: no mutation is accepted meanwhile.
+            let mut front = shared.front.lock();
+            let notice = self.queue.rollback(to);
+            writer.epoch = notice.epoch();
+            front.high_seqno = to;
+            front.max_cas = writer.vbstate.max_cas;
+            front.dirty.clear();
+            notice
+        };
+        drop(writer);
+        // The waiters' callbacks run without the vbucket's locks.
+        notice.notify();
+        tracing::info!(to, header = chosen.offset, rewound, "rolled back");
+        Ok(RollbackTo::Seqno(to))
+    }
+
     /// Calls `f` with every persisted document whose seqno is `since` or
     /// later, in seqno order (at the latest committed header).
     pub fn changes_since(
@@ -940,6 +1159,7 @@ impl VBucket {
                 .node_cache
                 .as_ref()
                 .map(|cache| cache.stats()),
+            compacted_size: self.shared.compacted_size.load(Ordering::Relaxed),
         })
     }
 }

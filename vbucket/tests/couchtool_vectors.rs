@@ -340,7 +340,7 @@ fn no_command_panics_on_damaged_or_cut_files() {
         for mode in [OpenMode::Normal, OpenMode::Recovery] {
             let options = OpenOptions {
                 mode,
-                header_offset: None,
+                ..OpenOptions::default()
             };
             let _ = tool::dump_jsonl(path, &options, &mut Vec::new());
             let _ = tool::dump_text(path, &options, &mut Vec::new());

@@ -122,7 +122,7 @@ proptest! {
         for &offset in &headers {
             let report = verify_with(
                 &path,
-                &OpenOptions { mode: OpenMode::Normal, header_offset: Some(offset) },
+                &OpenOptions { mode: OpenMode::Normal, header_offset: Some(offset), as_of: None },
             )
             .unwrap();
             prop_assert!(report.problems.is_empty(), "couchtool verify at {}: {:?}", offset, report.problems);

@@ -7,7 +7,7 @@ use couchfile::OpenMode;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vbucket::tool::{self, OpenOptions, Outcome};
+use vbucket::tool::{self, AsOf, OpenOptions, Outcome};
 
 /// Inspects, checks and compacts couchstore files.
 #[derive(Debug, Parser)]
@@ -34,8 +34,17 @@ struct Open {
     #[arg(long)]
     recovery: bool,
     /// Open at the header whose block starts at this offset.
-    #[arg(long, value_name = "OFFSET")]
+    #[arg(long, value_name = "OFFSET", conflicts_with_all = ["as_of_seq", "as_of_time"])]
     header_offset: Option<u64>,
+    /// Open at the newest header whose update seq is at or below N (a
+    /// binary search over the file's headers).
+    #[arg(long, value_name = "N", conflicts_with = "as_of_time")]
+    as_of_seq: Option<u64>,
+    /// Open at the newest header committed at or before T, given in
+    /// nanoseconds since the UNIX epoch (the headers' own unit; version 13
+    /// and 14 headers have timestamps).
+    #[arg(long, value_name = "UNIX_NANOS")]
+    as_of_time: Option<u64>,
 }
 
 impl Open {
@@ -43,6 +52,11 @@ impl Open {
         OpenOptions {
             mode: mode(self.recovery),
             header_offset: self.header_offset,
+            as_of: match (self.as_of_seq, self.as_of_time) {
+                (Some(seq), _) => Some(AsOf::Seqno(seq)),
+                (None, Some(t)) => Some(AsOf::Time(t)),
+                (None, None) => None,
+            },
         }
     }
 }
@@ -61,7 +75,9 @@ enum Command {
     #[command(after_help = "Examples:\n  \
                             couchtool dump 0.couch.1\n  \
                             couchtool dump --jsonl 0.couch.1\n  \
-                            couchtool dump --jsonl --recovery --header-offset 172032 0.couch.1")]
+                            couchtool dump --jsonl --recovery --header-offset 172032 0.couch.1\n  \
+                            couchtool dump --jsonl --as-of-seq 1200 0.couch.1\n  \
+                            couchtool dump --jsonl --as-of-time 1764979200000000000 0.couch.1")]
     Dump {
         /// Print couchstore's JSON Lines listing (one object a line).
         #[arg(long)]
@@ -112,7 +128,8 @@ enum Command {
     #[command(after_help = "Examples:\n  \
                             couchtool compact 0.couch.1 0.couch.2\n  \
                             couchtool compact --drop-deletes 0.couch.1 0.couch.2\n  \
-                            couchtool compact --upgrade legacy_v11.couch upgraded.couch")]
+                            couchtool compact --upgrade legacy_v11.couch upgraded.couch\n  \
+                            couchtool compact --history-age 1h --history-granularity 5m 0.couch.1 0.couch.2")]
     Compact {
         /// Drop every tombstone (the purge seqno becomes the source's plus
         /// one, as couchstore's DROP_DELETES flag counts purges).
@@ -126,12 +143,41 @@ enum Command {
         /// as couchstore's `couch_compact --upgrade` does.
         #[arg(long)]
         upgrade: bool,
+        /// Keep the headers of this last stretch of time (before --now),
+        /// one per --history-granularity, each listing what the source
+        /// header it stands for lists (nothing they see is purged).
+        /// DURATION: a number and a unit (ns, us, ms, s, m, h, d).
+        #[arg(long, value_name = "DURATION", value_parser = tool::parse_duration, requires = "history_granularity")]
+        history_age: Option<std::time::Duration>,
+        /// With --history-age: one header (the newest) per period of this
+        /// length, periods aligned to the UNIX epoch.
+        #[arg(long, value_name = "DURATION", value_parser = tool::parse_duration, requires = "history_age")]
+        history_granularity: Option<std::time::Duration>,
+        /// With --history-age: the end of the window, in nanoseconds since
+        /// the UNIX epoch (default: the clock). The header timestamps come
+        /// from the file, so this makes the result reproducible.
+        #[arg(long, value_name = "UNIX_NANOS", requires = "history_age")]
+        now: Option<u64>,
         #[command(flatten)]
         open: Open,
         /// The couchstore file to compact (opened read-only).
         src: PathBuf,
         /// The new file (must not exist; removed if the compaction fails).
         dst: PathBuf,
+    },
+    /// Rolls a file back to a seqno: appends the newest header whose
+    /// update seq is at or below it again as the newest header (as
+    /// couchstore's rewind and commit do) and prints the seqno rolled back
+    /// to, or "to zero" (then nothing is written: no header can serve, or
+    /// the purge seqno is above N). No store may have the file open.
+    #[command(after_help = "Examples:\n  \
+                            couchtool rollback 0.couch.3 --to-seq 1200")]
+    Rollback {
+        /// The couchstore file (rewritten in place: one header appended).
+        file: PathBuf,
+        /// The seqno to roll back to.
+        #[arg(long, value_name = "N")]
+        to_seq: u64,
     },
 }
 
@@ -161,6 +207,9 @@ fn run(command: &Command, out: &mut dyn Write) -> tool::Result<Outcome> {
             drop_deletes,
             purge_before_seq,
             upgrade,
+            history_age,
+            history_granularity,
+            now,
             open,
             src,
             dst,
@@ -170,8 +219,18 @@ fn run(command: &Command, out: &mut dyn Write) -> tool::Result<Outcome> {
                 drop_deletes: *drop_deletes,
                 purge_before_seq: purge_before_seq.unwrap_or(0),
                 upgrade: *upgrade,
+                history: history_age.map(|max_age| vbucket::History {
+                    max_age,
+                    granularity: history_granularity.unwrap_or_default(),
+                    now: *now,
+                }),
             };
             let summary = tool::compact(src, dst, &options)?;
+            writeln!(out, "{summary}").map_err(tool::Error::Output)?;
+            Ok(Outcome::default())
+        }
+        Command::Rollback { file, to_seq } => {
+            let summary = tool::rollback(file, *to_seq)?;
             writeln!(out, "{summary}").map_err(tool::Error::Output)?;
             Ok(Outcome::default())
         }

@@ -6,6 +6,7 @@
 //! version, the new file is version 14.
 
 use super::{open_or_error, Error, OpenOptions, Result};
+use crate::history::HeaderIndex;
 use compactor::{CompactionConfig, Control, CopyStats, NoHooks, PurgePolicy, PurgeSeqRule};
 use couchfile::{CouchFile, Directory, FileWriter, OsDirectory};
 use std::fmt;
@@ -31,6 +32,11 @@ pub struct CompactOptions {
     /// CRC-32 chunks, and any other version is written as 14, as
     /// couchstore's compaction does without the flag.
     pub upgrade: bool,
+    /// History to keep: one header per granularity period of the window
+    /// (see [`crate::History`]), each listing what the source header it
+    /// stands for lists; nothing they see is purged. `None`: the one
+    /// header copied.
+    pub history: Option<crate::History>,
 }
 
 /// What a compaction did (its [`fmt::Display`] is the one-line summary the
@@ -59,13 +65,15 @@ pub struct CompactSummary {
     pub size_before: u64,
     /// Size of the new file, in bytes.
     pub size_after: u64,
+    /// Headers the new file has (1 without history).
+    pub headers: u64,
 }
 
 impl fmt::Display for CompactSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "compacted {} (header {}, version {}) into {} (header {}, version {}): {} docs copied, {} tombstones purged, update_seq {}, purge_seq {}, {} -> {} bytes",
+            "compacted {} (header {}, version {}) into {} (header {}, version {}): {} docs copied, {} tombstones purged, update_seq {}, purge_seq {}, {} -> {} bytes, {} header(s)",
             self.source.display(),
             self.source_header,
             self.source_version,
@@ -77,7 +85,8 @@ impl fmt::Display for CompactSummary {
             self.update_seq,
             self.purge_seq,
             self.size_before,
-            self.size_after
+            self.size_after,
+            self.headers
         )
     }
 }
@@ -161,15 +170,44 @@ pub fn compact(src: &Path, dst: &Path, options: &CompactOptions) -> Result<Compa
         ..CompactionConfig::default()
     };
     let target = FileWriter::create_without_header(CouchFile::new(backend, dst)?)?;
-    let (mut db, copy) = compactor::copy_snapshot(
-        &source,
-        target,
-        &dir,
-        name,
-        &config,
-        &mut NoHooks,
-        &Control::new(),
-    )?;
+    let plan = match &options.history {
+        Some(history) => {
+            let index =
+                HeaderIndex::build(source.file(), source.located_header(), options.open.mode)?;
+            Some(crate::history::plan(
+                &index,
+                source.located_header(),
+                history,
+            ))
+        }
+        None => None,
+    };
+    let (mut db, copy, headers) = match plan {
+        Some((kept, true)) => {
+            let (db, copy, replayed) = crate::history::copy_keeping_history(
+                source.file(),
+                &kept,
+                target,
+                &dir,
+                name,
+                &config,
+                &Control::new(),
+            )?;
+            (db, copy, 1 + replayed.headers)
+        }
+        _ => {
+            let (db, copy) = compactor::copy_snapshot(
+                &source,
+                target,
+                &dir,
+                name,
+                &config,
+                &mut NoHooks,
+                &Control::new(),
+            )?;
+            (db, copy, 1)
+        }
+    };
     let committed = db.committed().clone();
     db.writer_mut().sync()?;
     dir.sync()
@@ -188,5 +226,6 @@ pub fn compact(src: &Path, dst: &Path, options: &CompactOptions) -> Result<Compa
         copy,
         size_before,
         size_after,
+        headers,
     })
 }

@@ -20,9 +20,12 @@
 //!   file cannot be opened.
 
 mod compact;
+mod rollback;
 mod verify;
 
+pub use crate::history::AsOf;
 pub use compact::{compact, CompactOptions, CompactSummary};
+pub use rollback::{rollback, RollbackSummary};
 pub use verify::{verify, verify_snapshot, verify_with, Problem, Report};
 
 use btree::{ChangesFilter, Snapshot};
@@ -47,7 +50,7 @@ impl<T> OutputResult<T> for io::Result<T> {
 }
 
 /// How to open a file: the mode used to find the last valid header, or a
-/// header given by its offset.
+/// header given by its offset, or the newest header as of a seqno or time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OpenOptions {
     /// How a corrupt last header is treated (normal: an error; recovery:
@@ -55,6 +58,11 @@ pub struct OpenOptions {
     pub mode: OpenMode,
     /// Open at the header whose block starts here instead of the last one.
     pub header_offset: Option<u64>,
+    /// Open at the newest header of the file's history (from the last
+    /// header back, see [`crate::history`]) at or before this point; when
+    /// there is none, the open fails as for a file without a header
+    /// (`COUCHSTORE_ERROR_NO_HEADER`). Ignored with `header_offset`.
+    pub as_of: Option<AsOf>,
 }
 
 impl OpenOptions {
@@ -67,15 +75,23 @@ impl OpenOptions {
     pub fn recovery() -> Self {
         Self {
             mode: OpenMode::Recovery,
-            header_offset: None,
+            ..Self::default()
         }
     }
 
     /// At the header at `offset`.
     pub fn at(offset: u64) -> Self {
         Self {
-            mode: OpenMode::Normal,
             header_offset: Some(offset),
+            ..Self::default()
+        }
+    }
+
+    /// At the newest header at or before `point`.
+    pub fn as_of(point: AsOf) -> Self {
+        Self {
+            as_of: Some(point),
+            ..Self::default()
         }
     }
 }
@@ -108,9 +124,23 @@ pub fn mode_name(mode: OpenMode) -> &'static str {
 /// Opens `path` read-only at a header as `options` say.
 pub fn open(path: &Path, options: &OpenOptions) -> btree::Result<Snapshot> {
     let file = CouchFile::open_read_only(path)?;
-    match options.header_offset {
-        Some(offset) => Snapshot::open_at(file, offset),
-        None => Snapshot::open_latest(file, options.mode),
+    match (options.header_offset, options.as_of) {
+        (Some(offset), _) => Snapshot::open_at(file, offset),
+        (None, None) => Snapshot::open_latest(file, options.mode),
+        (None, Some(point)) => {
+            let latest = Snapshot::open_latest(file, options.mode)?;
+            let index = crate::history::HeaderIndex::build(
+                latest.file(),
+                latest.located_header(),
+                options.mode,
+            )?;
+            match index.find(point) {
+                Some(header) => Ok(Snapshot::new(latest.file().clone(), header.clone())),
+                None => Err(btree::Error::File(couchfile::Error::NoHeader {
+                    path: path.to_path_buf(),
+                })),
+            }
+        }
     }
 }
 
@@ -120,6 +150,39 @@ fn open_or_error(path: &Path, options: &OpenOptions) -> Result<Snapshot> {
         mode: options.mode,
         source,
     })
+}
+
+/// Parses a duration for the command line: a whole number with a unit,
+/// `ns`, `us`, `ms`, `s`, `m`, `h` or `d` (`90s`, `15m`, `2h`, `7d`); a
+/// bare number is seconds.
+pub fn parse_duration(text: &str) -> std::result::Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a whole number and a unit, such as 90s or 2h"))?;
+    let per_unit = match unit {
+        "ns" => Duration::from_nanos(1),
+        "us" => Duration::from_micros(1),
+        "ms" => Duration::from_millis(1),
+        "" | "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        "d" => Duration::from_secs(86_400),
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (ns, us, ms, s, m, h, d)"
+            ))
+        }
+    };
+    let n = u32::try_from(n).map_err(|_| format!("{text:?}: too large"))?;
+    per_unit
+        .checked_mul(n)
+        .ok_or_else(|| format!("{text:?}: too large"))
 }
 
 /// Lowercase hex of `bytes`.
@@ -500,7 +563,7 @@ pub fn headers_jsonl(path: &Path, mode: OpenMode, out: &mut dyn Write) -> Result
     let mut outcome = Outcome::default();
     let options = OpenOptions {
         mode,
-        header_offset: None,
+        ..OpenOptions::default()
     };
     let Some(snapshot) = open_for_jsonl(path, &options, out, &mut outcome)? else {
         return Ok(outcome);
@@ -515,7 +578,7 @@ pub fn headers_jsonl(path: &Path, mode: OpenMode, out: &mut dyn Write) -> Result
 pub fn headers_text(path: &Path, mode: OpenMode, out: &mut dyn Write) -> Result<Outcome> {
     let options = OpenOptions {
         mode,
-        header_offset: None,
+        ..OpenOptions::default()
     };
     let snapshot = open_or_error(path, &options)?;
     let n = each_header(&snapshot, mode, &mut |h| h.write_text(out).output())?;
