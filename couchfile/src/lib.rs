@@ -5,10 +5,11 @@
 //! valid header on open (normal and recovery mode) and walking older and newer
 //! headers, and the codecs of the structures stored in chunks: the database
 //! header, node pointers, by-id and by-seq values and kv-engine's rev_meta,
-//! and a bounded cache of decompressed chunks that files can share
-//! ([`ChunkCache`], where the `btree` crate keeps nodes).
+//! and a bounded cache of decoded chunks that files can share
+//! ([`ChunkCache`], where the `btree` crate keeps its decoded nodes).
 //! All I/O goes through the small [`Backend`] trait, implemented for real
-//! files ([`FileBackend`]), memory ([`MemBackend`]) and fault injection
+//! files ([`FileBackend`], which reads the bytes already in the file in
+//! place through a read-only memory map: [`Backend::read_in_place`]), memory ([`MemBackend`]) and fault injection
 //! ([`FaultyBackend`]: crashes at the N-th write or sync, torn tails, ENOSPC,
 //! EIO), and the names of files through the [`Directory`] trait (on disk,
 //! [`OsDirectory`], or in memory with the same faults, [`FaultyDirectory`]),
