@@ -278,3 +278,71 @@ proptest! {
         walk_forged_tree(&data);
     }
 }
+
+/// A by-id "tree" whose one path runs through `depth` interior nodes of one
+/// entry each down to a leaf holding `k`.
+fn chain(depth: usize) -> Snapshot {
+    use btree::node::{INTERIOR, LEAF};
+    use couchfile::{encode_kv_length, DbHeader, DocInfo, FileWriter, NodePointer};
+    let file = CouchFile::new(Arc::new(MemBackend::new()), "deep.couch").unwrap();
+    let (mut w, first) = FileWriter::create(file.clone(), &DbHeader::new(14)).unwrap();
+    let node = |kind: u8, value: &[u8]| {
+        let mut bytes = vec![kind];
+        bytes.extend_from_slice(&encode_kv_length(1, value.len()).unwrap());
+        bytes.push(b'k');
+        bytes.extend_from_slice(value);
+        bytes
+    };
+    let info = DocInfo {
+        id: b"k".to_vec(),
+        db_seq: 1,
+        rev_seq: 1,
+        ..DocInfo::default()
+    };
+    let leaf = node(LEAF, &info.encode_by_id_value().unwrap());
+    let reduce = btree::IdReduce {
+        live: 1,
+        ..btree::IdReduce::default()
+    }
+    .encode();
+    let mut pointer = NodePointer {
+        pointer: w.append_compressed_chunk(&leaf).unwrap().offset,
+        subtree_size: 0,
+        reduce: reduce.clone(),
+    };
+    for _ in 0..depth {
+        let mut value = Vec::new();
+        pointer.encode_kp_value(&mut value).unwrap();
+        pointer = NodePointer {
+            pointer: w
+                .append_compressed_chunk(&node(INTERIOR, &value))
+                .unwrap()
+                .offset,
+            subtree_size: 0,
+            reduce: reduce.clone(),
+        };
+    }
+    let mut header = DbHeader::new(14);
+    header.update_seq = 1;
+    header.by_id_root = Some(pointer);
+    header.prev_header_pos = Some(first);
+    w.commit(&header).unwrap();
+    Snapshot::open_latest(w.file().clone(), OpenMode::Normal).unwrap()
+}
+
+#[test]
+fn a_path_deeper_than_any_real_tree_is_a_corrupt_node_not_a_stack_overflow() {
+    // Shallow enough: found.
+    let shallow = chain(40);
+    assert_eq!(shallow.doc_info(b"k").unwrap().unwrap().db_seq, 1);
+    // 20,000 levels would overflow a test thread's stack without the bound.
+    let deep = chain(20_000);
+    let e = deep.doc_info(b"k").unwrap_err();
+    assert!(matches!(e, Error::CorruptNode { .. }), "{e}");
+    assert!(e.to_string().contains("levels deep"), "{e}");
+    assert!(deep.doc_infos(&[b"k"]).is_err());
+    let walk = deep.docs_by_id(Bound::Unbounded, Bound::Unbounded, &mut |_| {
+        Ok(ControlFlow::Continue(()))
+    });
+    assert!(matches!(walk, Err(Error::CorruptNode { .. })), "{walk:?}");
+}
