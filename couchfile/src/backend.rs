@@ -202,6 +202,16 @@ impl FileBackend {
         &self.path
     }
 
+    /// This file reading in place through its memory map (`true`, the
+    /// default) or only with `pread` (`false`). The trade: a map saves a
+    /// system call and the kernel's copy on every read, but a disk that
+    /// fails to read a page kills the process (`SIGBUS`) where `pread`
+    /// returns `EIO`, an error the store reports.
+    pub fn with_mapped_reads(self, mapped_reads: bool) -> Self {
+        self.unmappable.store(!mapped_reads, Ordering::Relaxed);
+        self
+    }
+
     /// Maps enough of the file to reach `end` (unless a map already does).
     fn grow_map(&self, end: u64) -> io::Result<()> {
         let mut map = self.map.write();

@@ -171,14 +171,29 @@ fn not_found(name: &str) -> io::Error {
 #[derive(Debug)]
 pub struct OsDirectory {
     path: PathBuf,
+    /// Whether the files it opens read in place through a memory map.
+    mapped_reads: bool,
 }
 
 impl OsDirectory {
-    /// The directory at `path`, created (with its parents) if missing.
+    /// The directory at `path`, created (with its parents) if missing. Its
+    /// files read in place through a memory map
+    /// ([`OsDirectory::with_mapped_reads`]).
     pub fn new(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
         fs::create_dir_all(&path)?;
-        Ok(Self { path })
+        Ok(Self {
+            path,
+            mapped_reads: true,
+        })
+    }
+
+    /// This directory with its files reading in place through a memory map
+    /// (`true`, the default) or only with `pread` (`false`; see
+    /// [`FileBackend::with_mapped_reads`] for the trade).
+    pub fn with_mapped_reads(mut self, mapped_reads: bool) -> Self {
+        self.mapped_reads = mapped_reads;
+        self
     }
 
     fn file_path(&self, name: &str) -> io::Result<PathBuf> {
@@ -207,11 +222,13 @@ impl Directory for OsDirectory {
     }
 
     fn open(&self, name: &str) -> io::Result<Arc<dyn Backend>> {
-        Ok(Arc::new(FileBackend::open(self.file_path(name)?)?))
+        let file = FileBackend::open(self.file_path(name)?)?;
+        Ok(Arc::new(file.with_mapped_reads(self.mapped_reads)))
     }
 
     fn create(&self, name: &str) -> io::Result<Arc<dyn Backend>> {
-        Ok(Arc::new(FileBackend::create_new(self.file_path(name)?)?))
+        let file = FileBackend::create_new(self.file_path(name)?)?;
+        Ok(Arc::new(file.with_mapped_reads(self.mapped_reads)))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {

@@ -323,6 +323,13 @@ pub struct StoreConfig {
     /// What it holds and how it served is in [`StoreStats::node_cache`] and
     /// [`VBucketStats::node_cache`].
     pub node_cache_bytes: u64,
+    /// Whether the vbuckets' files are read in place through a read-only
+    /// memory map (`true`, the default) or only with `pread`. A map saves a
+    /// system call and a copy on every read; the price is that a disk
+    /// failing to read a page kills the process (`SIGBUS`) instead of
+    /// failing the read with an I/O error. Turn it off on media whose read
+    /// errors the store should report and survive.
+    pub mapped_reads: bool,
     /// What opening a vbucket does with a damaged revision file (one with
     /// no valid header that no crash can leave): fail, keeping every file
     /// (the default), or move it aside and open without it.
@@ -339,6 +346,7 @@ impl fmt::Debug for StoreConfig {
             .field("auto_compaction", &self.auto_compaction)
             .field("on_commit", &self.on_commit.as_ref().map(|_| "Fn"))
             .field("node_cache_bytes", &self.node_cache_bytes)
+            .field("mapped_reads", &self.mapped_reads)
             .field("damaged_files", &self.damaged_files)
             .finish()
     }
@@ -354,6 +362,7 @@ impl Default for StoreConfig {
             auto_compaction: None,
             on_commit: None,
             node_cache_bytes: DEFAULT_NODE_CACHE_BYTES,
+            mapped_reads: true,
             damaged_files: DamagedFiles::Fail,
         }
     }
@@ -454,7 +463,9 @@ impl Store {
     /// is [`couchfile::LOCK_FILE_NAME`]).
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Self> {
         let path = path.as_ref();
-        let dir = OsDirectory::new(path).map_err(|e| Error::io(path, "open directory", e))?;
+        let dir = OsDirectory::new(path)
+            .map_err(|e| Error::io(path, "open directory", e))?
+            .with_mapped_reads(config.mapped_reads);
         Self::open_in(Arc::new(dir), config)
     }
 

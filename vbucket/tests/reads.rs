@@ -43,6 +43,14 @@ fn config(cache_bytes: u64) -> StoreConfig {
     }
 }
 
+/// [`config`] reading with `pread` only, no memory map.
+fn unmapped(cache_bytes: u64) -> StoreConfig {
+    StoreConfig {
+        mapped_reads: false,
+        ..config(cache_bytes)
+    }
+}
+
 /// Writes `key(i)` = `value(i, version)` for `keys`, and waits until they
 /// are persisted.
 fn write(vb: &VBucket, keys: impl Iterator<Item = u64>, version: u64) {
@@ -124,9 +132,10 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn run_against_model(ops: &[Op], cache_bytes: u64) {
+fn run_against_model(ops: &[Op], config: StoreConfig) {
+    let cache_bytes = config.node_cache_bytes;
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path(), config(cache_bytes)).unwrap();
+    let mut store = Store::open(dir.path(), config.clone()).unwrap();
     let mut vb = store.open_vbucket(0).unwrap();
     let mut model = BTreeMap::new();
     for (step, op) in ops.iter().enumerate() {
@@ -160,7 +169,7 @@ fn run_against_model(ops: &[Op], cache_bytes: u64) {
             Op::Reopen => {
                 drop(vb);
                 store.close().unwrap();
-                store = Store::open(dir.path(), config(cache_bytes)).unwrap();
+                store = Store::open(dir.path(), config.clone()).unwrap();
                 vb = store.open_vbucket(0).unwrap();
             }
         }
@@ -181,18 +190,23 @@ proptest! {
 
     #[test]
     fn get_and_get_many_agree_with_a_model_with_the_cache(ops in prop::collection::vec(op(), 1..14)) {
-        run_against_model(&ops, DEFAULT_NODE_CACHE_BYTES);
+        run_against_model(&ops, config(DEFAULT_NODE_CACHE_BYTES));
+    }
+
+    #[test]
+    fn get_and_get_many_agree_with_a_model_without_the_memory_map(ops in prop::collection::vec(op(), 1..14)) {
+        run_against_model(&ops, unmapped(DEFAULT_NODE_CACHE_BYTES));
     }
 
     #[test]
     fn get_and_get_many_agree_with_a_model_without_the_cache(ops in prop::collection::vec(op(), 1..14)) {
-        run_against_model(&ops, 0);
+        run_against_model(&ops, config(0));
     }
 
     #[test]
     fn get_and_get_many_agree_with_a_model_with_a_tiny_cache(ops in prop::collection::vec(op(), 1..14)) {
         // Always evicting: what a lookup finds must never depend on it.
-        run_against_model(&ops, 16 << 10);
+        run_against_model(&ops, config(16 << 10));
     }
 }
 
