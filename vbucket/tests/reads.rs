@@ -352,3 +352,31 @@ fn a_get_from_the_file_allocates_only_the_document() {
     drop(vb);
     store.close().unwrap();
 }
+
+#[test]
+fn get_many_takes_any_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let vb = store.open_vbucket(0).unwrap();
+    assert!(vb.get_many(&[]).unwrap().is_empty());
+    write(&vb, 0..10, 1);
+    let long = vec![b'x'; 70_000];
+    let keys: Vec<&[u8]> = vec![b"", &long, b"key-00003", b"key-00003", b"\xff\xff"];
+    let docs = vb.get_many(&keys).unwrap();
+    let found: Vec<bool> = docs.iter().map(Option::is_some).collect();
+    assert_eq!(found, [false, false, true, true, false]);
+    assert!(vb.get(&long).unwrap().is_none());
+    assert!(vb.get(b"").unwrap().is_none());
+    // A deleted key reads as absent, and as a deletion when asked.
+    let seqno = vb.delete(b"key-00004", ItemMeta::default()).unwrap().seqno;
+    vb.wait_persisted(seqno, TIMEOUT).unwrap();
+    let keys: Vec<&[u8]> = vec![b"key-00004"];
+    assert!(vb.get_many(&keys).unwrap()[0].is_none());
+    let deleted = vb.get_many_including_deleted(&keys).unwrap()[0]
+        .clone()
+        .unwrap();
+    assert!(deleted.deleted);
+    assert_eq!(deleted.seqno, seqno);
+    drop(vb);
+    store.close().unwrap();
+}
