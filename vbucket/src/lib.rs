@@ -15,8 +15,12 @@
 //! vbucket's commit lock and publishes the offset of every header it commits
 //! ([`VBucket::latest_header`]: the handoff compaction consumes). Readers
 //! take [`ReadSnapshot`]s at the latest or an older header and run
-//! concurrently with the flusher. It is not a network server or a cache: it
-//! is the persistence layer below one.
+//! concurrently with the flusher; [`VBucket::get`] and
+//! [`VBucket::get_many`] search B-tree nodes kept decoded in a cache the
+//! store's vbuckets share ([`StoreConfig::node_cache_bytes`], 32 MiB by
+//! default) and read bodies in place from a memory map of the file
+//! ([`StoreConfig::mapped_reads`]). It is not a network server or a
+//! cache: it is the persistence layer below one.
 //!
 //! The crate also holds [`tool`], the library behind the `couchtool`
 //! command-line binary (`src/bin/couchtool.rs`), which inspects and checks
