@@ -180,6 +180,7 @@ pub fn copy_snapshot(
         seq_builder,
         sorter,
         mut stats,
+        mut pacer,
         ..
     } = copier;
     let by_seq_root = seq_builder.finish(&mut writer)?;
@@ -199,6 +200,7 @@ pub fn copy_snapshot(
     })?;
     let local_root = local_builder.finish(&mut writer)?;
     control.check()?;
+    pacer.finish()?;
 
     if config.purge_seq_rule == PurgeSeqRule::CountDropDeletes && config.purge.drop_deletes {
         stats.purge_seq = src.purge_seq + 1;
