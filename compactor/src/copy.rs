@@ -93,12 +93,14 @@ impl Copier<'_, '_> {
         }
         if let Some(body) = self
             .source
-            .read_stored_body_sequential(&info, &mut self.bodies)?
+            .read_checked_body_sequential(&info, &mut self.bodies)?
         {
-            let pos = self.writer.append_chunk(&body)?;
+            // The checksum just checked is the new chunk's when both files
+            // are of one disk version.
+            let pos = self.writer.append_checked_chunk(&body)?;
             info.bp = pos.offset;
             info.physical_size = pos.disk_size;
-            self.stats.bytes_read += body.len() as u64;
+            self.stats.bytes_read += body.payload.len() as u64;
             self.pacer.wrote(&mut self.writer, pos.disk_size)?;
         }
         let key = encode_seq_key(info.db_seq)?;
