@@ -48,6 +48,8 @@ struct Copier<'a, 't> {
     config: &'a CompactionConfig,
     hooks: &'a mut dyn Hooks,
     now: u32,
+    /// Documents in the source's by-seq tree.
+    docs_total: u64,
     stats: CopyStats,
     /// Bodies come in by-seq order, which is (mostly) file order.
     bodies: SequentialReader,
@@ -106,7 +108,13 @@ impl Copier<'_, '_> {
         let key = encode_seq_key(info.db_seq)?;
         self.seq_builder
             .push(&mut self.writer, &key, &info.encode_by_seq_value()?)?;
-        self.sorter.push(&info.id, &info.encode_by_id_value()?)?;
+        let by_id = info.encode_by_id_value()?;
+        if self.stats.docs_copied == 0 {
+            // Sized on the first pair: ids of one file are alike.
+            let left = usize::try_from(self.docs_total).unwrap_or(usize::MAX);
+            self.sorter.reserve(left, info.id.len() + by_id.len());
+        }
+        self.sorter.push(&info.id, &by_id)?;
         self.stats.docs_copied += 1;
         Ok(())
     }
@@ -156,6 +164,7 @@ pub fn copy_snapshot(
         config,
         hooks,
         now: config.now(),
+        docs_total,
         stats: CopyStats {
             purge_seq: src.purge_seq,
             ..CopyStats::default()
