@@ -250,6 +250,19 @@ impl Snapshot {
         Ok(Some(reader.read_chunk(&self.file, info.bp)?))
     }
 
+    /// [`Snapshot::read_stored_body_sequential`], keeping the checksum the
+    /// body was checked against (for [`couchfile::FileWriter::append_checked_chunk`]).
+    pub fn read_checked_body_sequential(
+        &self,
+        info: &DocInfo,
+        reader: &mut SequentialReader,
+    ) -> Result<Option<couchfile::CheckedChunk>> {
+        if info.bp == 0 {
+            return Ok(None);
+        }
+        Ok(Some(reader.read_checked_chunk(&self.file, info.bp)?))
+    }
+
     /// Calls `f` with every document whose seq is `since` or later, in seq
     /// order (couchstore's `changes_since`: the start is inclusive).
     pub fn changes_since(

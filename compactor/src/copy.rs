@@ -48,6 +48,8 @@ struct Copier<'a, 't> {
     config: &'a CompactionConfig,
     hooks: &'a mut dyn Hooks,
     now: u32,
+    /// Documents in the source's by-seq tree.
+    docs_total: u64,
     stats: CopyStats,
     /// Bodies come in by-seq order, which is (mostly) file order.
     bodies: SequentialReader,
@@ -93,18 +95,26 @@ impl Copier<'_, '_> {
         }
         if let Some(body) = self
             .source
-            .read_stored_body_sequential(&info, &mut self.bodies)?
+            .read_checked_body_sequential(&info, &mut self.bodies)?
         {
-            let pos = self.writer.append_chunk(&body)?;
+            // The checksum just checked is the new chunk's when both files
+            // are of one disk version.
+            let pos = self.writer.append_checked_chunk(&body)?;
             info.bp = pos.offset;
             info.physical_size = pos.disk_size;
-            self.stats.bytes_read += body.len() as u64;
+            self.stats.bytes_read += body.payload.len() as u64;
             self.pacer.wrote(&mut self.writer, pos.disk_size)?;
         }
         let key = encode_seq_key(info.db_seq)?;
         self.seq_builder
             .push(&mut self.writer, &key, &info.encode_by_seq_value()?)?;
-        self.sorter.push(&info.id, &info.encode_by_id_value()?)?;
+        let by_id = info.encode_by_id_value()?;
+        if self.stats.docs_copied == 0 {
+            // Sized on the first pair: ids of one file are alike.
+            let left = usize::try_from(self.docs_total).unwrap_or(usize::MAX);
+            self.sorter.reserve(left, info.id.len() + by_id.len());
+        }
+        self.sorter.push(&info.id, &by_id)?;
         self.stats.docs_copied += 1;
         Ok(())
     }
@@ -154,6 +164,7 @@ pub fn copy_snapshot(
         config,
         hooks,
         now: config.now(),
+        docs_total,
         stats: CopyStats {
             purge_seq: src.purge_seq,
             ..CopyStats::default()
@@ -180,6 +191,7 @@ pub fn copy_snapshot(
         seq_builder,
         sorter,
         mut stats,
+        mut pacer,
         ..
     } = copier;
     let by_seq_root = seq_builder.finish(&mut writer)?;
@@ -199,6 +211,7 @@ pub fn copy_snapshot(
     })?;
     let local_root = local_builder.finish(&mut writer)?;
     control.check()?;
+    pacer.finish()?;
 
     if config.purge_seq_rule == PurgeSeqRule::CountDropDeletes && config.purge.drop_deletes {
         stats.purge_seq = src.purge_seq + 1;

@@ -146,6 +146,13 @@ pub struct CompactionConfig {
     /// Sync the target after every this many bytes written (0: only at the
     /// end), so the page cache never holds a huge dirty tail.
     pub sync_every_bytes: u64,
+    /// Have a second thread sync the target every time this many more
+    /// bytes were appended (0: never), so that the disk writes the copy
+    /// while it runs and the commit's sync finds little left to write. The
+    /// commit's syncs are unchanged; an error of one of these syncs fails
+    /// the copy. Off by default: the extra thread's syncs are not in a
+    /// deterministic order with the copy's other I/O.
+    pub writeback_every_bytes: u64,
     /// Write at most this many bytes per second (`None`: no limit).
     pub throttle_bytes_per_sec: Option<u64>,
     /// Bytes of (id, by-id value) pairs sorted in memory before sorted runs
@@ -174,6 +181,7 @@ impl Default for CompactionConfig {
             purge_seq_rule: PurgeSeqRule::default(),
             now: None,
             sync_every_bytes: 64 << 20,
+            writeback_every_bytes: 0,
             throttle_bytes_per_sec: None,
             id_sort_memory: 64 << 20,
             nodes: NodeConfig::default(),

@@ -134,6 +134,8 @@ pub fn replay(
     if !locals.is_empty() {
         target.save(&[], &locals)?;
     }
+    // Before the caller commits: an error of a writeback sync fails here.
+    pacer.finish()?;
     let pending = target.pending_mut();
     pending.update_seq = pending.update_seq.max(to.header.update_seq);
     pending.purge_seq = pending.purge_seq.max(to.header.purge_seq);

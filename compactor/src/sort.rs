@@ -362,6 +362,16 @@ impl<'d> ExternalSorter<'d> {
         Ok(())
     }
 
+    /// Makes room in memory for `pairs` more pairs of about `pair_bytes`
+    /// bytes each (as many as the memory budget holds at most), so the
+    /// buffers do not grow, copying themselves, pair by pair.
+    pub fn reserve(&mut self, pairs: usize, pair_bytes: usize) {
+        let fit = self.memory_budget / (pair_bytes + PAIR_OVERHEAD).max(1);
+        let pairs = pairs.min(fit.saturating_add(1));
+        self.pending.index.reserve(pairs);
+        self.pending.bytes.reserve(pairs.saturating_mul(pair_bytes));
+    }
+
     /// How many runs have been spilled to files so far.
     pub fn runs_spilled(&self) -> usize {
         self.runs.len()

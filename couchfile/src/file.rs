@@ -826,6 +826,23 @@ impl FileWriter {
 
     /// Appends a data chunk holding `payload`.
     pub fn append_chunk(&mut self, payload: &[u8]) -> Result<ChunkPos> {
+        let checksum = self.file.crc.checksum(payload);
+        self.append_with_checksum(payload, checksum)
+    }
+
+    /// Appends a data chunk holding `chunk`'s payload, with the checksum it
+    /// was read with when that is of this file's kind (a copy between two
+    /// files of the same disk version), otherwise computed.
+    pub fn append_checked_chunk(&mut self, chunk: &CheckedChunk) -> Result<ChunkPos> {
+        let checksum = if chunk.crc == self.file.crc {
+            chunk.checksum
+        } else {
+            self.file.crc.checksum(&chunk.payload)
+        };
+        self.append_with_checksum(&chunk.payload, checksum)
+    }
+
+    fn append_with_checksum(&mut self, payload: &[u8], checksum: u32) -> Result<ChunkPos> {
         if payload.len() as u64 > MAX_CHUNK_LEN {
             return Err(Error::InvalidArgument(format!(
                 "chunk of {} bytes is over the limit of {MAX_CHUNK_LEN}",
@@ -835,7 +852,7 @@ impl FileWriter {
         let offset = self.pos;
         let mut prefix = [0u8; 8];
         prefix[..4].copy_from_slice(&(payload.len() as u32 | DATA_CHUNK_BIT).to_be_bytes());
-        prefix[4..].copy_from_slice(&self.file.crc.checksum(payload).to_be_bytes());
+        prefix[4..].copy_from_slice(&checksum.to_be_bytes());
         self.append_logical(&prefix, BlockType::Data);
         self.append_logical(payload, BlockType::Data);
         if self.buffer.len() >= WRITE_BUFFER {
@@ -968,6 +985,19 @@ impl FileWriter {
     }
 }
 
+/// A chunk's payload read and checked against its stored checksum, which
+/// it keeps: a copy into a file of the same [`CrcKind`] need not compute it
+/// again ([`FileWriter::append_checked_chunk`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedChunk {
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// The kind of `checksum`.
+    pub crc: CrcKind,
+    /// The payload's checksum, which matched the stored one.
+    pub checksum: u32,
+}
+
 /// Reads data chunks that come in ascending file order (a compaction's walk
 /// of the by-seq index over an append-only file) through one window of the
 /// file, refilled a window at a time: one `pread` serves many chunks instead
@@ -993,16 +1023,27 @@ impl SequentialReader {
     /// Reads the payload of the data chunk of `file` at `offset`, checking
     /// its checksum, like [`CouchFile::read_chunk`].
     pub fn read_chunk(&mut self, file: &CouchFile, offset: u64) -> Result<Vec<u8>> {
-        if let Some((stored, payload)) = self.read_in_window(file, offset)? {
-            return file.checked(offset, stored, payload);
-        }
-        // Whatever the window cannot serve as a well-formed chunk (one too
-        // large for it, a bad prefix, the end of the file) takes the
-        // general path, which reports it precisely.
-        let (stored, payload) = file.read_chunk_raw_via(offset, false, &mut |at, physical| {
-            self.read(file, at, physical)
-        })?;
-        file.checked(offset, stored, payload)
+        Ok(self.read_checked_chunk(file, offset)?.payload)
+    }
+
+    /// [`SequentialReader::read_chunk`], keeping the checksum the payload
+    /// was checked against, for [`FileWriter::append_checked_chunk`].
+    pub fn read_checked_chunk(&mut self, file: &CouchFile, offset: u64) -> Result<CheckedChunk> {
+        let (stored, payload) = match self.read_in_window(file, offset)? {
+            Some(read) => read,
+            // Whatever the window cannot serve as a well-formed chunk (one
+            // too large for it, a bad prefix, the end of the file) takes
+            // the general path, which reports it precisely.
+            None => file.read_chunk_raw_via(offset, false, &mut |at, physical| {
+                self.read(file, at, physical)
+            })?,
+        };
+        file.check(offset, stored, &payload)?;
+        Ok(CheckedChunk {
+            payload,
+            crc: file.crc,
+            checksum: stored,
+        })
     }
 
     /// The stored checksum and payload of the data chunk at `offset`, taken
@@ -1143,5 +1184,42 @@ mod tests {
             assert_eq!(compressor.compress(block), &fresh[..]);
             assert_eq!(decompress(compressor.compress(block)).unwrap(), block);
         }
+    }
+
+    #[test]
+    fn a_checked_chunk_keeps_its_checksum_only_into_a_file_of_its_kind() {
+        let payload: Vec<u8> = (0u32..10_000).map(|i| (i % 253) as u8).collect();
+        let source = CouchFile::new(Arc::new(crate::MemBackend::new()), "src").unwrap();
+        let mut writer = FileWriter::create_without_header(source).unwrap();
+        let at = writer.append_chunk(&payload).unwrap().offset;
+        writer.flush().unwrap();
+        let mut reader = SequentialReader::new(4096);
+        let chunk = reader.read_checked_chunk(writer.file(), at).unwrap();
+        assert_eq!(chunk.payload, payload);
+        assert_eq!(chunk.crc, CrcKind::Crc32c);
+        assert_eq!(chunk.checksum, CrcKind::Crc32c.checksum(&payload));
+        for kind in [CrcKind::Crc32c, CrcKind::Crc32] {
+            let target = CouchFile::new(Arc::new(crate::MemBackend::new()), "dst").unwrap();
+            let mut copy = FileWriter::create_without_header(target).unwrap();
+            copy.set_crc(kind);
+            let pos = copy.append_checked_chunk(&chunk).unwrap();
+            // Read back through the checking path of the target's kind.
+            assert_eq!(copy.read_chunk(pos.offset).unwrap(), payload, "{kind:?}");
+        }
+        // A payload that does not match its checksum is not handed out.
+        let mut bytes = writer
+            .file()
+            .backend()
+            .len()
+            .map(|n| vec![0u8; n as usize])
+            .unwrap();
+        writer.file().backend().read_at(0, &mut bytes).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let flipped =
+            CouchFile::new(Arc::new(crate::MemBackend::from_bytes(bytes)), "bad").unwrap();
+        assert!(SequentialReader::new(4096)
+            .read_checked_chunk(&flipped, at)
+            .is_err());
     }
 }

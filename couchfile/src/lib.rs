@@ -69,8 +69,8 @@ pub use dir::{
 pub use error::{Error, IoOp, Result};
 pub use fault::{FaultController, FaultKind, FaultRule, FaultyBackend, OpKind, TornTail};
 pub use file::{
-    compress, decompress, ChunkPos, Compressor, CouchFile, FileWriter, LocatedHeader, OpenMode,
-    SequentialReader, MAX_CHUNK_LEN, MAX_DECOMPRESSED_LEN, MAX_HEADER_LEN,
+    compress, decompress, CheckedChunk, ChunkPos, Compressor, CouchFile, FileWriter, LocatedHeader,
+    OpenMode, SequentialReader, MAX_CHUNK_LEN, MAX_DECOMPRESSED_LEN, MAX_HEADER_LEN,
 };
 
 /// Compiles and runs the examples in the crate's README.

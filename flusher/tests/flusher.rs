@@ -1080,7 +1080,12 @@ fn a_rollback_forgets_queued_items_and_the_batch_in_flight() {
     for s in 11..=16 {
         queue.enqueue(item(&format!("k{s}"), s, s)).unwrap();
     }
-    assert_eq!(control.wait_entered(), 12, "the first batch is in flight");
+    // The flusher may wake on the first item and cut a batch of it alone.
+    let in_flight = control.wait_entered();
+    assert!(
+        (11..=12).contains(&in_flight),
+        "the first batch is in flight"
+    );
     let (tx, rx) = mpsc::channel();
     for seqno in [10, 12, 16] {
         let tx = tx.clone();
@@ -1128,7 +1133,7 @@ fn a_rollback_forgets_queued_items_and_the_batch_in_flight() {
     let model = control.model();
     let old: Vec<_> = model.batches.iter().filter(|b| b.epoch == 0).collect();
     assert_eq!(old.len(), 1, "only the batch in flight reached the target");
-    assert_eq!(old[0].high_seqno, 12);
+    assert_eq!(old[0].high_seqno, in_flight);
     let new: Vec<u64> = model
         .batches
         .iter()

@@ -9,6 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vbucket::tool::{self, AsOf, OpenOptions, Outcome};
 
+/// The binary's allocator: glibc's malloc and free of every body copied
+/// had been 6% of `couchtool compact`'s samples.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Inspects, checks and compacts couchstore files.
 #[derive(Debug, Parser)]
 #[command(
