@@ -151,7 +151,7 @@ impl Snapshot {
                 |value| {
                     DocInfoRef::decode_by_id(id, value)
                         .map(f)
-                        .map_err(|e| e.located(self.file.path(), self.header.offset).into())
+                        .map_err(|e| self.located(e))
                 },
             )?
             .transpose()
@@ -189,13 +189,17 @@ impl Snapshot {
     }
 
     fn decode_by_id(&self, id: &[u8], value: &[u8]) -> Result<DocInfo> {
-        DocInfo::decode_by_id(id, value)
-            .map_err(|e| e.located(self.file.path(), self.header.offset).into())
+        DocInfo::decode_by_id(id, value).map_err(|e| self.located(e))
     }
 
     fn decode_by_seq(&self, key: &[u8], value: &[u8]) -> Result<DocInfo> {
-        DocInfo::decode_by_seq(key, value)
-            .map_err(|e| e.located(self.file.path(), self.header.offset).into())
+        DocInfo::decode_by_seq(key, value).map_err(|e| self.located(e))
+    }
+
+    /// A decoding error of an index value, located at this snapshot's file
+    /// and header.
+    fn located(&self, e: couchfile::Error) -> Error {
+        e.located(self.file.path(), self.header.offset).into()
     }
 
     /// Info of the document with sequence number `seq`.

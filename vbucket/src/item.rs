@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use btree::{Body, DocUpdate};
-use couchfile::{DocInfo, DocInfoRef, RevMeta, CONTENT_META_COMPRESSED};
+use couchfile::{DocInfoRef, RevMeta, CONTENT_META_COMPRESSED};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -193,13 +193,15 @@ impl flusher::FlushItem for QueuedItem {
     }
 }
 
-/// The metadata stored in a document's `rev_meta`.
-pub(crate) fn meta_of(path: &Path, info: &DocInfo) -> Result<ItemMeta> {
-    meta_of_ref(path, &info.borrowed())
+/// The live documents of `docs`: deletions become `None`.
+pub(crate) fn live_only(docs: Vec<Option<Document>>) -> Vec<Option<Document>> {
+    docs.into_iter()
+        .map(|doc| doc.filter(|d| !d.deleted))
+        .collect()
 }
 
-/// [`meta_of`] of an info decoded in place.
-pub(crate) fn meta_of_ref(path: &Path, info: &DocInfoRef<'_>) -> Result<ItemMeta> {
+/// The metadata stored in a document's `rev_meta`.
+pub(crate) fn meta_of(path: &Path, info: &DocInfoRef<'_>) -> Result<ItemMeta> {
     let rev = RevMeta::decode(info.rev_meta).map_err(|source| Error::BadRevMeta {
         path: path.to_path_buf(),
         key: String::from_utf8_lossy(info.id).into_owned(),

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::history::{AsOf, HeaderIndex, HistoryEntry};
-use crate::item::{meta_of, meta_of_ref, Document};
+use crate::item::{live_only, meta_of, Document};
 use crate::vbstate::{VbState, VBSTATE_ID};
 use btree::{ChangesFilter, Snapshot};
 use couchfile::{DocInfo, OpenMode};
@@ -64,7 +64,7 @@ impl ReadSnapshot {
         // metadata are all this allocates (with the node cache).
         let path = self.snapshot.file().path();
         let found = self.snapshot.with_doc_info(key, |info| {
-            meta_of_ref(path, &info).map(|meta| {
+            meta_of(path, &info).map(|meta| {
                 (
                     meta,
                     info.deleted,
@@ -94,11 +94,7 @@ impl ReadSnapshot {
     /// walked once over the sorted keys (each node their paths share is
     /// read once) and the bodies are read in file order.
     pub fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Document>>> {
-        Ok(self
-            .get_many_including_deleted(keys)?
-            .into_iter()
-            .map(|doc| doc.filter(|d| !d.deleted))
-            .collect())
+        Ok(live_only(self.get_many_including_deleted(keys)?))
     }
 
     /// [`ReadSnapshot::get_many`] with deletions included.
@@ -209,7 +205,7 @@ impl ReadSnapshot {
     }
 
     fn document(&self, info: DocInfo) -> Result<Document> {
-        let meta = meta_of(self.snapshot.file().path(), &info)?;
+        let meta = meta_of(self.snapshot.file().path(), &info.borrowed())?;
         let value = self.snapshot.read_body(&info)?.unwrap_or_default();
         Ok(Document {
             key: info.id,

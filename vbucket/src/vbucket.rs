@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::files::{self, revision_name};
 use crate::history::{unix_nanos_of, AsOf, HeaderIndex, HistoryEntry};
-use crate::item::{Document, Item, ItemMeta, Mutation, QueuedItem, Rev};
+use crate::item::{live_only, Document, Item, ItemMeta, Mutation, QueuedItem, Rev};
 use crate::snapshot::ReadSnapshot;
 use crate::vbstate::{VbState, VbucketState, VBSTATE_ID};
 use btree::{Db, DbOptions, LocalUpdate, Snapshot};
@@ -805,11 +805,7 @@ impl VBucket {
     /// walk of the by-id tree over the sorted keys (see
     /// [`ReadSnapshot::get_many`]).
     pub fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Document>>> {
-        Ok(self
-            .get_many_including_deleted(keys)?
-            .into_iter()
-            .map(|doc| doc.filter(|d| !d.deleted))
-            .collect())
+        Ok(live_only(self.get_many_including_deleted(keys)?))
     }
 
     /// [`VBucket::get_many`] with deletions included.
@@ -834,12 +830,6 @@ impl VBucket {
                     .is_none_or(|item| item.unresolved_base().is_some())
             })
             .collect();
-        if from_file.is_empty() {
-            return Ok(dirty
-                .iter()
-                .map(|item| item.as_ref().map(|i| i.to_document()))
-                .collect());
-        }
         // Taken after the dirty table was read: the flusher publishes a
         // header before it forgets the dirty entries it covers.
         let snapshot = self.snapshot();
