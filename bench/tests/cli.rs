@@ -7,6 +7,22 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// A load small enough for a test: two vbuckets of 2,000 keys for 2 s.
+const SMALL_LOAD: &[&str] = &[
+    "--seconds",
+    "2",
+    "--vbuckets",
+    "2",
+    "--keys",
+    "2000",
+    "--rate",
+    "20000",
+    "--read-rate",
+    "2000",
+    "--min-file-size",
+    "65536",
+];
+
 fn bench(args: &[&str]) -> Output {
     let output = Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(args)
@@ -33,27 +49,14 @@ fn a_short_compare_run_reads_everything_back_and_writes_its_json_and_chart() {
         path(dir.path(), "chart.svg"),
         path(dir.path(), "data"),
     );
-    let output = bench(&[
-        "--compare",
-        "--seconds",
-        "2",
-        "--vbuckets",
-        "2",
-        "--keys",
-        "2000",
-        "--rate",
-        "20000",
-        "--read-rate",
-        "2000",
-        "--min-file-size",
-        "65536",
-        "--dir",
-        &data,
-        "--out",
-        &json,
-        "--chart",
-        &svg,
-    ]);
+    let output = bench(
+        &[
+            &["--compare"][..],
+            SMALL_LOAD,
+            &["--dir", &data, "--out", &json, "--chart", &svg],
+        ]
+        .concat(),
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     for section in [
         "==== concurrent compaction ====",
@@ -161,30 +164,20 @@ fn a_small_peers_run_reads_every_value_back_with_and_without_the_node_cache() {
 fn a_short_history_run_reports_the_cost_of_history_and_reads_everything_back() {
     let dir = tempfile::tempdir().unwrap();
     let (json, data) = (path(dir.path(), "report.json"), path(dir.path(), "data"));
-    let output = bench(&[
-        "--history",
-        "--history-age",
-        "10s",
-        "--history-granularity",
-        "200ms",
-        "--seconds",
-        "2",
-        "--vbuckets",
-        "2",
-        "--keys",
-        "2000",
-        "--rate",
-        "20000",
-        "--read-rate",
-        "2000",
-        "--min-file-size",
-        "65536",
-        "--dir",
-        &data,
-        "--out",
-        &json,
-        "--no-chart",
-    ]);
+    let output = bench(
+        &[
+            &[
+                "--history",
+                "--history-age",
+                "10s",
+                "--history-granularity",
+                "200ms",
+            ][..],
+            SMALL_LOAD,
+            &["--dir", &data, "--out", &json, "--no-chart"],
+        ]
+        .concat(),
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     for section in [
         "==== concurrent compaction ====",
