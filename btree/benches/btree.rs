@@ -42,6 +42,7 @@ fn doc(i: u64, round: u64) -> DocUpdate {
         id: key(i),
         seq: None,
         rev_seq: round + 1,
+        rev_seq_above_stored: false,
         rev_meta: RevMeta::new(i ^ round, 0, 0, 1).encode(),
         deleted: false,
         content_meta: CONTENT_META_COMPRESSED,

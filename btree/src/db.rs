@@ -375,8 +375,14 @@ pub struct DocUpdate {
     /// entry of that document would be replaced (the caller, which assigns
     /// seqs, guarantees this, as kv-engine does).
     pub seq: Option<u64>,
-    /// Revision number.
+    /// Revision number; with [`DocUpdate::rev_seq_above_stored`], how far
+    /// above the stored one.
     pub rev_seq: u64,
+    /// The revision is `rev_seq` above the one the file holds for the id (0
+    /// when it holds none), at most 2^48 - 1: for a writer that does not
+    /// track revisions (the vbucket's automatic ones). The stored revision
+    /// is read by the same walk that replaces it.
+    pub rev_seq_above_stored: bool,
     /// Revision metadata (kv-engine: [`couchfile::RevMeta`]).
     pub rev_meta: Vec<u8>,
     /// True for a deletion.
@@ -385,6 +391,29 @@ pub struct DocUpdate {
     pub content_meta: u8,
     /// The body.
     pub body: Body,
+}
+
+/// What [`Db::save_docs`] did with one document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedDoc {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its revision.
+    pub rev_seq: u64,
+    /// The revision the file held for its id before (`None`: no entry).
+    pub stored_rev_seq: Option<u64>,
+}
+
+/// [`ValuePatch`](crate::ValuePatch) of a by-id value whose revision is an
+/// increment: adds the revision of the value it replaces.
+fn add_stored_rev(old: Option<&[u8]>, new: &mut [u8]) -> Result<()> {
+    let stored = match old {
+        Some(old) => DocInfoRef::decode_by_id(&[], old)?.rev_seq,
+        None => 0,
+    };
+    let increment = DocInfoRef::decode_by_id(&[], new)?.rev_seq;
+    DocInfo::patch_by_id_rev_seq(new, stored.saturating_add(increment).min(MAX_U48))?;
+    Ok(())
 }
 
 /// One local document to set (`Some`) or remove (`None`).
@@ -515,6 +544,20 @@ impl Db {
     /// On error the pending state is unchanged (bytes appended are garbage
     /// that the next commit leaves unreferenced).
     pub fn save(&mut self, docs: &[DocUpdate], locals: &[LocalUpdate]) -> Result<Vec<u64>> {
+        Ok(self
+            .save_docs(docs, locals)?
+            .into_iter()
+            .map(|saved| saved.seq)
+            .collect())
+    }
+
+    /// [`Db::save`], returning what was saved of each document: its seq,
+    /// its revision and the revision it replaced.
+    pub fn save_docs(
+        &mut self,
+        docs: &[DocUpdate],
+        locals: &[LocalUpdate],
+    ) -> Result<Vec<SavedDoc>> {
         let _span =
             tracing::trace_span!("save", docs = docs.len(), locals = locals.len()).entered();
         check_unique(docs, |d| &d.id)?;
@@ -552,36 +595,78 @@ impl Db {
                 physical_size,
             });
         }
-        let seqs: Vec<u64> = infos.iter().map(|i| i.db_seq).collect();
-        // by-id: fetch the old entries (their seqs leave the by-seq tree)
-        // while inserting the new ones.
-        infos.sort_by(|a, b| a.id.cmp(&b.id));
-        let id_values: Vec<Vec<u8>> = infos
+        // by-id, in id order: fetch the old entries (their seqs leave the
+        // by-seq tree, their revisions are the stored ones) while inserting
+        // the new ones.
+        let mut by_id_order: Vec<usize> = (0..docs.len()).collect();
+        by_id_order.sort_by(|&a, &b| docs[a].id.cmp(&docs[b].id));
+        let id_values: Vec<Vec<u8>> = by_id_order
             .iter()
-            .map(DocInfo::encode_by_id_value)
+            .map(|&i| infos[i].encode_by_id_value())
             .collect::<couchfile::Result<_>>()?;
-        let id_actions: Vec<Action<'_>> = infos
+        let id_actions: Vec<Action<'_>> = by_id_order
             .iter()
             .zip(&id_values)
-            .map(|(info, v)| Action {
-                key: &info.id,
-                op: ActionOp::FetchInsert(v),
+            .map(|(&i, value)| Action {
+                key: &docs[i].id,
+                op: if docs[i].rev_seq_above_stored {
+                    ActionOp::FetchInsertPatched(value, add_stored_rev)
+                } else {
+                    ActionOp::FetchInsert(value)
+                },
             })
             .collect();
         let mut old_seqs = Vec::new();
+        // The stored revision of each document, in id order: every action
+        // fetches, so the callback runs once per action, in order.
+        let mut stored_revs: Vec<Option<u64>> = Vec::with_capacity(docs.len());
         let path = self.writer.file().path().to_path_buf();
         let by_id_root = self.trees.by_id.modify(
             &mut self.writer,
             self.pending.by_id_root.as_ref(),
             &id_actions,
             &mut |id, old| {
-                if let Some(old) = old {
-                    let info = DocInfo::decode_by_id(id, old).map_err(|e| e.located(&path, 0))?;
-                    old_seqs.push(info.db_seq);
-                }
+                let stored = match old {
+                    Some(old) => {
+                        let info =
+                            DocInfoRef::decode_by_id(id, old).map_err(|e| e.located(&path, 0))?;
+                        old_seqs.push(info.db_seq);
+                        Some(info.rev_seq)
+                    }
+                    None => None,
+                };
+                stored_revs.push(stored);
                 Ok(())
             },
         )?;
+        let mut saved: Vec<SavedDoc> = infos
+            .iter()
+            .map(|info| SavedDoc {
+                seq: info.db_seq,
+                rev_seq: info.rev_seq,
+                stored_rev_seq: None,
+            })
+            .collect();
+        // Invariant: the modify fetched every action once (checked, not
+        // assumed, since a short count would misplace revisions).
+        if stored_revs.len() != docs.len() {
+            return Err(Error::InvalidArgument(format!(
+                "the by-id modify fetched {} of {} documents",
+                stored_revs.len(),
+                docs.len()
+            )));
+        }
+        for (&i, stored) in by_id_order.iter().zip(stored_revs) {
+            saved[i].stored_rev_seq = stored;
+            if docs[i].rev_seq_above_stored {
+                let rev = stored
+                    .unwrap_or(0)
+                    .saturating_add(docs[i].rev_seq)
+                    .min(MAX_U48);
+                infos[i].rev_seq = rev;
+                saved[i].rev_seq = rev;
+            }
+        }
         // by-seq: remove superseded seqs, insert the new ones.
         let new_seqs: std::collections::HashSet<u64> = infos.iter().map(|i| i.db_seq).collect();
         if new_seqs.len() != infos.len() {
@@ -626,7 +711,7 @@ impl Db {
         self.pending.by_seq_root = by_seq_root;
         self.pending.local_root = local_root;
         self.pending.update_seq = update_seq;
-        Ok(seqs)
+        Ok(saved)
     }
 
     /// Commits the pending header (durably: two syncs) with `timestamp` as

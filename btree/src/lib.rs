@@ -33,6 +33,7 @@
 //!     id: b"key".to_vec(),
 //!     seq: None,
 //!     rev_seq: 1,
+//!     rev_seq_above_stored: false,
 //!     rev_meta: couchfile::RevMeta::new(1, 0, 0, 1).encode(),
 //!     deleted: false,
 //!     content_meta: couchfile::CONTENT_META_COMPRESSED,
@@ -58,11 +59,11 @@ mod indexes;
 pub mod node;
 mod tree;
 
-pub use db::{Body, ChangesFilter, Db, DbOptions, DocUpdate, LocalUpdate, Snapshot};
+pub use db::{Body, ChangesFilter, Db, DbOptions, DocUpdate, LocalUpdate, SavedDoc, Snapshot};
 pub use error::{Error, Result};
 pub use indexes::{decode_seq_reduce, ById, BySeq, IdReduce, Local};
 pub use tree::{
-    Action, ActionOp, BTree, Builder, EntryFn, FetchFn, NodeConfig, TreeOps,
+    Action, ActionOp, BTree, Builder, EntryFn, FetchFn, NodeConfig, TreeOps, ValuePatch,
     PARALLEL_MODIFY_MIN_ACTIONS, PARALLEL_MODIFY_MIN_RUNS,
 };
 

@@ -83,7 +83,7 @@ impl NodeConfig {
 }
 
 /// One operation of a batch on one key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum ActionOp<'a> {
     /// Report the current value (or its absence) through the callback.
     Fetch,
@@ -93,10 +93,19 @@ pub enum ActionOp<'a> {
     Insert(&'a [u8]),
     /// Report the current value, then insert or replace it.
     FetchInsert(&'a [u8]),
+    /// Report the current value, then insert or replace it with this value
+    /// as the [`ValuePatch`] edits it given the current value: a value that
+    /// depends on the one it replaces, found by the same walk.
+    FetchInsertPatched(&'a [u8], ValuePatch),
 }
 
+/// Edits, in place, a value about to be inserted, given the value it
+/// replaces (`None` when the key is new); the value's length cannot change.
+/// A plain function, so that actions stay `Copy`.
+pub type ValuePatch = fn(old: Option<&[u8]>, new: &mut [u8]) -> Result<()>;
+
 /// An action on a key. A batch is sorted by key with each key at most once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Action<'a> {
     /// The key.
     pub key: &'a [u8],
@@ -204,6 +213,21 @@ impl Collector {
         self.push_entry(ops, w, key, value.len(), |encoded| {
             encoded.extend_from_slice(value);
             Ok(())
+        })
+    }
+
+    /// [`Collector::push`] of `value` as `patch` edits it, given `old`.
+    fn push_patched<O: TreeOps + ?Sized>(
+        &mut self,
+        ops: &O,
+        w: &mut dyn NodeSink,
+        (key, value): (&[u8], &[u8]),
+        (patch, old): (ValuePatch, Option<&[u8]>),
+    ) -> Result<()> {
+        self.push_entry(ops, w, key, value.len(), |encoded| {
+            let start = encoded.len();
+            encoded.extend_from_slice(value);
+            patch(old, &mut encoded[start..])
         })
     }
 
@@ -821,12 +845,15 @@ impl<O: TreeOps> BTree<O> {
         fetched: &mut FetchFn<'_>,
     ) -> Result<Outcome> {
         let old: Vec<(&[u8], &[u8])> = node.map(|n| n.entries().collect()).unwrap_or_default();
-        let mut merged: Vec<(&[u8], &[u8])> = Vec::with_capacity(old.len() + actions.len());
+        // Each entry of the new leaf, with the patch of its value and the
+        // value it replaces, if patched.
+        type Merged<'v> = ((&'v [u8], &'v [u8]), Option<(ValuePatch, Option<&'v [u8]>)>);
+        let mut merged: Vec<Merged<'_>> = Vec::with_capacity(old.len() + actions.len());
         let mut modified = false;
         let mut i = 0;
         for action in actions {
             while i < old.len() && self.ops.compare(old[i].0, action.key) == Ordering::Less {
-                merged.push(old[i]);
+                merged.push((old[i], None));
                 i += 1;
             }
             let current = (i < old.len()
@@ -839,28 +866,36 @@ impl<O: TreeOps> BTree<O> {
                 ActionOp::Fetch => {
                     fetched(action.key, current)?;
                     if let Some(v) = current {
-                        merged.push((action.key, v));
+                        merged.push(((action.key, v), None));
                     }
                 }
                 ActionOp::Remove => modified |= current.is_some(),
                 ActionOp::Insert(v) => {
-                    merged.push((action.key, v));
+                    merged.push(((action.key, v), None));
                     modified = true;
                 }
                 ActionOp::FetchInsert(v) => {
                     fetched(action.key, current)?;
-                    merged.push((action.key, v));
+                    merged.push(((action.key, v), None));
+                    modified = true;
+                }
+                ActionOp::FetchInsertPatched(v, patch) => {
+                    fetched(action.key, current)?;
+                    merged.push(((action.key, v), Some((patch, current))));
                     modified = true;
                 }
             }
         }
-        merged.extend_from_slice(&old[i..]);
+        merged.extend(old[i..].iter().map(|&entry| (entry, None)));
         if !modified {
             return Ok(Outcome::Unchanged);
         }
         let mut out = Collector::new(true, false, &self.config);
-        for (k, v) in merged {
-            out.push(&self.ops, writer, k, v)?;
+        for (entry, patch) in merged {
+            match patch {
+                None => out.push(&self.ops, writer, entry.0, entry.1)?,
+                Some(patch) => out.push_patched(&self.ops, writer, entry, patch)?,
+            }
         }
         Ok(Outcome::Replaced(out.finish(&self.ops, writer)?))
     }

@@ -320,6 +320,7 @@ fn write_and_check(plan: Plan) -> usize {
                     id: id.clone(),
                     seq: None,
                     rev_seq: 1 + rng.below(1 << 40),
+                    rev_seq_above_stored: false,
                     rev_meta: rng.bytes(rev_meta_len),
                     deleted,
                     content_meta,

@@ -38,6 +38,7 @@ fn doc(i: u32, round: u32, deleted: bool) -> DocUpdate {
         id: id(i),
         seq: None,
         rev_seq: u64::from(round) + 1,
+        rev_seq_above_stored: false,
         rev_meta: couchfile::RevMeta::new(1, 0, 0, 1).encode(),
         deleted,
         content_meta: 0,

@@ -194,6 +194,7 @@ fn a_save_into_a_forged_tree_fails_at_the_bad_node() {
                 id: base_doc_id(i),
                 seq: None,
                 rev_seq: 2,
+                rev_seq_above_stored: false,
                 rev_meta: couchfile::RevMeta::new(9, 0, 0, 1).encode(),
                 deleted: false,
                 content_meta: 0,

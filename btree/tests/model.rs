@@ -909,6 +909,7 @@ fn prepare(
             id,
             seq: op.seq_gap.map(|_| seq),
             rev_seq: op.rev_seq,
+            rev_seq_above_stored: false,
             rev_meta: op.rev_meta.clone(),
             deleted,
             content_meta: op.content_meta,
@@ -1390,6 +1391,7 @@ fn invalid_batches_are_errors() {
         id: id.to_vec(),
         seq,
         rev_seq: 1,
+        rev_seq_above_stored: false,
         rev_meta: vec![],
         deleted: false,
         content_meta: 0,
@@ -1444,6 +1446,7 @@ fn explicit_sequence_numbers() {
         id: id.to_vec(),
         seq,
         rev_seq,
+        rev_seq_above_stored: false,
         rev_meta: vec![],
         deleted: false,
         content_meta: 0,
@@ -1485,4 +1488,58 @@ fn explicit_sequence_numbers() {
     assert_eq!(snap.read_body(&a).unwrap().unwrap(), b"aa");
     assert_eq!(snap.count_changes(0, 100).unwrap(), 4);
     assert_eq!(snap.count_changes(2, 10).unwrap(), 2);
+}
+
+#[test]
+fn a_revision_above_the_stored_one_is_read_by_the_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("0.couch.1");
+    let mut db = open_db(&path, &DbOptions::default());
+    let doc = |id: Vec<u8>, rev_seq, above: bool| DocUpdate {
+        id,
+        seq: None,
+        rev_seq,
+        rev_seq_above_stored: above,
+        rev_meta: vec![0; 16],
+        deleted: false,
+        content_meta: 0,
+        body: Body::Plain(b"body".to_vec()),
+    };
+    let key = |i: usize| format!("key{i:05}").into_bytes();
+    // Enough documents for the by-id modify to run on two threads.
+    let n = btree::PARALLEL_MODIFY_MIN_ACTIONS * 4;
+    let first: Vec<DocUpdate> = (0..n).map(|i| doc(key(i), i as u64 + 1, false)).collect();
+    db.save(&first, &[]).unwrap();
+    db.commit(1).unwrap();
+    // Every other key of the first batch, above its stored revision; keys
+    // the file does not hold start from 0; the sum stops at 2^48 - 1.
+    let mut second: Vec<DocUpdate> = (0..n).step_by(2).map(|i| doc(key(i), 3, true)).collect();
+    second.push(doc(b"new".to_vec(), 7, true));
+    second.push(doc(key(1), MAX_U48, true));
+    second.push(doc(key(3), 9, false));
+    let saved = db.save_docs(&second, &[]).unwrap();
+    for (d, s) in second.iter().zip(&saved) {
+        let stored = if d.id == b"new" {
+            None
+        } else {
+            let i: usize = std::str::from_utf8(&d.id[3..]).unwrap().parse().unwrap();
+            Some(i as u64 + 1)
+        };
+        assert_eq!(s.stored_rev_seq, stored, "{:?}", d.id);
+        let expected = if d.rev_seq_above_stored {
+            stored.unwrap_or(0).saturating_add(d.rev_seq).min(MAX_U48)
+        } else {
+            d.rev_seq
+        };
+        assert_eq!(s.rev_seq, expected, "{:?}", d.id);
+    }
+    db.commit(2).unwrap();
+    // Both trees hold the revisions returned.
+    let snap = db.snapshot();
+    for (d, s) in second.iter().zip(&saved) {
+        let by_id = snap.doc_info(&d.id).unwrap().unwrap();
+        assert_eq!((by_id.rev_seq, by_id.db_seq), (s.rev_seq, s.seq));
+        let by_seq = snap.doc_info_by_seq(s.seq).unwrap().unwrap();
+        assert_eq!(by_seq.rev_seq, s.rev_seq);
+    }
 }

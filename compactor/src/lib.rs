@@ -29,6 +29,7 @@
 //! let mut db = Db::open(source.clone(), &DbOptions::default())?;
 //! for round in 0..3 {
 //!     let doc = DocUpdate { id: b"k".to_vec(), seq: None, rev_seq: round + 1,
+//!         rev_seq_above_stored: false,
 //!         rev_meta: vec![0; 16], deleted: false, content_meta: 0x80,
 //!         body: Body::Plain(vec![b'x'; 1000]) };
 //!     db.save(&[doc], &[])?;

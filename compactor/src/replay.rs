@@ -88,6 +88,7 @@ pub fn replay(
                 id: info.id,
                 seq: Some(info.db_seq),
                 rev_seq: info.rev_seq,
+                rev_seq_above_stored: false,
                 rev_meta: info.rev_meta,
                 deleted: info.deleted,
                 content_meta: info.content_meta,

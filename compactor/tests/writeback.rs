@@ -22,6 +22,7 @@ fn source() -> Snapshot {
                 id: format!("key{:08}", (k * 7919) % 2_000).into_bytes(),
                 seq: None,
                 rev_seq: round + 1,
+                rev_seq_above_stored: false,
                 rev_meta: vec![0; 16],
                 deleted: false,
                 content_meta: 0x80,

@@ -502,6 +502,19 @@ impl DocInfo {
         Ok(out)
     }
 
+    /// Sets the revision of an encoded by-id value, in place.
+    pub fn patch_by_id_rev_seq(value: &mut [u8], rev_seq: u64) -> Result<()> {
+        check_fits("rev_seq", rev_seq, MAX_U48)?;
+        // Layout: db_seq (6), physical_size (4), bp (6), then rev_seq (6).
+        let len = value.len();
+        let field = value.get_mut(16..22).ok_or_else(|| Error::Malformed {
+            what: "by-id value",
+            detail: format!("{len} bytes, too short for a revision"),
+        })?;
+        field.copy_from_slice(&rev_seq.to_be_bytes()[2..]);
+        Ok(())
+    }
+
     /// Decodes a by-id entry.
     pub fn decode_by_id(key: &[u8], value: &[u8]) -> Result<Self> {
         Ok(DocInfoRef::decode_by_id(key, value)?.to_owned())

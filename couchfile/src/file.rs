@@ -9,6 +9,7 @@ use crate::cache::{CacheId, ChunkCache, DecodedChunk};
 use crate::codec::{DbHeader, CURRENT_DISK_VERSION, OLDEST_DISK_VERSION};
 use crate::crc::CrcKind;
 use crate::error::{Error, IoOp, Result};
+use crate::writeback::{Writeback, WritebackClient};
 use std::any::Any;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,6 +68,8 @@ struct Shared {
     cache: Option<Arc<ChunkCache>>,
     /// This file's contents in `cache`.
     cache_id: CacheId,
+    /// Where its writers ask for background syncs, if anywhere.
+    writeback: Option<Writeback>,
 }
 
 /// Read access to a couchstore file: chunks, compressed chunks and headers.
@@ -94,6 +97,7 @@ impl CouchFile {
                 known_len: AtomicU64::new(len),
                 cache: None,
                 cache_id: CacheId::new(),
+                writeback: None,
             }),
             crc: CrcKind::Crc32c,
         })
@@ -103,16 +107,40 @@ impl CouchFile {
     /// (which any number of files can share). Only for a new handle: clones
     /// made before keep reading without it.
     pub fn with_cache(self, cache: Arc<ChunkCache>) -> Self {
-        self.share(self.shared.path.clone(), Some(cache))
+        self.share(
+            self.shared.path.clone(),
+            Some(cache),
+            self.shared.writeback.clone(),
+        )
+    }
+
+    /// This file with its writers syncing in the background through
+    /// `writeback` ([`crate::Writeback`]). Only for a new handle, as
+    /// [`CouchFile::with_cache`].
+    pub fn with_writeback(self, writeback: Writeback) -> Self {
+        self.share(
+            self.shared.path.clone(),
+            self.shared.cache.clone(),
+            Some(writeback),
+        )
     }
 
     /// A handle on the same file under another name, after a rename: the
-    /// same backend and cached chunks, with `path` in errors.
+    /// same backend, cached chunks and writeback, with `path` in errors.
     pub fn renamed(&self, path: impl Into<PathBuf>) -> Self {
-        self.share(path.into(), self.shared.cache.clone())
+        self.share(
+            path.into(),
+            self.shared.cache.clone(),
+            self.shared.writeback.clone(),
+        )
     }
 
-    fn share(&self, path: PathBuf, cache: Option<Arc<ChunkCache>>) -> Self {
+    fn share(
+        &self,
+        path: PathBuf,
+        cache: Option<Arc<ChunkCache>>,
+        writeback: Option<Writeback>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 backend: Arc::clone(&self.shared.backend),
@@ -120,6 +148,7 @@ impl CouchFile {
                 known_len: AtomicU64::new(self.shared.known_len.load(Ordering::Acquire)),
                 cache,
                 cache_id: self.shared.cache_id.copy(),
+                writeback,
             }),
             crc: self.crc,
         }
@@ -759,18 +788,22 @@ pub struct FileWriter {
     flushed: u64,
     /// For [`FileWriter::append_compressed_chunk`].
     compressor: Compressor,
+    /// Background syncs, when the file has a [`Writeback`].
+    writeback: Option<WritebackClient>,
 }
 
 impl FileWriter {
     /// A writer appending at the end of `file`.
     pub fn new(file: CouchFile) -> Result<Self> {
         let pos = file.len()?;
+        let writeback = file.shared.writeback.clone().map(WritebackClient::new);
         Ok(Self {
             file,
             pos,
             buffer: Vec::with_capacity(64 * 1024),
             flushed: pos,
             compressor: Compressor::new(),
+            writeback,
         })
     }
 
@@ -885,14 +918,24 @@ impl FileWriter {
             .write_at(self.flushed, &self.buffer)
             .map_err(|e| Error::io(self.file.path(), IoOp::Write, self.flushed, e))?;
         self.flushed += self.buffer.len() as u64;
+        if let Some(writeback) = &mut self.writeback {
+            writeback.wrote(&self.file.shared.backend, self.buffer.len() as u64);
+        }
         self.buffer.clear();
         self.file.note_len(self.flushed);
         Ok(())
     }
 
-    /// Flushes and makes everything written durable.
+    /// Flushes and makes everything written durable. Fails if a background
+    /// sync of this writer failed since the last call, even if this one
+    /// succeeds.
     pub fn sync(&mut self) -> Result<()> {
         self.flush()?;
+        if let Some(writeback) = &self.writeback {
+            writeback
+                .wait()
+                .map_err(|e| Error::io(self.file.path(), IoOp::Sync, self.pos, e))?;
+        }
         self.file
             .shared
             .backend

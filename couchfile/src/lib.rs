@@ -51,6 +51,7 @@ mod error;
 mod fault;
 mod file;
 pub mod fuzzing;
+mod writeback;
 
 pub use backend::{sync_directory, Backend, FileBackend, InPlace, MemBackend};
 pub use block::{BlockType, BLOCK_SIZE};
@@ -72,6 +73,7 @@ pub use file::{
     compress, decompress, CheckedChunk, ChunkPos, Compressor, CouchFile, FileWriter, LocatedHeader,
     OpenMode, SequentialReader, MAX_CHUNK_LEN, MAX_DECOMPRESSED_LEN, MAX_HEADER_LEN,
 };
+pub use writeback::Writeback;
 
 /// Compiles and runs the examples in the crate's README.
 #[cfg(doctest)]

@@ -358,7 +358,7 @@ impl VBucket {
             name: name.clone(),
             armed: true,
         };
-        let target = FileWriter::create_without_header(files::with_cache(
+        let target = FileWriter::create_without_header(files::with_store_services(
             CouchFile::new(backend, dir.path().join(&name))?,
             &shared.options,
         ))?;

@@ -80,19 +80,24 @@ fn last_header(file: &CouchFile, options: &DbOptions) -> Result<Option<LocatedHe
     }
 }
 
-/// Opens a file of `dir` as a [`CouchFile`] named by its path, reading its
-/// nodes through the store's node cache.
+/// Opens a file of `dir` as a [`CouchFile`] named by its path, with the
+/// store's node cache and background syncs ([`with_store_services`]).
 pub(crate) fn open_file(dir: &dyn Directory, name: &str, options: &VbOptions) -> Result<CouchFile> {
     let path = dir.path().join(name);
     let backend = dir.open(name).map_err(|e| Error::io(&path, "open", e))?;
-    Ok(with_cache(CouchFile::new(backend, path)?, options))
+    Ok(with_store_services(CouchFile::new(backend, path)?, options))
 }
 
-/// `file` reading and writing its nodes through the store's node cache, if
-/// it has one.
-pub(crate) fn with_cache(file: CouchFile, options: &VbOptions) -> CouchFile {
-    match &options.node_cache {
+/// `file` reading and writing its nodes through the store's node cache and
+/// its writers syncing through the store's background syncs, for those the
+/// store has.
+pub(crate) fn with_store_services(file: CouchFile, options: &VbOptions) -> CouchFile {
+    let file = match &options.node_cache {
         Some(cache) => file.with_cache(Arc::clone(cache)),
+        None => file,
+    };
+    match &options.writeback {
+        Some(writeback) => file.with_writeback(writeback.clone()),
         None => file,
     }
 }
@@ -270,7 +275,7 @@ pub(crate) fn open_newest_revision(
                 .create(&name)
                 .map_err(|e| Error::io(&path, "create", e))?;
             let db = Db::open(
-                with_cache(CouchFile::new(backend, path)?, vb_options),
+                with_store_services(CouchFile::new(backend, path)?, vb_options),
                 options,
             )?;
             tracing::info!(vbid, "created revision 1");

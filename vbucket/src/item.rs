@@ -155,12 +155,19 @@ impl Item {
             (Body::Plain(self.value.clone()), compress)
         };
         let m = &self.meta;
+        // An automatic revision whose base is not read yet is `n` above
+        // the stored one, which the save reads and returns (the flush
+        // target then sets the base).
+        let (rev_seq, rev_seq_above_stored) = match (&self.rev, self.rev.resolve()) {
+            (_, Some(rev)) => (rev, false),
+            (Rev::Auto { n, .. }, None) => (*n, true),
+            (Rev::Known(rev), None) => (*rev, false),
+        };
         DocUpdate {
             id: self.key.clone(),
             seq: Some(self.seqno),
-            // The flush target reads the base of every automatic revision
-            // of a batch before saving it (`Writer::resolve_revisions`).
-            rev_seq: self.rev.resolve().unwrap_or(1),
+            rev_seq,
+            rev_seq_above_stored,
             rev_meta: RevMeta::new(m.cas, m.exptime, m.flags, m.datatype).encode(),
             deleted: self.deleted,
             content_meta: kind

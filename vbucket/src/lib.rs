@@ -107,7 +107,7 @@ pub use item::{Document, ItemMeta, Mutation, DATATYPE_JSON};
 pub use snapshot::ReadSnapshot;
 pub use store::{
     AutoCompaction, CompactionLog, Store, StoreConfig, StoreStats, StoreTotals,
-    DEFAULT_NODE_CACHE_BYTES, MAX_KEPT_REPORTS,
+    DEFAULT_BACKGROUND_SYNC_BYTES, DEFAULT_NODE_CACHE_BYTES, MAX_KEPT_REPORTS,
 };
 pub use vbstate::{FailoverEntry, VbState, VbucketState, VBSTATE_ID};
 pub use vbucket::{

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::files::{self, DamagedFiles};
 use crate::vbucket::{CommitObserver, VBucket, VBucketStats, VbOptions, VbTarget};
 use btree::{DbOptions, NodeConfig};
-use couchfile::{CacheStats, ChunkCache, DirLock, Directory, OpenMode, OsDirectory};
+use couchfile::{CacheStats, ChunkCache, DirLock, Directory, OpenMode, OsDirectory, Writeback};
 use flusher::{FlushStats, Flusher, FlusherConfig, LatencyHistogram, Vbid};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -292,6 +292,9 @@ fn auto_compaction_loop(
     }
 }
 
+/// The default of [`StoreConfig::background_sync_bytes`]: 256 KiB.
+pub const DEFAULT_BACKGROUND_SYNC_BYTES: u64 = 256 * 1024;
+
 /// The default of [`StoreConfig::node_cache_bytes`]: 32 MiB.
 pub const DEFAULT_NODE_CACHE_BYTES: u64 = 32 << 20;
 
@@ -330,6 +333,14 @@ pub struct StoreConfig {
     /// failing the read with an I/O error. Turn it off on media whose read
     /// errors the store should report and survive.
     pub mapped_reads: bool,
+    /// A commit that has appended this many bytes has a background thread
+    /// start syncing them while it goes on writing its trees, so that its
+    /// own sync has less left to wait for; 0 turns this off. The default,
+    /// [`DEFAULT_BACKGROUND_SYNC_BYTES`] (256 KiB), leaves small commits
+    /// alone (an early sync would only add a device flush to theirs). The
+    /// commit's own syncs are unchanged, and a failed background sync fails
+    /// the commit. The threads, one per flusher thread, are the store's.
+    pub background_sync_bytes: u64,
     /// What opening a vbucket does with a damaged revision file (one with
     /// no valid header that no crash can leave): fail, keeping every file
     /// (the default), or move it aside and open without it.
@@ -347,6 +358,7 @@ impl fmt::Debug for StoreConfig {
             .field("on_commit", &self.on_commit.as_ref().map(|_| "Fn"))
             .field("node_cache_bytes", &self.node_cache_bytes)
             .field("mapped_reads", &self.mapped_reads)
+            .field("background_sync_bytes", &self.background_sync_bytes)
             .field("damaged_files", &self.damaged_files)
             .finish()
     }
@@ -363,6 +375,7 @@ impl Default for StoreConfig {
             on_commit: None,
             node_cache_bytes: DEFAULT_NODE_CACHE_BYTES,
             mapped_reads: true,
+            background_sync_bytes: DEFAULT_BACKGROUND_SYNC_BYTES,
             damaged_files: DamagedFiles::Fail,
         }
     }
@@ -444,6 +457,8 @@ pub struct Store {
     /// The node cache every vbucket's files share (`None` when configured
     /// to 0 bytes).
     node_cache: Option<Arc<ChunkCache>>,
+    /// The background syncs of the vbuckets' writers, if on.
+    writeback: Option<Writeback>,
     vbuckets: Arc<VbucketTable>,
     auto: Mutex<AutoState>,
     outcomes: Arc<Outcomes>,
@@ -483,6 +498,13 @@ impl Store {
             flusher: Flusher::new(config.flusher.clone())?,
             node_cache: (config.node_cache_bytes > 0)
                 .then(|| Arc::new(ChunkCache::new(config.node_cache_bytes))),
+            writeback: match config.background_sync_bytes {
+                0 => None,
+                bytes => Some(
+                    Writeback::new(config.flusher.threads, bytes)
+                        .map_err(|e| Error::io(dir.path(), "start the writeback threads", e))?,
+                ),
+            },
             dir,
             config,
             vbuckets: Arc::new(VbucketTable::default()),
@@ -532,6 +554,7 @@ impl Store {
                 ..DbOptions::default()
             },
             node_cache: self.node_cache.clone(),
+            writeback: self.writeback.clone(),
             compress_bodies: self.config.compress_bodies,
             write_timeout: self.config.flusher.backpressure_timeout,
             damaged_files: self.config.damaged_files,

@@ -20,7 +20,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest value accepted (kv-engine's default item size limit).
@@ -61,6 +61,8 @@ pub(crate) struct VbOptions {
     pub(crate) db: DbOptions,
     /// The store's node cache, shared by every vbucket's files.
     pub(crate) node_cache: Option<Arc<ChunkCache>>,
+    /// The store's background syncs, shared by every vbucket's writers.
+    pub(crate) writeback: Option<couchfile::Writeback>,
     pub(crate) compress_bodies: bool,
     /// How long a writer waits for room in a full queue.
     pub(crate) write_timeout: Duration,
@@ -291,13 +293,20 @@ impl Writer {
                 vbstate.max_deleted_seqno = vbstate.max_deleted_seqno.max(item.seqno);
             }
         }
-        self.resolve_revisions(batch)?;
         let docs: Vec<_> = batch
             .items
             .iter()
             .map(|QueuedItem(item)| item.to_doc_update(options.compress_bodies))
             .collect();
-        self.save(&docs, &[vbstate_update(&vbstate)])?;
+        let saved = self.save(&docs, &[vbstate_update(&vbstate)])?;
+        for (QueuedItem(item), saved) in batch.items.iter().zip(&saved) {
+            if let Some(base) = item.unresolved_base() {
+                // The revision the file held before the run (a reader may
+                // have set the same base meanwhile, from the same file
+                // state; a retried commit finds it set).
+                let _ = base.set(saved.stored_rev_seq.unwrap_or(0));
+            }
+        }
         // Dedup leaves gaps: the header covers every seqno drained.
         let pending = self.db.pending_mut();
         pending.update_seq = pending.update_seq.max(batch.high_seqno);
@@ -310,38 +319,19 @@ impl Writer {
         })
     }
 
-    /// Reads, in one sorted lookup, the stored revision of every key of the
-    /// batch whose automatic revision has no base yet. Runs before anything
-    /// of the batch is saved, so the file holds each key's revision from
-    /// before the run of automatic mutations (see [`Rev::Auto`]).
-    fn resolve_revisions(&mut self, batch: &Batch<QueuedItem>) -> Result<()> {
-        let mut unresolved: Vec<(&[u8], &OnceLock<u64>)> = batch
-            .items
-            .iter()
-            .filter_map(|QueuedItem(item)| Some((item.key.as_slice(), item.unresolved_base()?)))
-            .collect();
-        if unresolved.is_empty() {
-            return Ok(());
-        }
-        unresolved.sort_by(|a, b| a.0.cmp(b.0));
-        let keys: Vec<&[u8]> = unresolved.iter().map(|(key, _)| *key).collect();
-        let infos = self.db.snapshot().doc_infos(&keys)?;
-        for ((_, base), info) in unresolved.into_iter().zip(infos) {
-            // Set once; a retried commit finds it set.
-            let _ = base.set(info.map_or(0, |i| i.rev_seq));
-        }
-        Ok(())
-    }
-
     /// Saves documents and local documents into the pending commit; a
     /// failure leaves the pending state half-written, so the file is reopened
     /// at its last header before anything else is saved.
-    fn save(&mut self, docs: &[btree::DocUpdate], locals: &[LocalUpdate]) -> Result<()> {
-        let saved = self.db.save(docs, locals);
+    fn save(
+        &mut self,
+        docs: &[btree::DocUpdate],
+        locals: &[LocalUpdate],
+    ) -> Result<Vec<btree::SavedDoc>> {
+        let saved = self.db.save_docs(docs, locals);
         if saved.is_err() {
             self.needs_recovery = true;
         }
-        Ok(saved.map(drop)?)
+        Ok(saved?)
     }
 
     /// Commits a new vbstate alone.

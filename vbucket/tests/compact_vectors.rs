@@ -375,6 +375,7 @@ fn versions_12_and_13_are_written_as_14_with_or_without_upgrade() {
                 id: format!("key_{n:03}").into_bytes(),
                 seq: None,
                 rev_seq: 1,
+                rev_seq_above_stored: false,
                 rev_meta: vec![0; 18],
                 deleted: n % 10 == 0,
                 content_meta: 0,

@@ -372,6 +372,7 @@ fn doc(id: String, n: u64, deleted: bool) -> DocUpdate {
         id: id.into_bytes(),
         seq: None,
         rev_seq: n,
+        rev_seq_above_stored: false,
         rev_meta: RevMeta::new(n, 0, 0, 1).encode(),
         deleted,
         content_meta: if n.is_multiple_of(3) {

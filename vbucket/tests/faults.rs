@@ -465,3 +465,36 @@ fn a_deleted_data_directory_acknowledges_no_more_writes() {
     nothing_more_persists(&vb, before, last, "directory deleted");
     assert!(store.close().is_err(), "the queued mutations are unflushed");
 }
+
+#[test]
+fn a_failed_background_sync_fails_its_commit_which_is_retried() {
+    // Every flush of the writer asks for a background sync.
+    let (dir, controller, store, vb) = setup(StoreConfig {
+        background_sync_bytes: 1,
+        ..config()
+    });
+    let mut model = Model::new();
+    let before = write(&vb, &mut model, 0..10, "before");
+    vb.wait_persisted(before, LONG).unwrap();
+    let failures_before = vb.stats().unwrap().flush.commit_failures;
+    // The next sync is a background one (the commit's own sync waits for
+    // it first): it fails, the commit's own would succeed.
+    controller.inject(FaultRule::once(OpKind::Sync, FaultKind::Eio));
+    let last = write(&vb, &mut model, 5..30, "during");
+    assert_eq!(vb.wait_persisted(last, LONG).unwrap(), last);
+    let stats = vb.stats().unwrap();
+    assert_eq!(controller.injected_count(), 1);
+    assert_eq!(
+        stats.flush.commit_failures,
+        failures_before + 1,
+        "{stats:?}"
+    );
+    assert!(stats
+        .flush
+        .last_error
+        .unwrap()
+        .contains("Input/output error"));
+    assert_holds(&vb, &model, "after the failed background sync");
+    store.close().unwrap();
+    reopen_synced(&dir, &model, last, "after the failed background sync");
+}
