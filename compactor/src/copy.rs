@@ -211,7 +211,7 @@ pub fn copy_snapshot(
     })?;
     let local_root = local_builder.finish(&mut writer)?;
     control.check()?;
-    pacer.finish()?;
+    pacer.finish(&mut writer)?;
 
     if config.purge_seq_rule == PurgeSeqRule::CountDropDeletes && config.purge.drop_deletes {
         stats.purge_seq = src.purge_seq + 1;

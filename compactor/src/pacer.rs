@@ -2,12 +2,9 @@
 
 use crate::error::{Error, Result};
 use crate::CompactionConfig;
-use couchfile::{Backend, FileWriter};
-use std::path::PathBuf;
+use couchfile::{FileWriter, Writeback};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Default)]
@@ -89,7 +86,7 @@ impl Control {
 /// Paces the writes of one copy or replay: syncs every N bytes, sleeps to
 /// hold the throttle rate, checks for cancellation, and with
 /// [`CompactionConfig::writeback_every_bytes`] has a thread sync the target
-/// behind the copy.
+/// behind the copy (the writer's background syncs, [`Writeback`]).
 #[derive(Debug)]
 pub(crate) struct Pacer<'a> {
     control: &'a Control,
@@ -99,82 +96,8 @@ pub(crate) struct Pacer<'a> {
     written: u64,
     unsynced: u64,
     writeback_every: u64,
-    /// The writer's position at the last writeback asked for.
-    writeback_from: Option<u64>,
-    writeback: Option<Writeback>,
-}
-
-/// A thread that syncs the target whenever asked, so that the disk writes
-/// the copy's bytes while the copy goes on, instead of all of them in the
-/// final commit's sync. Only an early start of what that commit syncs
-/// anyway: its own syncs and their order are unchanged. A failed sync is
-/// kept and returned by [`Writeback::finish`], which the copy calls before
-/// its commit (a failed `fdatasync` may not be reported again to the next
-/// one, so the commit's own sync succeeding proves nothing).
-#[derive(Debug)]
-struct Writeback {
-    path: PathBuf,
-    kick: Option<SyncSender<()>>,
-    thread: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-impl Writeback {
-    fn spawn(backend: Arc<dyn Backend>, path: PathBuf) -> Result<Self> {
-        // One pending request at most: requests made while a sync runs
-        // fold into the next one.
-        let (kick, asked) = sync_channel::<()>(1);
-        let thread = std::thread::Builder::new()
-            .name("compact-writeback".into())
-            .spawn(move || {
-                while asked.recv().is_ok() {
-                    backend.sync()?;
-                }
-                Ok(())
-            })
-            .map_err(|e| Error::io(path.clone(), "spawn the writeback thread", e))?;
-        Ok(Self {
-            path,
-            kick: Some(kick),
-            thread: Some(thread),
-        })
-    }
-
-    /// Asks for a sync of what was written so far. False when the thread
-    /// has stopped (a sync failed: [`Writeback::finish`] tells).
-    fn ask(&self) -> bool {
-        match &self.kick {
-            Some(kick) => match kick.try_send(()) {
-                Ok(()) | Err(TrySendError::Full(())) => true,
-                Err(TrySendError::Disconnected(())) => false,
-            },
-            None => false,
-        }
-    }
-
-    /// Stops the thread once its last sync is done; the first error of any
-    /// of its syncs.
-    fn finish(&mut self) -> Result<()> {
-        self.kick = None;
-        match self.thread.take() {
-            Some(thread) => match thread.join() {
-                Ok(synced) => synced.map_err(|e| Error::io(self.path.clone(), "sync", e)),
-                Err(_) => Err(Error::io(
-                    self.path.clone(),
-                    "sync",
-                    std::io::Error::other("the writeback thread panicked"),
-                )),
-            },
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Writeback {
-    fn drop(&mut self) {
-        // An abandoned copy (an error, a cancel) still waits for the
-        // thread, which holds the target open; its error no longer matters.
-        let _ = self.finish();
-    }
+    /// Whether the writer syncs through this pacer's writeback thread.
+    writing_back: bool,
 }
 
 /// Longest sleep between cancellation checks while throttled.
@@ -190,45 +113,32 @@ impl<'a> Pacer<'a> {
             written: 0,
             unsynced: 0,
             writeback_every: config.writeback_every_bytes,
-            writeback_from: None,
-            writeback: None,
+            writing_back: false,
         }
     }
 
-    /// Waits for the writeback thread, if any, to finish its syncs, and
-    /// returns the first error of one. To call before committing.
-    pub(crate) fn finish(&mut self) -> Result<()> {
-        match &mut self.writeback {
-            Some(writeback) => writeback.finish(),
-            None => Ok(()),
+    /// Stops the writer's background syncs, if on, once the pending one is
+    /// done, and returns the error of any that failed. To call before
+    /// committing.
+    pub(crate) fn finish(&mut self, writer: &mut FileWriter) -> Result<()> {
+        if self.writing_back {
+            self.writing_back = false;
+            writer.set_writeback(None)?;
         }
+        Ok(())
     }
 
-    /// With writeback on, asks for a sync once the writer has appended
-    /// `writeback_every` bytes (bodies and nodes) since the last one.
+    /// With writeback on, has `writer` sync in the background through a
+    /// thread of its own each time it has flushed `writeback_every` bytes
+    /// more ([`couchfile::Writeback`]).
     fn write_back(&mut self, writer: &mut FileWriter) -> Result<()> {
-        if self.writeback_every == 0 {
+        if self.writeback_every == 0 || self.writing_back {
             return Ok(());
         }
-        let pos = writer.position();
-        let from = *self.writeback_from.get_or_insert(pos);
-        if pos - from < self.writeback_every {
-            return Ok(());
-        }
-        // The sync covers only what reached the file.
-        writer.flush()?;
-        self.writeback_from = Some(pos);
-        if self.writeback.is_none() {
-            self.writeback = Some(Writeback::spawn(
-                Arc::clone(writer.file().backend()),
-                writer.file().path().to_path_buf(),
-            )?);
-        }
-        if let Some(writeback) = &mut self.writeback {
-            if !writeback.ask() {
-                writeback.finish()?;
-            }
-        }
+        let writeback = Writeback::new(1, self.writeback_every)
+            .map_err(|e| Error::io(writer.file().path(), "spawn the writeback thread", e))?;
+        writer.set_writeback(Some(writeback))?;
+        self.writing_back = true;
         Ok(())
     }
 

@@ -136,7 +136,7 @@ pub fn replay(
         target.save(&[], &locals)?;
     }
     // Before the caller commits: an error of a writeback sync fails here.
-    pacer.finish()?;
+    pacer.finish(target.writer_mut())?;
     let pending = target.pending_mut();
     pending.update_seq = pending.update_seq.max(to.header.update_seq);
     pending.purge_seq = pending.purge_seq.max(to.header.purge_seq);

@@ -848,6 +848,27 @@ impl FileWriter {
         self.file.set_crc(crc);
     }
 
+    /// Syncs in the background through `writeback` from now on (`None`:
+    /// no longer), instead of what the file was given
+    /// ([`CouchFile::with_writeback`]). Waits for the pending background
+    /// sync first and fails if one failed since the last [`FileWriter::sync`].
+    pub fn set_writeback(&mut self, writeback: Option<Writeback>) -> Result<()> {
+        self.wait_writeback()?;
+        self.writeback = writeback.map(WritebackClient::new);
+        Ok(())
+    }
+
+    /// Waits for the pending background sync, if any; fails if one failed
+    /// since the last call.
+    fn wait_writeback(&self) -> Result<()> {
+        match &self.writeback {
+            Some(writeback) => writeback
+                .wait()
+                .map_err(|e| Error::io(self.file.path(), IoOp::Sync, self.pos, e)),
+            None => Ok(()),
+        }
+    }
+
     /// Physical position of the next byte appended.
     pub fn position(&self) -> u64 {
         self.pos
@@ -931,11 +952,7 @@ impl FileWriter {
     /// succeeds.
     pub fn sync(&mut self) -> Result<()> {
         self.flush()?;
-        if let Some(writeback) = &self.writeback {
-            writeback
-                .wait()
-                .map_err(|e| Error::io(self.file.path(), IoOp::Sync, self.pos, e))?;
-        }
+        self.wait_writeback()?;
         self.file
             .shared
             .backend

@@ -358,7 +358,7 @@ impl VBucket {
             name: name.clone(),
             armed: true,
         };
-        let target = FileWriter::create_without_header(files::with_store_services(
+        let target = FileWriter::create_without_header(files::with_cache(
             CouchFile::new(backend, dir.path().join(&name))?,
             &shared.options,
         ))?;
@@ -544,7 +544,10 @@ impl VBucket {
         // that once the new revision has its name the switch cannot fail.
         let new_name = revision_name(vbid, new_revision);
         // The same file under its new name, keeping the nodes it cached.
-        let mut final_file = db.writer_mut().file().renamed(dir.path().join(&new_name));
+        let mut final_file = files::with_writeback(
+            db.writer_mut().file().renamed(dir.path().join(&new_name)),
+            &shared.options,
+        );
         final_file.set_crc(CrcKind::for_version(db.committed().header.disk_version));
         let new_db = Db::from_writer(
             FileWriter::new(final_file)?,

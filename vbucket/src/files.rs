@@ -92,10 +92,23 @@ pub(crate) fn open_file(dir: &dyn Directory, name: &str, options: &VbOptions) ->
 /// its writers syncing through the store's background syncs, for those the
 /// store has.
 pub(crate) fn with_store_services(file: CouchFile, options: &VbOptions) -> CouchFile {
-    let file = match &options.node_cache {
+    with_writeback(with_cache(file, options), options)
+}
+
+/// `file` reading and writing its nodes through the store's node cache, if
+/// it has one.
+pub(crate) fn with_cache(file: CouchFile, options: &VbOptions) -> CouchFile {
+    match &options.node_cache {
         Some(cache) => file.with_cache(Arc::clone(cache)),
         None => file,
-    };
+    }
+}
+
+/// `file` with its writers syncing through the store's background syncs,
+/// if on. Not for a compaction's target, whose copy syncs as its
+/// [`compactor::CompactionConfig`] says, but for its file once it is the
+/// vbucket's revision.
+pub(crate) fn with_writeback(file: CouchFile, options: &VbOptions) -> CouchFile {
     match &options.writeback {
         Some(writeback) => file.with_writeback(writeback.clone()),
         None => file,
