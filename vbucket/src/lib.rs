@@ -97,7 +97,7 @@ mod vbucket;
 
 pub use compaction::{
     CompactionHook, CompactionMode, CompactionOptions, CompactionPhase, CompactionReport,
-    RoundStats,
+    RoundStats, DEFAULT_COMPACTION_SYNC_EVERY_BYTES,
 };
 pub use compactor::{CompactionConfig, PurgePolicy, PurgeSeqRule};
 pub use error::{Error, Result};
