@@ -59,9 +59,24 @@ impl IdReduce {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ById;
 
+/// The byte-wise order of two keys, as `a.cmp(b)`, with the first eight
+/// bytes compared as one big-endian word first: most comparisons of a
+/// search end there, without a call to `memcmp` (the largest share of a
+/// point read's time before, 2026-12-06).
+#[inline]
+pub(crate) fn compare_bytes(a: &[u8], b: &[u8]) -> Ordering {
+    if let (Some(a8), Some(b8)) = (a.first_chunk::<8>(), b.first_chunk::<8>()) {
+        let (x, y) = (u64::from_be_bytes(*a8), u64::from_be_bytes(*b8));
+        if x != y {
+            return x.cmp(&y);
+        }
+    }
+    a.cmp(b)
+}
+
 impl TreeOps for ById {
     fn compare(&self, a: &[u8], b: &[u8]) -> Ordering {
-        a.cmp(b)
+        compare_bytes(a, b)
     }
 
     fn reduce(&self, entries: &mut dyn Iterator<Item = (&[u8], &[u8])>) -> Result<Vec<u8>> {
@@ -142,7 +157,7 @@ pub struct Local;
 
 impl TreeOps for Local {
     fn compare(&self, a: &[u8], b: &[u8]) -> Ordering {
-        a.cmp(b)
+        compare_bytes(a, b)
     }
 
     fn reduce(&self, _: &mut dyn Iterator<Item = (&[u8], &[u8])>) -> Result<Vec<u8>> {
@@ -151,5 +166,25 @@ impl TreeOps for Local {
 
     fn rereduce(&self, _: &mut dyn Iterator<Item = &[u8]>) -> Result<Vec<u8>> {
         Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compare_bytes;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The word-first comparison is the byte-wise order, for keys of
+        /// any length, sharing prefixes or not.
+        #[test]
+        fn compare_bytes_is_the_byte_order(
+            a in proptest::collection::vec(0u8..4, 0..20),
+            b in proptest::collection::vec(0u8..4, 0..20),
+            shared in proptest::collection::vec(any::<u8>(), 0..12),
+        ) {
+            let (a, b) = ([&shared[..], &a].concat(), [&shared[..], &b].concat());
+            prop_assert_eq!(compare_bytes(&a, &b), a.cmp(&b));
+        }
     }
 }
