@@ -404,15 +404,21 @@ pub struct SavedDoc {
     pub stored_rev_seq: Option<u64>,
 }
 
+/// The revision `increment` above `stored` (0 when the file holds none),
+/// at most 2^48 - 1 ([`DocUpdate::rev_seq_above_stored`]).
+fn rev_above(stored: Option<u64>, increment: u64) -> u64 {
+    stored.unwrap_or(0).saturating_add(increment).min(MAX_U48)
+}
+
 /// [`ValuePatch`](crate::ValuePatch) of a by-id value whose revision is an
 /// increment: adds the revision of the value it replaces.
 fn add_stored_rev(old: Option<&[u8]>, new: &mut [u8]) -> Result<()> {
     let stored = match old {
-        Some(old) => DocInfoRef::decode_by_id(&[], old)?.rev_seq,
-        None => 0,
+        Some(old) => Some(DocInfoRef::decode_by_id(&[], old)?.rev_seq),
+        None => None,
     };
     let increment = DocInfoRef::decode_by_id(&[], new)?.rev_seq;
-    DocInfo::patch_by_id_rev_seq(new, stored.saturating_add(increment).min(MAX_U48))?;
+    DocInfo::patch_by_id_rev_seq(new, rev_above(stored, increment))?;
     Ok(())
 }
 
@@ -659,10 +665,7 @@ impl Db {
         for (&i, stored) in by_id_order.iter().zip(stored_revs) {
             saved[i].stored_rev_seq = stored;
             if docs[i].rev_seq_above_stored {
-                let rev = stored
-                    .unwrap_or(0)
-                    .saturating_add(docs[i].rev_seq)
-                    .min(MAX_U48);
+                let rev = rev_above(stored, docs[i].rev_seq);
                 infos[i].rev_seq = rev;
                 saved[i].rev_seq = rev;
             }
