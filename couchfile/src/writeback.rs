@@ -195,9 +195,19 @@ mod tests {
         controller.inject(FaultRule::always(OpKind::Sync, FaultKind::Eio));
         w.append_chunk(&[7; 100]).unwrap();
         w.flush().unwrap();
-        // Under the threshold: no background sync was asked for.
+        // Under the threshold: no background sync was asked for (waiting
+        // for the pending one finds none, and no sync failed).
+        w.set_writeback(Some(Writeback::new(1, 1 << 20).unwrap()))
+            .unwrap();
         assert_eq!(controller.injected_count(), 0);
         controller.clear_faults();
+        // Past it: one is. Waiting for it alone (no sync of the writer's
+        // own) reports its failure.
+        controller.inject(FaultRule::once(OpKind::Sync, FaultKind::Eio));
+        w.append_chunk(&vec![7; 1 << 20]).unwrap();
+        w.flush().unwrap();
+        assert!(w.set_writeback(None).is_err());
+        assert_eq!(controller.injected_count(), 1);
         w.sync().unwrap();
     }
 }
