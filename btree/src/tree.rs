@@ -461,8 +461,10 @@ struct KeyRange<'k> {
     low: Option<&'k [u8]>,
     /// The node's keys are at most this: its key in its parent.
     high: Option<&'k [u8]>,
-    /// Offset of the parent (`None` for the root), for the error.
-    parent: Option<u64>,
+    /// The parent's offset and the node's index in it (`None` for the
+    /// root): where the bounds come from, for the error and for
+    /// [`Node::check_range_once`].
+    parent: Option<(u64, usize)>,
     /// Levels above the node (0 for the root).
     depth: u32,
 }
@@ -485,7 +487,7 @@ impl<'k> KeyRange<'k> {
                 Some(node.key(i - 1))
             },
             high: Some(node.key(i)),
-            parent: Some(offset),
+            parent: Some((offset, i)),
             depth: self.depth + 1,
         }
     }
@@ -592,11 +594,11 @@ impl<O: TreeOps> BTree<O> {
             ));
         }
         let node = Node::read_ordered(file, offset, &self.ops)?;
-        node.check_range(&self.ops, range.low, range.high)
+        node.check_range_once(&self.ops, range.low, range.high, range.parent)
             .map_err(|e| {
                 let detail = match range.parent {
                     None => e.to_string(),
-                    Some(parent) => format!("{e} (the node at {parent})"),
+                    Some((parent, _)) => format!("{e} (the node at {parent})"),
                 };
                 corrupt(file, offset, detail)
             })?;

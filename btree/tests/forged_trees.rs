@@ -11,7 +11,7 @@ use btree::fuzzing::{
     BASE_DOCS, BASE_LOCALS,
 };
 use btree::{ChangesFilter, Db, DbOptions, DocUpdate, Error, LocalUpdate, Snapshot};
-use couchfile::{CouchFile, MemBackend, OpenMode};
+use couchfile::{ChunkCache, CouchFile, MemBackend, OpenMode};
 use proptest::prelude::*;
 use std::ops::{Bound, ControlFlow};
 use std::sync::{Arc, OnceLock};
@@ -117,6 +117,45 @@ fn full_walks_of_every_forged_tree_fail_at_the_bad_node() {
                 Forgery::ForwardPointer | Forgery::SelfPointer => "is not before its parent",
             };
             assert!(detail.contains(expected), "{what}: {detail}");
+        }
+    }
+}
+
+/// Nodes remember the parent entry they were last checked under
+/// (`Node::check_range_once`): a walk of the real tree through a cache
+/// must not let a forged root's walk skip its checks.
+#[test]
+fn forged_trees_fail_at_the_bad_node_after_the_real_tree_was_walked_through_the_cache() {
+    for tree in TreeKind::ALL {
+        for forgery in Forgery::ALL {
+            let what = format!("{tree:?} {forgery:?}");
+            let f = forged(tree, forgery);
+            let cache = Arc::new(ChunkCache::new(64 << 20));
+            let file = CouchFile::new(Arc::new(MemBackend::from_bytes(f.image.clone())), "f.couch")
+                .unwrap()
+                .with_cache(cache);
+            let forged = Snapshot::open_latest(file.clone(), OpenMode::Normal).unwrap();
+            let real_header = forged.header().prev_header_pos.expect("a previous header");
+            let real = Snapshot::open_at(file, real_header).unwrap();
+            for _ in 0..2 {
+                full_walk(&real, tree, &mut 0).unwrap();
+                assert_corrupt_at(full_walk(&forged, tree, &mut 0), f.bad_node, &what);
+            }
+            if tree == TreeKind::ById {
+                let last = base_doc_id(BASE_DOCS - 1);
+                assert_eq!(real.doc_info(&last).unwrap().unwrap().id, last);
+                let mut failed = 0;
+                for key in [base_doc_id(0), last] {
+                    match forged.doc_info(&key) {
+                        Ok(Some(info)) => assert_eq!(info.id, key, "{what}"),
+                        result => {
+                            assert_corrupt(result, &f, &what);
+                            failed += 1;
+                        }
+                    }
+                }
+                assert!(failed > 0, "{what}: no lookup met the forgery");
+            }
         }
     }
 }
