@@ -6,7 +6,6 @@ use crate::tree::TreeOps;
 use couchfile::{decode_kv_length, CouchFile};
 use std::any::TypeId;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Type byte of a leaf (key-value) node.
@@ -17,7 +16,7 @@ pub const INTERIOR: u8 = 0;
 /// A decoded node: its bytes and where each entry's key and value lie, so
 /// a lookup binary-searches it without parsing it again. What the file's
 /// chunk cache holds for a node.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Node {
     /// True for a leaf.
     pub is_leaf: bool,
@@ -28,22 +27,6 @@ pub struct Node {
     /// found strictly ascending under, once checked or when written by
     /// this process.
     ascending_under: Option<TypeId>,
-    /// The parent entry whose bounds the node's keys were last found
-    /// within, under the order `ascending_under` ([`Node::check_range_once`]):
-    /// the parent's offset times 2^16 plus the entry's index; 0 for none.
-    range_checked_under: AtomicU64,
-}
-
-impl Clone for Node {
-    fn clone(&self) -> Self {
-        Self {
-            is_leaf: self.is_leaf,
-            bytes: self.bytes.clone(),
-            spans: self.spans.clone(),
-            ascending_under: self.ascending_under,
-            range_checked_under: AtomicU64::new(self.range_checked_under.load(Ordering::Relaxed)),
-        }
-    }
 }
 
 /// Bytes a node's index costs per entry, for the cache's weight.
@@ -103,7 +86,6 @@ impl Node {
                 .map(|(start, klen, vlen)| (start as u32, klen as u16, vlen as u32))
                 .collect(),
             ascending_under: Some(order),
-            range_checked_under: AtomicU64::new(0),
         }
     }
 
@@ -146,7 +128,6 @@ impl Node {
             bytes,
             spans,
             ascending_under: None,
-            range_checked_under: AtomicU64::new(0),
         })
     }
 
@@ -222,44 +203,6 @@ impl Node {
                 return Err(KeyOrderError::NotAscending { index: i });
             }
         }
-        Ok(())
-    }
-
-    /// [`Node::check_range`] for a node reached through entry `index` of
-    /// the interior node at offset `parent` (`None` for a root), done once
-    /// per parent entry: the bounds of entry `index` of an immutable parent
-    /// are the same on every walk, so a cached node remembers the entry it
-    /// was last checked under and skips the comparisons (and the memory
-    /// their keys are in) when reached through it again. Only the low
-    /// bound of a first child comes from above its parent, so that one is
-    /// compared on every walk. Remembered only under the node's own tree
-    /// order (a node of a forged file may be reached from two trees).
-    pub fn check_range_once<O: TreeOps + ?Sized>(
-        &self,
-        ops: &O,
-        low: Option<&[u8]>,
-        high: Option<&[u8]>,
-        parent: Option<(u64, usize)>,
-    ) -> std::result::Result<(), KeyOrderError> {
-        // Offsets are below 2^48 and an entry index below 2^16 in any
-        // file couchstore writes; other places are checked every time.
-        let under = parent
-            .filter(|&(offset, index)| offset < 1 << 48 && index < 1 << 16)
-            .map(|(offset, index)| (offset << 16) | index as u64)
-            .filter(|_| self.ascending_under == Some(TypeId::of::<O>()));
-        let Some(under) = under else {
-            return self.check_range(ops, low, high);
-        };
-        if self.range_checked_under.load(Ordering::Relaxed) == under {
-            // The high bound and, but for a first child, the low one are
-            // the parent entry's: checked when it was remembered.
-            return match parent {
-                Some((_, 0)) => self.check_range(ops, low, None),
-                _ => Ok(()),
-            };
-        }
-        self.check_range(ops, low, high)?;
-        self.range_checked_under.store(under, Ordering::Relaxed);
         Ok(())
     }
 
@@ -400,53 +343,6 @@ mod tests {
         // By seq, keys compare as numbers.
         let seqs = node(&[&[0, 0, 0, 0, 0, 9], &[0, 0, 0, 0, 1, 0]]);
         assert_eq!(seqs.check_keys(&crate::BySeq, None, None), Ok(()));
-    }
-
-    #[test]
-    fn a_range_is_checked_once_per_parent_entry_but_a_first_childs_low_bound_always() {
-        let ops = crate::Local;
-        let mut bytes = vec![LEAF];
-        for k in [&b"b"[..], b"c"] {
-            bytes.extend_from_slice(&encode_kv_length(k.len(), 0).unwrap());
-            bytes.extend_from_slice(k);
-        }
-        let mut node = Node::decode(bytes).unwrap();
-        let check = |node: &Node, low: &[u8], high: &[u8], parent| {
-            node.check_range_once(&ops, Some(low), Some(high), Some(parent))
-        };
-        // Not ascending under this order yet: nothing is remembered.
-        assert_eq!(check(&node, b"a", b"c", (100, 1)), Ok(()));
-        assert_eq!(
-            check(&node, b"c", b"c", (100, 1)),
-            Err(KeyOrderError::BelowRange)
-        );
-        node.ascending_under = Some(TypeId::of::<crate::Local>());
-        assert_eq!(check(&node, b"a", b"c", (100, 1)), Ok(()));
-        // The same entry of the same parent has the same bounds: the
-        // comparisons are skipped (these bounds could not come from it).
-        assert_eq!(check(&node, b"c", b"a", (100, 1)), Ok(()));
-        // Another parent, or another entry of it, is checked.
-        assert_eq!(
-            check(&node, b"c", b"c", (200, 1)),
-            Err(KeyOrderError::BelowRange)
-        );
-        assert_eq!(
-            check(&node, b"a", b"b", (100, 2)),
-            Err(KeyOrderError::AboveRange { index: 1 })
-        );
-        // A first child's low bound comes from above its parent: compared
-        // every time, the high bound once.
-        assert_eq!(check(&node, b"a", b"c", (100, 0)), Ok(()));
-        assert_eq!(check(&node, b"a", b"a", (100, 0)), Ok(()));
-        assert_eq!(
-            check(&node, b"b", b"c", (100, 0)),
-            Err(KeyOrderError::BelowRange)
-        );
-        // Under another order, checked every time.
-        assert_eq!(
-            node.check_range_once(&crate::ById, Some(b"a"), Some(b"b"), Some((100, 0))),
-            Err(KeyOrderError::AboveRange { index: 1 })
-        );
     }
 
     #[test]

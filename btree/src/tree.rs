@@ -461,10 +461,8 @@ struct KeyRange<'k> {
     low: Option<&'k [u8]>,
     /// The node's keys are at most this: its key in its parent.
     high: Option<&'k [u8]>,
-    /// The parent's offset and the node's index in it (`None` for the
-    /// root): where the bounds come from, for the error and for
-    /// [`Node::check_range_once`].
-    parent: Option<(u64, usize)>,
+    /// Offset of the parent (`None` for the root), for the error.
+    parent: Option<u64>,
     /// Levels above the node (0 for the root).
     depth: u32,
 }
@@ -487,7 +485,7 @@ impl<'k> KeyRange<'k> {
                 Some(node.key(i - 1))
             },
             high: Some(node.key(i)),
-            parent: Some((offset, i)),
+            parent: Some(offset),
             depth: self.depth + 1,
         }
     }
@@ -594,11 +592,11 @@ impl<O: TreeOps> BTree<O> {
             ));
         }
         let node = Node::read_ordered(file, offset, &self.ops)?;
-        node.check_range_once(&self.ops, range.low, range.high, range.parent)
+        node.check_range(&self.ops, range.low, range.high)
             .map_err(|e| {
                 let detail = match range.parent {
                     None => e.to_string(),
-                    Some((parent, _)) => format!("{e} (the node at {parent})"),
+                    Some(parent) => format!("{e} (the node at {parent})"),
                 };
                 corrupt(file, offset, detail)
             })?;
