@@ -121,9 +121,27 @@ fn full_walks_of_every_forged_tree_fail_at_the_bad_node() {
     }
 }
 
-/// Nodes remember the parent entry they were last checked under
-/// (`Node::check_range_once`): a walk of the real tree through a cache
-/// must not let a forged root's walk skip its checks.
+/// Looks up the first and the last document of the forged by-id tree of
+/// `f` in `snap`: each lookup finds the right document or fails at the bad
+/// node, and every forgery puts a bad node on the path of one of them at
+/// least.
+fn assert_id_lookups_right_or_corrupt(snap: &Snapshot, f: &ForgedFile, what: &str) {
+    let mut failed = 0;
+    for key in [base_doc_id(0), base_doc_id(BASE_DOCS - 1)] {
+        match snap.doc_info(&key) {
+            Ok(Some(info)) => assert_eq!(info.id, key, "{what}"),
+            result => {
+                assert_corrupt(result, f, what);
+                failed += 1;
+            }
+        }
+    }
+    assert!(failed > 0, "{what}: no lookup met the forgery");
+}
+
+/// The real tree's nodes, read and checked first, are cached and shared
+/// with the forged tree's walks: whatever a cached node keeps from a check
+/// must not let a forged root's walk skip its own.
 #[test]
 fn forged_trees_fail_at_the_bad_node_after_the_real_tree_was_walked_through_the_cache() {
     for tree in TreeKind::ALL {
@@ -144,17 +162,7 @@ fn forged_trees_fail_at_the_bad_node_after_the_real_tree_was_walked_through_the_
             if tree == TreeKind::ById {
                 let last = base_doc_id(BASE_DOCS - 1);
                 assert_eq!(real.doc_info(&last).unwrap().unwrap().id, last);
-                let mut failed = 0;
-                for key in [base_doc_id(0), last] {
-                    match forged.doc_info(&key) {
-                        Ok(Some(info)) => assert_eq!(info.id, key, "{what}"),
-                        result => {
-                            assert_corrupt(result, &f, &what);
-                            failed += 1;
-                        }
-                    }
-                }
-                assert!(failed > 0, "{what}: no lookup met the forgery");
+                assert_id_lookups_right_or_corrupt(&forged, &f, &what);
             }
         }
     }
@@ -187,21 +195,8 @@ fn changes_since_and_id_range_scans_of_forged_trees_fail_at_the_bad_node() {
 fn point_lookups_in_forged_trees_find_the_right_document_or_fail_at_the_bad_node() {
     for forgery in Forgery::ALL {
         let what = format!("{forgery:?}");
-        // The first and the last key: every forgery puts a bad node on the
-        // path of one of them at least.
         let id = forged(TreeKind::ById, forgery);
-        let snap = snapshot(&id.image);
-        let mut failed = 0;
-        for key in [base_doc_id(0), base_doc_id(BASE_DOCS - 1)] {
-            match snap.doc_info(&key) {
-                Ok(Some(info)) => assert_eq!(info.id, key, "{what}"),
-                result => {
-                    assert_corrupt(result, &id, &what);
-                    failed += 1;
-                }
-            }
-        }
-        assert!(failed > 0, "{what}: no lookup met the forgery");
+        assert_id_lookups_right_or_corrupt(&snapshot(&id.image), &id, &what);
 
         let local = forged(TreeKind::Local, forgery);
         let snap = snapshot(&local.image);
