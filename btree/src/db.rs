@@ -538,6 +538,16 @@ impl Db {
         &mut self.writer
     }
 
+    /// Whether [`Db::save`] may modify a large batch's trees on two threads
+    /// (the default; see [`BTree::set_parallel_modifies`]). Background
+    /// writers, such as a compaction's catch-up beside the flusher, turn it
+    /// off so that they do not occupy the threads a commit waits for.
+    pub fn set_parallel_modifies(&mut self, parallel: bool) {
+        self.trees.by_id.set_parallel_modifies(parallel);
+        self.trees.by_seq.set_parallel_modifies(parallel);
+        self.trees.local.set_parallel_modifies(parallel);
+    }
+
     /// The node size rules of the trees this db writes.
     pub fn node_config(&self) -> NodeConfig {
         self.trees.by_id.config()

@@ -555,6 +555,9 @@ const MAX_DEPTH: u32 = 96;
 pub struct BTree<O> {
     ops: O,
     config: NodeConfig,
+    /// Whether a large modify may share its work with the modify pool
+    /// ([`BTree::set_parallel_modifies`]).
+    parallel: bool,
 }
 
 fn corrupt(file: &CouchFile, offset: u64, detail: impl Into<String>) -> Error {
@@ -568,7 +571,21 @@ fn corrupt(file: &CouchFile, offset: u64, detail: impl Into<String>) -> Error {
 impl<O: TreeOps> BTree<O> {
     /// A tree with the given key order and reduce, and node size rules.
     pub fn new(ops: O, config: NodeConfig) -> Self {
-        Self { ops, config }
+        Self {
+            ops,
+            config,
+            parallel: true,
+        }
+    }
+
+    /// Whether [`BTree::modify`] shares a large batch with a second thread
+    /// (the default) or keeps every batch on the caller's thread. Work in
+    /// the background, such as a compaction's catch-up beside a flusher,
+    /// turns it off: the pool's threads are shared by every tree, and a
+    /// long modify on them delays the modifies of the trees that wait for
+    /// them.
+    pub fn set_parallel_modifies(&mut self, parallel: bool) {
+        self.parallel = parallel;
     }
 
     /// The tree's key order and reduce.
@@ -628,7 +645,7 @@ impl<O: TreeOps> BTree<O> {
     /// readable through `writer.file()` once the writer has flushed.
     ///
     /// A batch of at least [`PARALLEL_MODIFY_MIN_ACTIONS`] actions is shared
-    /// out between two threads of a pool kept for the purpose (the caller
+    /// out (unless [`BTree::set_parallel_modifies`] turned it off) between two threads of a pool kept for the purpose (the caller
     /// waits for both); the two append their nodes to `writer` as they
     /// finish them, so nodes land in the file in no fixed order. `fetched`
     /// is then called only once both are done, still in key order and from
@@ -649,7 +666,7 @@ impl<O: TreeOps> BTree<O> {
         let file = writer.file().clone();
         let outcome = match root {
             None => self.modify_leaf(writer, None, actions, fetched)?,
-            Some(root) if actions.len() >= PARALLEL_MODIFY_MIN_ACTIONS => {
+            Some(root) if self.parallel && actions.len() >= PARALLEL_MODIFY_MIN_ACTIONS => {
                 let shared = Mutex::new(&mut *writer);
                 let mut sink = SharedWriter::new(&shared);
                 let root = (root, KeyRange::ROOT);

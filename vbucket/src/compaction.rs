@@ -404,6 +404,11 @@ impl VBucket {
                 control,
             )?,
         };
+        // Until the lock is taken the flusher keeps committing: the replays
+        // stay on this thread, leaving the modify pool's threads to the
+        // flusher's commits (a catch-up round of thousands of documents on
+        // them would hold up a commit for the round's length).
+        db.set_parallel_modifies(false);
         // With history, the rounds keep the flusher's headers at the same
         // granularity; without, one header per round.
         let keep_history = matches!(plan, Some((_, true)));
@@ -545,6 +550,8 @@ impl VBucket {
         hook(CompactionPhase::FinalRoundLocked);
         self.check_running(control)?;
         let latest = w.db.committed().clone();
+        // The flusher waits for this round: it may use both threads.
+        db.set_parallel_modifies(true);
         let mut final_round = if latest.offset != last.offset {
             catch_up(&mut db, &last, &latest, &unthrottled, true)?
         } else {
