@@ -1364,6 +1364,43 @@ mod tests {
     }
 
     #[test]
+    fn a_modify_with_parallel_modifies_off_does_not_wait_for_the_pools_threads() {
+        let (mut tree, mut w, _, root, batch) = large_tree_and_batch();
+        tree.set_parallel_modifies(false);
+        let pool = modify_pool().expect("the modify pool starts in tests");
+        // Every thread of the pool busy until the gate opens, as a long
+        // modify of another tree would keep them.
+        let threads = pool.current_num_threads();
+        let gate = std::sync::RwLock::new(());
+        let closed = gate.write().unwrap();
+        let started = std::sync::Barrier::new(threads + 1);
+        let (done, finished) = std::sync::mpsc::sync_channel(1);
+        pool.in_place_scope(|scope| {
+            for _ in 0..threads {
+                let (gate, started) = (&gate, &started);
+                scope.spawn(move |_| {
+                    started.wait();
+                    drop(gate.read());
+                });
+            }
+            started.wait();
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let actions = fetch_inserts(&batch);
+                    let result = tree.modify(&mut w, Some(&root), &actions, &mut |_, _| Ok(()));
+                    let _ = done.send(result.map(|r| r.is_some()));
+                });
+                let outcome = finished.recv_timeout(std::time::Duration::from_secs(30));
+                drop(closed);
+                assert!(
+                    matches!(outcome, Ok(Ok(true))),
+                    "the modify waited for the busy pool: {outcome:?}"
+                );
+            });
+        });
+    }
+
+    #[test]
     fn a_modify_on_two_threads_returns_callback_read_and_write_errors() {
         let (tree, mut w, faults, root, batch) = large_tree_and_batch();
         let actions = fetch_inserts(&batch);

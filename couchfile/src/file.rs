@@ -790,6 +790,9 @@ pub struct FileWriter {
     compressor: Compressor,
     /// Background syncs, when the file has a [`Writeback`].
     writeback: Option<WritebackClient>,
+    /// Commits write the header block as a header at once and sync once
+    /// ([`FileWriter::set_unpublished`]).
+    unpublished: bool,
 }
 
 impl FileWriter {
@@ -804,6 +807,7 @@ impl FileWriter {
             flushed: pos,
             compressor: Compressor::new(),
             writeback,
+            unpublished: false,
         })
     }
 
@@ -846,6 +850,17 @@ impl FileWriter {
     /// Sets the checksum written (CRC-32 for version 11 files).
     pub fn set_crc(&mut self, crc: CrcKind) {
         self.file.set_crc(crc);
+    }
+
+    /// Marks the file as unpublished: no reader and no recovery opens it
+    /// until it is renamed, after a commit, to a name that is opened (a
+    /// compaction target under its temporary name), and a crash before then
+    /// discards it. Its commits then need no two-phase protocol: the header
+    /// block is written as a header at once and the file synced once, which
+    /// is enough for the rename that follows. A writer made afresh on the
+    /// renamed file commits in two phases again.
+    pub fn set_unpublished(&mut self) {
+        self.unpublished = true;
     }
 
     /// Syncs in the background through `writeback` from now on (`None`:
@@ -980,6 +995,8 @@ impl FileWriter {
     /// written at the next block boundary with block byte 0x00, synced, then
     /// the byte is turned into 0x01 and synced again. Returns the header's
     /// offset. Everything appended before is durable when this returns.
+    /// An unpublished file ([`FileWriter::set_unpublished`]) skips the first
+    /// phase: its header block is a header at once, synced once.
     /// Fails with [`Error::Unlinked`] when, after the sync, the file has no
     /// name left ([`crate::Backend::link_count`] is 0).
     pub fn commit(&mut self, header: &DbHeader) -> Result<u64> {
@@ -996,19 +1013,25 @@ impl FileWriter {
         let mut prefix = [0u8; 8];
         prefix[..4].copy_from_slice(&(body.len() as u32 + 4).to_be_bytes());
         prefix[4..].copy_from_slice(&self.file.crc.checksum(&body).to_be_bytes());
-        self.append_logical(&prefix, BlockType::Data);
-        self.append_logical(&body, BlockType::Data);
-        self.sync()?;
-        self.file
-            .shared
-            .backend
-            .write_at(offset, &[BlockType::Header as u8])
-            .map_err(|e| Error::io(self.file.path(), IoOp::Write, offset, e))?;
-        self.file
-            .shared
-            .backend
-            .sync()
-            .map_err(|e| Error::io(self.file.path(), IoOp::Sync, offset, e))?;
+        if self.unpublished {
+            self.append_logical(&prefix, BlockType::Header);
+            self.append_logical(&body, BlockType::Data);
+            self.sync()?;
+        } else {
+            self.append_logical(&prefix, BlockType::Data);
+            self.append_logical(&body, BlockType::Data);
+            self.sync()?;
+            self.file
+                .shared
+                .backend
+                .write_at(offset, &[BlockType::Header as u8])
+                .map_err(|e| Error::io(self.file.path(), IoOp::Write, offset, e))?;
+            self.file
+                .shared
+                .backend
+                .sync()
+                .map_err(|e| Error::io(self.file.path(), IoOp::Sync, offset, e))?;
+        }
         // A file removed from its directory (or whose directory was deleted)
         // still syncs: the commit is durable on an inode no name leads to.
         // One fstat tells, so that such a commit is never reported durable.
@@ -1195,6 +1218,65 @@ impl SequentialReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An in-memory file that counts its syncs.
+    #[derive(Debug, Default)]
+    struct CountingSyncs {
+        inner: crate::MemBackend,
+        syncs: AtomicU64,
+    }
+
+    impl Backend for CountingSyncs {
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.inner.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.inner.write_at(offset, data)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn truncate(&self, len: u64) -> std::io::Result<()> {
+            self.inner.truncate(len)
+        }
+    }
+
+    /// Writes two chunks, each followed by a committed header, to a new
+    /// compaction target; returns the backend and the headers' offsets.
+    fn write_target(unpublished: bool) -> (std::sync::Arc<CountingSyncs>, Vec<u64>) {
+        let backend = std::sync::Arc::new(CountingSyncs::default());
+        let file = CouchFile::new(backend.clone(), "t.couch.2.compact").unwrap();
+        let mut w = FileWriter::create_without_header(file).unwrap();
+        if unpublished {
+            w.set_unpublished();
+        }
+        let mut offsets = Vec::new();
+        let mut header = DbHeader::new(CURRENT_DISK_VERSION);
+        for (i, chunk) in [vec![1u8; 5000], vec![2u8; 4000]].iter().enumerate() {
+            w.append_chunk(chunk).unwrap();
+            header.update_seq = i as u64 + 1;
+            offsets.push(w.commit(&header).unwrap());
+        }
+        (backend, offsets)
+    }
+
+    #[test]
+    fn an_unpublished_files_commits_write_the_same_bytes_with_one_sync_each() {
+        let (two_phase, offsets) = write_target(false);
+        let (unpublished, same_offsets) = write_target(true);
+        assert_eq!(offsets, same_offsets);
+        assert_eq!(unpublished.inner.to_bytes(), two_phase.inner.to_bytes());
+        assert_eq!(two_phase.syncs.load(Ordering::Relaxed), 4);
+        assert_eq!(unpublished.syncs.load(Ordering::Relaxed), 2);
+        // The file, once renamed, opens at its last header.
+        let file = CouchFile::new(unpublished, "t.couch.2").unwrap();
+        let last = file.find_last_header(OpenMode::Normal).unwrap().unwrap();
+        assert_eq!((last.offset, last.header.update_seq), (offsets[1], 2));
+    }
 
     #[test]
     fn a_commit_to_a_file_without_a_name_fails() {

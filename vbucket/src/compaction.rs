@@ -373,10 +373,13 @@ impl VBucket {
             name: name.clone(),
             armed: true,
         };
-        let target = FileWriter::create_without_header(files::with_cache(
+        let mut target = FileWriter::create_without_header(files::with_cache(
             CouchFile::new(backend, dir.path().join(&name))?,
             &shared.options,
         ))?;
+        // Nothing opens the `.compact` file, and it is renamed only after a
+        // commit: its commits sync once, so the locked round's does too.
+        target.set_unpublished();
         let mut history_headers = 0;
         let mut history_bytes = 0;
         let (mut db, copy) = match &plan {
