@@ -548,6 +548,12 @@ impl Db {
         self.trees.local.set_parallel_modifies(parallel);
     }
 
+    /// Whether [`Db::save`] may modify on two threads
+    /// ([`Db::set_parallel_modifies`]).
+    pub fn parallel_modifies(&self) -> bool {
+        self.trees.by_id.parallel_modifies()
+    }
+
     /// The node size rules of the trees this db writes.
     pub fn node_config(&self) -> NodeConfig {
         self.trees.by_id.config()

@@ -588,6 +588,12 @@ impl<O: TreeOps> BTree<O> {
         self.parallel = parallel;
     }
 
+    /// Whether [`BTree::modify`] may share a large batch with a second
+    /// thread ([`BTree::set_parallel_modifies`]).
+    pub fn parallel_modifies(&self) -> bool {
+        self.parallel
+    }
+
     /// The tree's key order and reduce.
     pub fn ops(&self) -> &O {
         &self.ops

@@ -166,6 +166,12 @@ pub struct CompactionConfig {
     /// replays (each tree node is rewritten once per batch), which is what
     /// lets the catch-up rounds converge under a saturating writer.
     pub replay_batch: usize,
+    /// Whether a replay's large saves may modify the trees on two threads
+    /// ([`btree::Db::set_parallel_modifies`]; the default). A compaction
+    /// beside a flusher turns it off until the flusher waits for it: the
+    /// two threads are a pool every tree shares, and a long replay on them
+    /// delays the flusher's commits that wait for them.
+    pub parallel_replays: bool,
     /// Write the new file at disk version 14 (CRC-32C) whatever the
     /// source's version: couchstore's `COUCHSTORE_COMPACT_FLAG_UPGRADE_DB`,
     /// which kv_engine always passes, and the default. Without it the new
@@ -187,6 +193,7 @@ impl Default for CompactionConfig {
             id_sort_memory: 64 << 20,
             nodes: NodeConfig::default(),
             replay_batch: 100_000,
+            parallel_replays: true,
             upgrade: true,
         }
     }

@@ -41,7 +41,8 @@ fn local_docs(snapshot: &Snapshot) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
 /// above `from`'s update seq, as read at `to` (bodies copied as stored,
 /// seqs kept), and the local documents set or removed between the two. The
 /// target's update seq and purge seq are raised to `to`'s. Nothing is
-/// committed: the caller commits the target.
+/// committed: the caller commits the target. The target's modifies are
+/// left parallel or not as [`CompactionConfig::parallel_replays`] says.
 pub fn replay(
     source: &CouchFile,
     from: &LocatedHeader,
@@ -62,6 +63,7 @@ pub fn replay(
     }
     let older = Snapshot::new(source.clone(), from.clone());
     let newer = Snapshot::new(source.clone(), to.clone());
+    target.set_parallel_modifies(config.parallel_replays);
     let start_pos = target.writer_mut().position();
     let mut pacer = Pacer::new(config, control);
     let mut stats = ReplayStats::default();

@@ -71,7 +71,9 @@ pub struct CompactionOptions {
     /// couchstore's upgrade flag: the new revision is written at disk
     /// version 14 whatever the old one's. It syncs every
     /// [`DEFAULT_COMPACTION_SYNC_EVERY_BYTES`] by default, so that the
-    /// flusher's commits never queue behind much of it.
+    /// flusher's commits never queue behind much of it, and its replays
+    /// run on its own thread until the final round
+    /// ([`CompactionConfig::parallel_replays`] off).
     pub compactor: CompactionConfig,
     /// Concurrent (default) or blocking.
     pub mode: CompactionMode,
@@ -111,6 +113,13 @@ impl Default for CompactionOptions {
         Self {
             compactor: CompactionConfig {
                 sync_every_bytes: DEFAULT_COMPACTION_SYNC_EVERY_BYTES,
+                // Until the lock is taken the flusher keeps committing: the
+                // replays stay on the compaction's thread, leaving the
+                // modify pool's threads to the flusher's commits (a
+                // catch-up round of thousands of documents on them held a
+                // commit up for the round's length). The locked round
+                // replays on both.
+                parallel_replays: false,
                 ..CompactionConfig::default()
             },
             mode: CompactionMode::Concurrent,
@@ -407,11 +416,6 @@ impl VBucket {
                 control,
             )?,
         };
-        // Until the lock is taken the flusher keeps committing: the replays
-        // stay on this thread, leaving the modify pool's threads to the
-        // flusher's commits (a catch-up round of thousands of documents on
-        // them would hold up a commit for the round's length).
-        db.set_parallel_modifies(false);
         // With history, the rounds keep the flusher's headers at the same
         // granularity; without, one header per round.
         let keep_history = matches!(plan, Some((_, true)));
@@ -554,9 +558,12 @@ impl VBucket {
         self.check_running(control)?;
         let latest = w.db.committed().clone();
         // The flusher waits for this round: it may use both threads.
-        db.set_parallel_modifies(true);
+        let locked = CompactionConfig {
+            parallel_replays: true,
+            ..unthrottled.clone()
+        };
         let mut final_round = if latest.offset != last.offset {
-            catch_up(&mut db, &last, &latest, &unthrottled, true)?
+            catch_up(&mut db, &last, &latest, &locked, true)?
         } else {
             // Nothing landed since the last round, whose header is synced.
             RoundStats {
