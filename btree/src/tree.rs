@@ -651,9 +651,10 @@ impl<O: TreeOps> BTree<O> {
     /// readable through `writer.file()` once the writer has flushed.
     ///
     /// A batch of at least [`PARALLEL_MODIFY_MIN_ACTIONS`] actions is shared
-    /// out (unless [`BTree::set_parallel_modifies`] turned it off) between two threads of a pool kept for the purpose (the caller
-    /// waits for both); the two append their nodes to `writer` as they
-    /// finish them, so nodes land in the file in no fixed order. `fetched`
+    /// out (unless [`BTree::set_parallel_modifies`] turned it off) between
+    /// two threads of a pool kept for the purpose (the caller waits for
+    /// both); the two append their nodes to `writer` as they finish them,
+    /// so nodes land in the file in no fixed order. `fetched`
     /// is then called only once both are done, still in key order and from
     /// the calling thread.
     pub fn modify(

@@ -3,7 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use btree::{Body, Db, DbOptions, DocUpdate};
+mod common;
+
+use btree::{Db, DbOptions};
 use compactor::{replay, CompactionConfig, Control};
 use couchfile::{CouchFile, FileWriter, LocatedHeader, MemBackend};
 use std::sync::Arc;
@@ -15,19 +17,7 @@ fn source() -> (CouchFile, LocatedHeader, LocatedHeader) {
     let mut db = Db::open(file, &DbOptions::default()).unwrap();
     let mut headers = Vec::new();
     for round in 0..2u64 {
-        let docs: Vec<DocUpdate> = (0..2_000u64)
-            .map(|k| DocUpdate {
-                id: format!("key{:08}", (k * 7919) % 2_000).into_bytes(),
-                seq: None,
-                rev_seq: round + 1,
-                rev_seq_above_stored: false,
-                rev_meta: vec![0; 16],
-                deleted: false,
-                content_meta: 0,
-                body: Body::Plain(vec![(k % 251) as u8; 100]),
-            })
-            .collect();
-        db.save(&docs, &[]).unwrap();
+        db.save(&common::overwrite_round(round), &[]).unwrap();
         db.commit(0).unwrap();
         headers.push(db.committed().clone());
     }

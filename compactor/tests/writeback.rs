@@ -5,7 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use btree::{Body, Db, DbOptions, DocUpdate, Snapshot};
+mod common;
+
+use btree::{Db, DbOptions, Snapshot};
 use compactor::{copy_snapshot, CompactionConfig, Control, NoHooks};
 use couchfile::{
     CouchFile, FaultController, FaultKind, FaultRule, FaultyBackend, FaultyDirectory, FileWriter,
@@ -17,19 +19,7 @@ fn source() -> Snapshot {
     let file = CouchFile::new(Arc::new(MemBackend::new()), "0.couch.1").unwrap();
     let mut db = Db::open(file, &DbOptions::default()).unwrap();
     for round in 0..3u64 {
-        let docs: Vec<DocUpdate> = (0..2_000u64)
-            .map(|k| DocUpdate {
-                id: format!("key{:08}", (k * 7919) % 2_000).into_bytes(),
-                seq: None,
-                rev_seq: round + 1,
-                rev_seq_above_stored: false,
-                rev_meta: vec![0; 16],
-                deleted: false,
-                content_meta: 0x80,
-                body: Body::Plain(vec![(k % 251) as u8; 300 + (k % 100) as usize]),
-            })
-            .collect();
-        db.save(&docs, &[]).unwrap();
+        db.save(&common::overwrite_round(round), &[]).unwrap();
         db.commit(0).unwrap();
     }
     db.snapshot()

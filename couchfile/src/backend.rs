@@ -258,9 +258,9 @@ impl Drop for FileBackend {
     /// and the file system's block allocation waits meanwhile: the commits
     /// of other files stalled for up to 300 ms when a compaction released
     /// a 570 MB revision, against under 185 ms with this (bench peers,
-    /// 2026-12-06), and the cuts are paced ([`RELEASE_PAUSE`]). Only when no other handle, in this process or another,
-    /// has the file open: each holds a shared `flock`, and this takes the
-    /// exclusive one first.
+    /// 2026-12-06), and the cuts are paced ([`RELEASE_PAUSE`]). Only when
+    /// no other handle, in this process or another, has the file open:
+    /// each holds a shared `flock`, and this takes the exclusive one first.
     fn drop(&mut self) {
         let map = std::mem::take(self.map.get_mut());
         drop(map);

@@ -1013,14 +1013,17 @@ impl FileWriter {
         let mut prefix = [0u8; 8];
         prefix[..4].copy_from_slice(&(body.len() as u32 + 4).to_be_bytes());
         prefix[4..].copy_from_slice(&self.file.crc.checksum(&body).to_be_bytes());
-        if self.unpublished {
-            self.append_logical(&prefix, BlockType::Header);
-            self.append_logical(&body, BlockType::Data);
-            self.sync()?;
+        // An unpublished file's header block is a header at once; a live
+        // file's becomes one only once everything before it is synced.
+        let first = if self.unpublished {
+            BlockType::Header
         } else {
-            self.append_logical(&prefix, BlockType::Data);
-            self.append_logical(&body, BlockType::Data);
-            self.sync()?;
+            BlockType::Data
+        };
+        self.append_logical(&prefix, first);
+        self.append_logical(&body, BlockType::Data);
+        self.sync()?;
+        if !self.unpublished {
             self.file
                 .shared
                 .backend
