@@ -294,6 +294,32 @@ mod tests {
     }
 
     #[test]
+    fn a_handle_that_does_not_fill_the_cache_reads_from_it_and_adds_nothing() {
+        let (cache, mut w) = cached_file(1 << 20);
+        let cached = append_cached(&mut w, b"cached");
+        w.flush().unwrap();
+        let passing = w.file().with_cache_fill(false);
+        let mut decodes = 0;
+        // What the cache holds is served.
+        assert_eq!(read(&passing, cached, &mut decodes), "cached");
+        assert_eq!((cache.hits_and_misses(), decodes), ((1, 0), 0));
+        // What it reads or writes is not put in.
+        let mut passing_writer = FileWriter::new(passing.clone()).unwrap();
+        let written = append_cached(&mut passing_writer, b"written");
+        passing_writer.flush().unwrap();
+        for _ in 0..2 {
+            assert_eq!(read(&passing, written, &mut decodes), "written");
+        }
+        assert_eq!((cache.hits_and_misses(), decodes), ((1, 2), 2));
+        assert_eq!(cache.stats().entries, 1);
+        // A handle made from it that fills again puts in what it reads.
+        let filling = passing.with_cache_fill(true);
+        assert_eq!(read(&filling, written, &mut decodes), "written");
+        assert_eq!(read(&passing, written, &mut decodes), "written");
+        assert_eq!((cache.hits_and_misses(), decodes), ((2, 3), 3));
+    }
+
+    #[test]
     fn a_chunk_cached_as_another_type_is_read_again() {
         let (cache, mut w) = cached_file(1 << 20);
         let offset = append_cached(&mut w, b"text");

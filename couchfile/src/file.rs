@@ -68,6 +68,9 @@ struct Shared {
     cache: Option<Arc<ChunkCache>>,
     /// This file's contents in `cache`.
     cache_id: CacheId,
+    /// Whether what this handle reads or writes goes into `cache`
+    /// ([`CouchFile::with_cache_fill`]).
+    fill_cache: bool,
     /// Where its writers ask for background syncs, if anywhere.
     writeback: Option<Writeback>,
 }
@@ -97,6 +100,7 @@ impl CouchFile {
                 known_len: AtomicU64::new(len),
                 cache: None,
                 cache_id: CacheId::new(),
+                fill_cache: true,
                 writeback: None,
             }),
             crc: CrcKind::Crc32c,
@@ -110,6 +114,22 @@ impl CouchFile {
         self.share(
             self.shared.path.clone(),
             Some(cache),
+            self.shared.fill_cache,
+            self.shared.writeback.clone(),
+        )
+    }
+
+    /// A handle on the same file that puts what it reads and writes in the
+    /// file's cache (`fill`, as every handle does by default) or does not
+    /// (it still reads what the cache holds, and still drops the chunks its
+    /// writer replaces): for a pass over many chunks that nobody reads
+    /// again soon, such as a compaction's copy, which would otherwise push
+    /// out what the file's other readers and its writer keep using.
+    pub fn with_cache_fill(&self, fill: bool) -> Self {
+        self.share(
+            self.shared.path.clone(),
+            self.shared.cache.clone(),
+            fill,
             self.shared.writeback.clone(),
         )
     }
@@ -121,6 +141,7 @@ impl CouchFile {
         self.share(
             self.shared.path.clone(),
             self.shared.cache.clone(),
+            self.shared.fill_cache,
             Some(writeback),
         )
     }
@@ -131,6 +152,7 @@ impl CouchFile {
         self.share(
             path.into(),
             self.shared.cache.clone(),
+            self.shared.fill_cache,
             self.shared.writeback.clone(),
         )
     }
@@ -139,6 +161,7 @@ impl CouchFile {
         &self,
         path: PathBuf,
         cache: Option<Arc<ChunkCache>>,
+        fill_cache: bool,
         writeback: Option<Writeback>,
     ) -> Self {
         Self {
@@ -148,6 +171,7 @@ impl CouchFile {
                 known_len: AtomicU64::new(self.shared.known_len.load(Ordering::Acquire)),
                 cache,
                 cache_id: self.shared.cache_id.copy(),
+                fill_cache,
                 writeback,
             }),
             crc: self.crc,
@@ -436,8 +460,9 @@ impl CouchFile {
     /// chunk's decompressed bytes, through the file's [`ChunkCache`]: from
     /// the cache when it holds the chunk decoded as a `T`, else read,
     /// checked, decompressed, decoded and cached with the weight `decode`
-    /// gives it (about the bytes it holds). Without a cache, decoded each
-    /// time. A lookup in the cache allocates nothing.
+    /// gives it (about the bytes it holds; not cached by a handle that does
+    /// not fill the cache). Without a cache, decoded each time. A lookup in
+    /// the cache allocates nothing.
     pub fn read_decoded<T, E>(
         &self,
         offset: u64,
@@ -456,19 +481,25 @@ impl CouchFile {
         }
         let (value, weight) = decode(self.read_compressed_chunk(offset)?)?;
         let value = Arc::new(value);
-        cache.insert(id, offset, Arc::clone(&value) as DecodedChunk, weight);
+        if self.shared.fill_cache {
+            cache.insert(id, offset, Arc::clone(&value) as DecodedChunk, weight);
+        }
         Ok(value)
     }
 
     /// Puts the decoded chunk `make` gives (a value and its weight) in the
     /// file's [`ChunkCache`] as the chunk at `offset`, if the file has a
-    /// cache (`make` is not called otherwise): for a writer, what it has
-    /// just appended, so that a reader finds it without reading it back.
+    /// cache and this handle fills it (`make` is not called otherwise; see
+    /// [`CouchFile::with_cache_fill`]): for a writer, what it has just
+    /// appended, so that a reader finds it without reading it back.
     pub fn cache_decoded<T: Any + Send + Sync>(
         &self,
         offset: u64,
         make: impl FnOnce() -> (T, u64),
     ) {
+        if !self.shared.fill_cache {
+            return;
+        }
         if let Some(cache) = &self.shared.cache {
             let (value, weight) = make();
             cache.insert(

@@ -351,6 +351,13 @@ impl VBucket {
                 (w.db.snapshot(), w.revision)
             }
         };
+        // The compaction reads the whole source once and writes the whole
+        // new file: through the node cache without filling it, so that the
+        // flusher's and the readers' nodes stay cached meanwhile.
+        let source = btree::Snapshot::new(
+            source.file().with_cache_fill(false),
+            source.located_header().clone(),
+        );
         let size_before = source.file().len()?;
         // The history kept: the window fixed now, the headers from the
         // vbucket's index of the file.
@@ -382,10 +389,13 @@ impl VBucket {
             name: name.clone(),
             armed: true,
         };
-        let mut target = FileWriter::create_without_header(files::with_cache(
-            CouchFile::new(backend, dir.path().join(&name))?,
-            &shared.options,
-        ))?;
+        let mut target = FileWriter::create_without_header(
+            files::with_cache(
+                CouchFile::new(backend, dir.path().join(&name))?,
+                &shared.options,
+            )
+            .with_cache_fill(false),
+        )?;
         // Nothing opens the `.compact` file, and it is renamed only after a
         // commit: its commits sync once, so the locked round's does too.
         target.set_unpublished();
@@ -575,9 +585,12 @@ impl VBucket {
         // Everything that can fail before the rename happens before it, so
         // that once the new revision has its name the switch cannot fail.
         let new_name = revision_name(vbid, new_revision);
-        // The same file under its new name, keeping the nodes it cached.
+        // The same file under its new name, its nodes cached from now on.
         let mut final_file = files::with_writeback(
-            db.writer_mut().file().renamed(dir.path().join(&new_name)),
+            db.writer_mut()
+                .file()
+                .renamed(dir.path().join(&new_name))
+                .with_cache_fill(true),
             &shared.options,
         );
         final_file.set_crc(CrcKind::for_version(db.committed().header.disk_version));

@@ -305,6 +305,33 @@ fn the_cache_stays_within_its_bound_and_counts_what_it_evicts() {
 }
 
 #[test]
+fn a_compaction_does_not_fill_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config(DEFAULT_NODE_CACHE_BYTES)).unwrap();
+    let vb = store.open_vbucket(0).unwrap();
+    for version in 0..3 {
+        write(&vb, 0..3_000, version);
+    }
+    for i in 0..3_000 {
+        vb.get(&key(i)).unwrap().unwrap();
+    }
+    let before = store.stats().unwrap().node_cache.unwrap();
+    vb.compact(&CompactionOptions::default()).unwrap();
+    // The copy read every node of the old file and wrote every node of the
+    // new one, and put none of them in: what the readers had cached stays.
+    let after = store.stats().unwrap().node_cache.unwrap();
+    assert_eq!((after.entries, after.used), (before.entries, before.used));
+    assert_eq!(after.evictions, before.evictions);
+    // The new revision's nodes are cached once read.
+    for i in 0..3_000 {
+        assert_eq!(vb.get(&key(i)).unwrap().unwrap().value, value(i, 2));
+    }
+    assert!(store.stats().unwrap().node_cache.unwrap().entries > after.entries);
+    drop(vb);
+    store.close().unwrap();
+}
+
+#[test]
 fn a_get_from_the_file_allocates_only_the_document() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
