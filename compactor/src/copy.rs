@@ -53,6 +53,10 @@ struct Copier<'a, 't> {
     stats: CopyStats,
     /// Bodies come in by-seq order, which is (mostly) file order.
     bodies: SequentialReader,
+    /// The by-seq and by-id values of the document being copied (one
+    /// allocation for the copy, not two per document).
+    seq_value: Vec<u8>,
+    id_value: Vec<u8>,
 }
 
 impl Copier<'_, '_> {
@@ -106,15 +110,17 @@ impl Copier<'_, '_> {
             self.pacer.wrote(&mut self.writer, pos.disk_size)?;
         }
         let key = encode_seq_key(info.db_seq)?;
+        info.encode_by_seq_value_into(&mut self.seq_value)?;
         self.seq_builder
-            .push(&mut self.writer, &key, &info.encode_by_seq_value()?)?;
-        let by_id = info.encode_by_id_value()?;
+            .push(&mut self.writer, &key, &self.seq_value)?;
+        info.encode_by_id_value_into(&mut self.id_value)?;
         if self.stats.docs_copied == 0 {
             // Sized on the first pair: ids of one file are alike.
             let left = usize::try_from(self.docs_total).unwrap_or(usize::MAX);
-            self.sorter.reserve(left, info.id.len() + by_id.len());
+            self.sorter
+                .reserve(left, info.id.len() + self.id_value.len());
         }
-        self.sorter.push(&info.id, &by_id)?;
+        self.sorter.push(&info.id, &self.id_value)?;
         self.stats.docs_copied += 1;
         Ok(())
     }
@@ -170,6 +176,8 @@ pub fn copy_snapshot(
             ..CopyStats::default()
         },
         bodies: SequentialReader::new(crate::BODY_WINDOW),
+        seq_value: Vec::new(),
+        id_value: Vec::new(),
     };
     let mut failure = None;
     source.changes_since(

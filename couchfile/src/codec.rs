@@ -489,17 +489,26 @@ impl DocInfo {
 
     /// Encodes the by-id value (the key is [`DocInfo::id`]).
     pub fn encode_by_id_value(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(23 + self.rev_meta.len());
+        self.encode_by_id_value_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// [`DocInfo::encode_by_id_value`] into `out`, which it clears first
+    /// (for a caller reusing one buffer).
+    pub fn encode_by_id_value_into(&self, out: &mut Vec<u8>) -> Result<()> {
         check_fits("db_seq", self.db_seq, MAX_U48)?;
         check_fits("rev_seq", self.rev_seq, MAX_U48)?;
         check_fits("physical_size", self.physical_size, u64::from(u32::MAX))?;
-        let mut out = Vec::with_capacity(23 + self.rev_meta.len());
-        put_uint(&mut out, self.db_seq, 6);
-        put_uint(&mut out, self.physical_size, 4);
-        put_uint(&mut out, self.bp_field()?, 6);
-        put_uint(&mut out, self.rev_seq, 6);
+        let bp = self.bp_field()?;
+        out.clear();
+        put_uint(out, self.db_seq, 6);
+        put_uint(out, self.physical_size, 4);
+        put_uint(out, bp, 6);
+        put_uint(out, self.rev_seq, 6);
         out.push(self.content_meta);
         out.extend_from_slice(&self.rev_meta);
-        Ok(out)
+        Ok(())
     }
 
     /// Sets the revision of an encoded by-id value, in place.
@@ -537,19 +546,26 @@ impl DocInfo {
     /// Encodes the by-seq value (the key is [`encode_seq_key`] of
     /// [`DocInfo::db_seq`]).
     pub fn encode_by_seq_value(&self) -> Result<Vec<u8>> {
-        check_fits("rev_seq", self.rev_seq, MAX_U48)?;
         let mut out = Vec::with_capacity(18 + self.id.len() + self.rev_meta.len());
-        out.extend_from_slice(&encode_kv_length(
-            self.id.len(),
-            self.physical_size as usize,
-        )?);
+        self.encode_by_seq_value_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// [`DocInfo::encode_by_seq_value`] into `out`, which it clears first
+    /// (for a caller reusing one buffer).
+    pub fn encode_by_seq_value_into(&self, out: &mut Vec<u8>) -> Result<()> {
+        check_fits("rev_seq", self.rev_seq, MAX_U48)?;
+        let lengths = encode_kv_length(self.id.len(), self.physical_size as usize)?;
         check_fits("physical_size", self.physical_size, MAX_VALUE_LEN as u64)?;
-        put_uint(&mut out, self.bp_field()?, 6);
-        put_uint(&mut out, self.rev_seq, 6);
+        let bp = self.bp_field()?;
+        out.clear();
+        out.extend_from_slice(&lengths);
+        put_uint(out, bp, 6);
+        put_uint(out, self.rev_seq, 6);
         out.push(self.content_meta);
         out.extend_from_slice(&self.id);
         out.extend_from_slice(&self.rev_meta);
-        Ok(out)
+        Ok(())
     }
 
     /// Decodes a by-seq entry.
