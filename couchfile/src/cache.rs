@@ -202,7 +202,8 @@ impl fmt::Debug for ChunkCache {
 
 /// A number naming one file's contents in a [`ChunkCache`]; a file gets a
 /// new one when it is cut back, since chunks may then be written again at
-/// offsets that had others.
+/// offsets that had others. Every handle on the file shares it (through an
+/// `Arc`), so that none keeps reading under the old number after a cut.
 #[derive(Debug)]
 pub(crate) struct CacheId(AtomicU64);
 
@@ -217,10 +218,6 @@ impl CacheId {
 
     pub(crate) fn renew(&self) {
         self.0.store(next_cache_id(), Ordering::Release);
-    }
-
-    pub(crate) fn copy(&self) -> Self {
-        Self(AtomicU64::new(self.get()))
     }
 }
 
@@ -340,11 +337,16 @@ mod tests {
         let start = w.position();
         let first = append_cached(&mut w, b"before the cut");
         w.flush().unwrap();
+        // Handles made before the cut, sharing the file's contents.
+        let renamed = w.file().renamed("renamed.couch");
+        let passing = w.file().with_cache_fill(false);
         w.truncate(start).unwrap();
         let second = append_cached(&mut w, b"after");
         w.flush().unwrap();
         assert_eq!(first, second);
         assert_eq!(read(w.file(), second, &mut 0), "after");
+        assert_eq!(read(&renamed, second, &mut 0), "after");
+        assert_eq!(read(&passing, second, &mut 0), "after");
     }
 
     #[test]

@@ -66,8 +66,8 @@ struct Shared {
     known_len: AtomicU64,
     /// Where decompressed chunks read or written through the cache go.
     cache: Option<Arc<ChunkCache>>,
-    /// This file's contents in `cache`.
-    cache_id: CacheId,
+    /// This file's contents in `cache`, shared by every handle on the file.
+    cache_id: Arc<CacheId>,
     /// Whether what this handle reads or writes goes into `cache`
     /// ([`CouchFile::with_cache_fill`]).
     fill_cache: bool,
@@ -99,7 +99,7 @@ impl CouchFile {
                 path,
                 known_len: AtomicU64::new(len),
                 cache: None,
-                cache_id: CacheId::new(),
+                cache_id: Arc::new(CacheId::new()),
                 fill_cache: true,
                 writeback: None,
             }),
@@ -170,7 +170,7 @@ impl CouchFile {
                 path,
                 known_len: AtomicU64::new(self.shared.known_len.load(Ordering::Acquire)),
                 cache,
-                cache_id: self.shared.cache_id.copy(),
+                cache_id: Arc::clone(&self.shared.cache_id),
                 fill_cache,
                 writeback,
             }),

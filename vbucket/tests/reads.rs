@@ -304,10 +304,10 @@ fn the_cache_stays_within_its_bound_and_counts_what_it_evicts() {
     store.close().unwrap();
 }
 
-#[test]
-fn a_compaction_does_not_fill_the_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), config(DEFAULT_NODE_CACHE_BYTES)).unwrap();
+/// A vbucket of 3,000 keys written three times, every key read once (so
+/// the cache holds its paths), in a store with a cache of `cache_bytes`.
+fn read_vbucket(dir: &std::path::Path, cache_bytes: u64) -> (Store, VBucket) {
+    let store = Store::open(dir, config(cache_bytes)).unwrap();
     let vb = store.open_vbucket(0).unwrap();
     for version in 0..3 {
         write(&vb, 0..3_000, version);
@@ -315,6 +315,14 @@ fn a_compaction_does_not_fill_the_cache() {
     for i in 0..3_000 {
         vb.get(&key(i)).unwrap().unwrap();
     }
+    (store, vb)
+}
+
+#[test]
+fn a_compaction_too_large_for_the_cache_passes_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // The vbucket's trees take more than a quarter of a 256 KiB cache.
+    let (store, vb) = read_vbucket(dir.path(), 256 << 10);
     let before = store.stats().unwrap().node_cache.unwrap();
     vb.compact(&CompactionOptions::default()).unwrap();
     // The copy read every node of the old file and wrote every node of the
@@ -326,7 +334,25 @@ fn a_compaction_does_not_fill_the_cache() {
     for i in 0..3_000 {
         assert_eq!(vb.get(&key(i)).unwrap().unwrap().value, value(i, 2));
     }
-    assert!(store.stats().unwrap().node_cache.unwrap().entries > after.entries);
+    let read = store.stats().unwrap().node_cache.unwrap();
+    assert!(read.misses > after.misses, "{read:?}");
+    drop(vb);
+    store.close().unwrap();
+}
+
+#[test]
+fn a_compaction_that_fits_the_cache_leaves_the_new_revision_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, vb) = read_vbucket(dir.path(), DEFAULT_NODE_CACHE_BYTES);
+    vb.compact(&CompactionOptions::default()).unwrap();
+    let after = store.stats().unwrap().node_cache.unwrap();
+    // Every read of the new revision is served by the cache.
+    for i in 0..3_000 {
+        assert_eq!(vb.get(&key(i)).unwrap().unwrap().value, value(i, 2));
+    }
+    let read = store.stats().unwrap().node_cache.unwrap();
+    assert_eq!(read.misses, after.misses, "{read:?}");
+    assert!(read.hits > after.hits, "{read:?}");
     drop(vb);
     store.close().unwrap();
 }
