@@ -160,11 +160,13 @@ pub fn copy_snapshot(
     let by_seq = BTree::new(BySeq, config.nodes);
     let by_id = BTree::new(ById, config.nodes);
     let local = BTree::new(Local, config.nodes);
+    let mut sorter = ExternalSorter::new(dir, sort_prefix, config.id_sort_memory);
+    sorter.set_parallel(config.parallel_sort);
     let mut copier = Copier {
         source,
         writer: target,
         seq_builder: by_seq.builder(),
-        sorter: ExternalSorter::new(dir, sort_prefix, config.id_sort_memory),
+        sorter,
         pacer: Pacer::new(config, control),
         control,
         config,

@@ -172,6 +172,11 @@ pub struct CompactionConfig {
     /// two threads are a pool every tree shares, and a long replay on them
     /// delays the flusher's commits that wait for them.
     pub parallel_replays: bool,
+    /// Whether the copy sorts the ids on every core (rayon's global pool;
+    /// the default) rather than on its own thread alone. A compaction
+    /// beside a flusher turns it off, leaving the other core to the
+    /// flusher's commits.
+    pub parallel_sort: bool,
     /// Write the new file at disk version 14 (CRC-32C) whatever the
     /// source's version: couchstore's `COUCHSTORE_COMPACT_FLAG_UPGRADE_DB`,
     /// which kv_engine always passes, and the default. Without it the new
@@ -194,6 +199,7 @@ impl Default for CompactionConfig {
             nodes: NodeConfig::default(),
             replay_batch: 100_000,
             parallel_replays: true,
+            parallel_sort: true,
             upgrade: true,
         }
     }

@@ -18,6 +18,7 @@
 
 use crate::error::{Error, Result};
 use couchfile::{Backend, Directory};
+use rayon::slice::ParallelSliceMut;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::fmt;
@@ -127,17 +128,22 @@ impl PairBuffer {
     /// 22% of the perf samples with a prefix of the first 8 bytes to 6%,
     /// and the sort and by-id build from 460 to 295 ms (medians of five
     /// interleaved runs; 2026-11-22, commit d527a3e).
-    fn sort(&mut self) {
+    fn sort(&mut self, parallel: bool) {
         let from = self.common_prefix_len();
         let bytes = &self.bytes;
         for pair in &mut self.index {
             pair.prefix = key_prefix(key_of(bytes, pair), from);
         }
-        self.index.sort_unstable_by(|a, b| {
+        let order = |a: &BufferedPair, b: &BufferedPair| {
             a.prefix
                 .cmp(&b.prefix)
                 .then_with(|| key_of(bytes, a)[from..].cmp(&key_of(bytes, b)[from..]))
-        });
+        };
+        if parallel && self.index.len() >= PARALLEL_SORT_MIN_PAIRS {
+            self.index.par_sort_unstable_by(order);
+        } else {
+            self.index.sort_unstable_by(order);
+        }
     }
 
     /// Empties the buffer, keeping its memory for the next pairs.
@@ -151,6 +157,11 @@ impl PairBuffer {
 fn key_of<'b>(bytes: &'b [u8], pair: &BufferedPair) -> &'b [u8] {
     &bytes[pair.start..pair.start + pair.key_len as usize]
 }
+
+/// Fewest buffered pairs a parallel sort ([`ExternalSorter::set_parallel`])
+/// sorts on more than one thread: below, handing out the halves costs more
+/// than it saves.
+const PARALLEL_SORT_MIN_PAIRS: usize = 4096;
 
 /// Pairs a [`SortedBuffer`] copies out together.
 const STAGED_PAIRS: usize = 1024;
@@ -179,8 +190,8 @@ struct SortedBuffer {
 }
 
 impl SortedBuffer {
-    fn new(mut buffer: PairBuffer) -> Self {
-        buffer.sort();
+    fn new(mut buffer: PairBuffer, parallel: bool) -> Self {
+        buffer.sort(parallel);
         Self {
             buffer,
             unstaged: 0,
@@ -291,6 +302,8 @@ pub struct ExternalSorter<'d> {
     dir: &'d dyn Directory,
     prefix: String,
     memory_budget: usize,
+    /// Sorts on the threads of rayon's global pool ([`Self::set_parallel`]).
+    parallel: bool,
     pending: PairBuffer,
     pending_bytes: usize,
     runs: Vec<Run>,
@@ -330,6 +343,7 @@ impl<'d> ExternalSorter<'d> {
             dir,
             prefix: prefix.into(),
             memory_budget,
+            parallel: false,
             pending: PairBuffer::default(),
             pending_bytes: 0,
             runs: Vec::new(),
@@ -340,6 +354,12 @@ impl<'d> ExternalSorter<'d> {
                 names: Vec::new(),
             },
         }
+    }
+
+    /// Sorts the buffered pairs on the threads of rayon's global pool (one
+    /// per core), or on the caller's thread alone (the default).
+    pub fn set_parallel(&mut self, parallel: bool) {
+        self.parallel = parallel;
     }
 
     /// Adds a pair. When the buffered pairs exceed the memory budget they
@@ -391,12 +411,13 @@ impl<'d> ExternalSorter<'d> {
         let ExternalSorter {
             dir,
             memory_budget,
+            parallel,
             pending,
             runs,
             mut files,
             ..
         } = self;
-        let pending = SortedBuffer::new(pending);
+        let pending = SortedBuffer::new(pending, parallel);
         if runs.is_empty() {
             return Ok(SortedEntries {
                 state: State::Memory(pending),
@@ -428,7 +449,7 @@ impl<'d> ExternalSorter<'d> {
 
     /// Sorts the buffered pairs and writes them as a new run.
     fn spill(&mut self) -> Result<()> {
-        self.pending.sort();
+        self.pending.sort(self.parallel);
         let (name, backend) = self.create_run()?;
         let io_err = |e| Error::io(self.dir.path().join(&name), "write sort run", e);
         let total = self.pending.bytes.len() + self.pending.len() * RECORD_HEADER;
@@ -860,7 +881,17 @@ mod tests {
             .enumerate()
             .map(|(i, k)| (k, vec![i as u8]))
             .collect();
-        let mut sorted = SortedBuffer::new(buffer_of(&pairs));
+        let mut sorted = SortedBuffer::new(buffer_of(&pairs), false);
+        let mut expected = pairs;
+        expected.sort_by(by_key);
+        let out: Vec<Pair> = std::iter::from_fn(|| sorted.next_owned()).collect();
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn a_parallel_sort_orders_as_a_vec_does() {
+        let pairs = shuffled_pairs(3 * PARALLEL_SORT_MIN_PAIRS, 11);
+        let mut sorted = SortedBuffer::new(buffer_of(&pairs), true);
         let mut expected = pairs;
         expected.sort_by(by_key);
         let out: Vec<Pair> = std::iter::from_fn(|| sorted.next_owned()).collect();
@@ -905,7 +936,7 @@ mod tests {
     #[test]
     fn a_sorted_buffer_stages_its_pairs_in_order_across_stages() {
         let pairs = shuffled_pairs(3 * STAGED_PAIRS + 5, 7);
-        let mut sorted = SortedBuffer::new(buffer_of(&pairs));
+        let mut sorted = SortedBuffer::new(buffer_of(&pairs), false);
         let mut expected = pairs;
         expected.sort_by(by_key);
         for (i, want) in expected.iter().enumerate() {

@@ -100,7 +100,8 @@ pub struct CompactionOptions {
     /// [`DEFAULT_COMPACTION_SYNC_EVERY_BYTES`] by default, so that the
     /// flusher's commits never queue behind much of it, and its replays
     /// run on its own thread until the final round
-    /// ([`CompactionConfig::parallel_replays`] off).
+    /// ([`CompactionConfig::parallel_replays`] off), as does its id sort
+    /// ([`CompactionConfig::parallel_sort`] off).
     pub compactor: CompactionConfig,
     /// Concurrent (default) or blocking.
     pub mode: CompactionMode,
@@ -147,6 +148,8 @@ impl Default for CompactionOptions {
                 // commit up for the round's length). The locked round
                 // replays on both.
                 parallel_replays: false,
+                // Nor does the copy sort its ids on both cores.
+                parallel_sort: false,
                 ..CompactionConfig::default()
             },
             mode: CompactionMode::Concurrent,
