@@ -44,7 +44,6 @@ impl Figures {
         let s = h.summary();
         self.add(section, format!("{name} p50"), ms(s.p50), "ms");
         self.add(section, format!("{name} p99"), ms(s.p99), "ms");
-        self.add(section, format!("{name} p99.9"), ms(s.p999), "ms");
         self.add(section, format!("{name} max"), ms(s.max), "ms");
     }
 }
@@ -163,12 +162,6 @@ pub fn figures(run: &Run) -> Vec<Figure> {
         FLUSH,
         "the same, in the steady state",
         steady_commit_ratio(&run.commits, steady_from(run)),
-        "x",
-    );
-    f.add(
-        FLUSH,
-        "p99.9 while compacting / p99 otherwise",
-        ms(run.commit_during_compaction.summary().p999) / ms(p99_otherwise).max(1e-9),
         "x",
     );
 

@@ -67,7 +67,6 @@ fn a_short_compare_run_reads_everything_back_and_writes_its_json_and_chart() {
         "commit lock held p99",
         "steady-state average",
         "the same, in the steady state",
-        "p99.9 while compacting / p99 otherwise",
         "all 4000 keys read back as persisted: none differ",
     ] {
         assert!(stdout.contains(section), "no {section:?} in:\n{stdout}");
