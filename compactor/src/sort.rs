@@ -881,7 +881,13 @@ mod tests {
             .enumerate()
             .map(|(i, k)| (k, vec![i as u8]))
             .collect();
-        let mut sorted = SortedBuffer::new(buffer_of(&pairs), false);
+        assert_sorted_buffer_orders_as_a_vec(pairs, false);
+    }
+
+    /// Sorts `pairs` in a [`SortedBuffer`] (on rayon's pool if `parallel`)
+    /// and checks the order against `Vec::sort_by`.
+    fn assert_sorted_buffer_orders_as_a_vec(pairs: Vec<Pair>, parallel: bool) {
+        let mut sorted = SortedBuffer::new(buffer_of(&pairs), parallel);
         let mut expected = pairs;
         expected.sort_by(by_key);
         let out: Vec<Pair> = std::iter::from_fn(|| sorted.next_owned()).collect();
@@ -891,11 +897,7 @@ mod tests {
     #[test]
     fn a_parallel_sort_orders_as_a_vec_does() {
         let pairs = shuffled_pairs(3 * PARALLEL_SORT_MIN_PAIRS, 11);
-        let mut sorted = SortedBuffer::new(buffer_of(&pairs), true);
-        let mut expected = pairs;
-        expected.sort_by(by_key);
-        let out: Vec<Pair> = std::iter::from_fn(|| sorted.next_owned()).collect();
-        assert_eq!(out, expected);
+        assert_sorted_buffer_orders_as_a_vec(pairs, true);
     }
 
     #[test]

@@ -318,6 +318,13 @@ fn read_vbucket(dir: &std::path::Path, cache_bytes: u64) -> (Store, VBucket) {
     (store, vb)
 }
 
+/// Every key of [`read_vbucket`] reads as its third version.
+fn assert_reads_the_last_version(vb: &VBucket) {
+    for i in 0..3_000 {
+        assert_eq!(vb.get(&key(i)).unwrap().unwrap().value, value(i, 2));
+    }
+}
+
 #[test]
 fn a_compaction_too_large_for_the_cache_passes_through_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -331,9 +338,7 @@ fn a_compaction_too_large_for_the_cache_passes_through_it() {
     assert_eq!((after.entries, after.used), (before.entries, before.used));
     assert_eq!(after.evictions, before.evictions);
     // The new revision's nodes are cached once read.
-    for i in 0..3_000 {
-        assert_eq!(vb.get(&key(i)).unwrap().unwrap().value, value(i, 2));
-    }
+    assert_reads_the_last_version(&vb);
     let read = store.stats().unwrap().node_cache.unwrap();
     assert!(read.misses > after.misses, "{read:?}");
     drop(vb);
@@ -347,9 +352,7 @@ fn a_compaction_that_fits_the_cache_leaves_the_new_revision_cached() {
     vb.compact(&CompactionOptions::default()).unwrap();
     let after = store.stats().unwrap().node_cache.unwrap();
     // Every read of the new revision is served by the cache.
-    for i in 0..3_000 {
-        assert_eq!(vb.get(&key(i)).unwrap().unwrap().value, value(i, 2));
-    }
+    assert_reads_the_last_version(&vb);
     let read = store.stats().unwrap().node_cache.unwrap();
     assert_eq!(read.misses, after.misses, "{read:?}");
     assert!(read.hits > after.hits, "{read:?}");
