@@ -462,7 +462,7 @@ pub struct Db {
     pending: DbHeader,
 }
 
-fn check_unique<T>(items: &[T], key: impl Fn(&T) -> &[u8]) -> Result<()> {
+fn sorted_unique<T>(items: &[T], key: impl Fn(&T) -> &[u8]) -> Result<Vec<usize>> {
     let mut order: Vec<usize> = (0..items.len()).collect();
     order.sort_by(|&a, &b| key(&items[a]).cmp(key(&items[b])));
     for pair in order.windows(2) {
@@ -473,7 +473,7 @@ fn check_unique<T>(items: &[T], key: impl Fn(&T) -> &[u8]) -> Result<()> {
             });
         }
     }
-    Ok(())
+    Ok(order)
 }
 
 impl Db {
@@ -582,8 +582,10 @@ impl Db {
     ) -> Result<Vec<SavedDoc>> {
         let _span =
             tracing::trace_span!("save", docs = docs.len(), locals = locals.len()).entered();
-        check_unique(docs, |d| &d.id)?;
-        check_unique(locals, |l| &l.id)?;
+        // The batch's documents and local documents in id order, the order
+        // of their trees' modifies.
+        let by_id_order = sorted_unique(docs, |d| &d.id)?;
+        let locals_order = sorted_unique(locals, |l| &l.id)?;
         let mut update_seq = self.pending.update_seq;
         let mut infos = Vec::with_capacity(docs.len());
         for doc in docs {
@@ -620,8 +622,6 @@ impl Db {
         // by-id, in id order: fetch the old entries (their seqs leave the
         // by-seq tree, their revisions are the stored ones) while inserting
         // the new ones.
-        let mut by_id_order: Vec<usize> = (0..docs.len()).collect();
-        by_id_order.sort_by(|&a, &b| docs[a].id.cmp(&docs[b].id));
         let id_values: Vec<Vec<u8>> = by_id_order
             .iter()
             .map(|&i| infos[i].encode_by_id_value())
@@ -687,14 +687,19 @@ impl Db {
             }
         }
         // by-seq: remove superseded seqs, insert the new ones.
-        let new_seqs: std::collections::HashSet<u64> = infos.iter().map(|i| i.db_seq).collect();
-        if new_seqs.len() != infos.len() {
+        let mut new_seqs: Vec<u64> = infos.iter().map(|i| i.db_seq).collect();
+        new_seqs.sort_unstable();
+        if new_seqs.windows(2).any(|pair| pair[0] == pair[1]) {
             return Err(Error::InvalidArgument(
                 "two documents of the batch have the same sequence number".into(),
             ));
         }
-        let mut seq_entries: Vec<([u8; 6], Option<Vec<u8>>)> = Vec::new();
-        for seq in old_seqs.into_iter().filter(|s| !new_seqs.contains(s)) {
+        let mut seq_entries: Vec<([u8; 6], Option<Vec<u8>>)> =
+            Vec::with_capacity(old_seqs.len() + infos.len());
+        for seq in old_seqs
+            .into_iter()
+            .filter(|s| new_seqs.binary_search(s).is_err())
+        {
             seq_entries.push((encode_seq_key(seq)?, None));
         }
         for info in &infos {
@@ -703,7 +708,9 @@ impl Db {
                 Some(info.encode_by_seq_value()?),
             ));
         }
-        seq_entries.sort_by_key(|e| e.0);
+        // Keys are unique but for a forged file's repeated seq, which the
+        // modify then refuses: the order among equal keys does not matter.
+        seq_entries.sort_unstable_by_key(|e| e.0);
         let seq_actions: Vec<Action<'_>> = seq_entries
             .iter()
             .map(|(k, v)| Action::put_or_remove(k, v.as_deref()))
@@ -714,11 +721,9 @@ impl Db {
             &seq_actions,
             &mut |_, _| Ok(()),
         )?;
-        let mut locals_sorted: Vec<&LocalUpdate> = locals.iter().collect();
-        locals_sorted.sort_by(|a, b| a.id.cmp(&b.id));
-        let local_actions: Vec<Action<'_>> = locals_sorted
+        let local_actions: Vec<Action<'_>> = locals_order
             .iter()
-            .map(|l| Action::put_or_remove(&l.id, l.value.as_deref()))
+            .map(|&i| Action::put_or_remove(&locals[i].id, locals[i].value.as_deref()))
             .collect();
         let local_root = self.trees.local.modify(
             &mut self.writer,
