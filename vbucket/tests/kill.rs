@@ -7,7 +7,8 @@
 //! rounds of compactions and in their switches. After every kill the
 //! directory must open with nothing reported damaged, and every
 //! acknowledged mutation must read back as itself or as a later mutation
-//! of its key. The rounds share one directory, so each opens what the
+//! of its key. Another vbucket is created, written and deleted in a loop
+//! meanwhile, and must open after any kill. The rounds share one directory, so each opens what the
 //! kills before it left.
 
 mod support;
@@ -28,6 +29,8 @@ const CHILD_DIR_ENV: &str = "VBUCKET_KILL_TEST_DIR";
 /// starts with, so that versions grow across rounds.
 const CHILD_ROUND_ENV: &str = "VBUCKET_KILL_TEST_ROUND";
 const VBUCKETS: u16 = 3;
+/// The vbucket the child creates, writes and deletes in a loop.
+const CHURN_VBUCKET: u16 = VBUCKETS;
 const KEYS: u64 = 300;
 /// Acknowledgements after which each round's child is killed.
 const KILL_AFTER: [usize; 12] = [1, 40, 700, 150, 2500, 400, 5, 1200, 90, 3000, 260, 20];
@@ -66,6 +69,17 @@ fn killed_writer_process() {
             for vb in &vbuckets {
                 vb.compact(&CompactionOptions::default()).unwrap();
             }
+        })
+    };
+    // Vbucket CHURN_VBUCKET is created, written and deleted over and over,
+    // so that kills land in those too.
+    let churn = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || loop {
+            let vb = store.open_vbucket(CHURN_VBUCKET).unwrap();
+            let m = vb.set(b"churn", b"value", ItemMeta::default()).unwrap();
+            vb.wait_persisted(m.seqno, Duration::from_secs(60)).unwrap();
+            store.delete_vbucket(CHURN_VBUCKET).unwrap();
         })
     };
     let writers: Vec<_> = vbuckets
@@ -111,7 +125,7 @@ fn killed_writer_process() {
         })
         .collect();
     std::thread::sleep(CHILD_LIFETIME);
-    drop((compactor, writers));
+    drop((compactor, churn, writers));
     std::process::exit(0);
 }
 
@@ -199,6 +213,13 @@ fn a_writer_killed_anywhere_loses_no_acknowledged_mutation() {
                 }
             }
         }
+        // Created, written or deleted when the kill came: it opens, with
+        // its one document or none.
+        let churned = store.open_vbucket(CHURN_VBUCKET).unwrap();
+        if let Some(doc) = churned.get(b"churn").unwrap() {
+            assert_eq!(doc.value, b"value");
+        }
+        store.delete_vbucket(CHURN_VBUCKET).unwrap();
         store.close().unwrap();
         // The open finished what the kill interrupted: one revision a
         // vbucket, no compaction's file left, each file sound.
