@@ -70,12 +70,26 @@ pub(crate) struct OpenedRevision {
     pub(crate) db: Db,
 }
 
-/// Opens `file` at its last valid header; `None` when it has none (an
-/// empty file, or one without a valid header).
-fn last_header(file: &CouchFile, options: &DbOptions) -> Result<Option<LocatedHeader>> {
+/// What the search for a revision's last valid header found.
+enum LastHeader {
+    Found(LocatedHeader),
+    /// No header: an empty file, or one without a header block.
+    Missing,
+    /// Bytes that no write of the file protocol leaves, met before any
+    /// valid header (a block type byte other than data's or a header's, a
+    /// header block failing its checksum), as the search's error says: the
+    /// file is damaged, whatever its size.
+    Corrupt(String),
+}
+
+/// Looks for the last valid header of `file`. A failing device is an error;
+/// damage in the file's bytes is [`LastHeader::Corrupt`], for the open to
+/// handle as [`DamagedFiles`] says.
+fn last_header(file: &CouchFile, options: &DbOptions) -> Result<LastHeader> {
     match file.find_last_header(options.mode) {
-        Ok(found) => Ok(found),
-        Err(couchfile::Error::NoHeader { .. }) => Ok(None),
+        Ok(Some(found)) => Ok(LastHeader::Found(found)),
+        Ok(None) | Err(couchfile::Error::NoHeader { .. }) => Ok(LastHeader::Missing),
+        Err(e) if e.is_corruption() => Ok(LastHeader::Corrupt(e.to_string())),
         Err(e) => Err(e.into()),
     }
 }
@@ -116,7 +130,9 @@ pub(crate) fn with_writeback(file: CouchFile, options: &VbOptions) -> CouchFile 
 }
 
 /// What opening a vbucket does with a damaged revision file: one that
-/// holds no valid header where the file protocol says it must have one.
+/// holds no valid header where the file protocol says it must have one,
+/// or whose search for its last header meets bytes the protocol never
+/// writes (a corrupt block or header).
 ///
 /// A revision gets its name only once it has a durable header: revision 1
 /// is created empty and commits its first header at offset 0 before
@@ -218,18 +234,24 @@ pub(crate) fn open_newest_revision(
         let name = revision_name(vbid, rev);
         let mut file = open_file(dir, &name, vb_options)?;
         let len = file.len()?;
-        let header = if len == 0 {
-            None
+        let found = if len == 0 {
+            LastHeader::Missing
         } else {
             last_header(&file, options)?
         };
-        if let Some(header) = header {
-            file.set_crc(CrcKind::for_version(header.header.disk_version));
-            tracing::info!(vbid, rev, header = header.offset, "opening revision");
-            chosen = Some((rev, file, header));
-            break;
-        }
-        let Some(reason) = damage(rev, len, vbucket_files) else {
+        let damaged = match found {
+            LastHeader::Found(header) => {
+                file.set_crc(CrcKind::for_version(header.header.disk_version));
+                tracing::info!(vbid, rev, header = header.offset, "opening revision");
+                chosen = Some((rev, file, header));
+                break;
+            }
+            LastHeader::Missing => damage(rev, len, vbucket_files),
+            // Never an interrupted write, which leaves a header block's
+            // marker byte unset rather than bad bytes.
+            LastHeader::Corrupt(detail) => Some(format!("no valid header: {detail}")),
+        };
+        let Some(reason) = damaged else {
             tracing::info!(
                 vbid,
                 rev,

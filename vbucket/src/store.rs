@@ -342,8 +342,9 @@ pub struct StoreConfig {
     /// the commit. The threads, one per flusher thread, are the store's.
     pub background_sync_bytes: u64,
     /// What opening a vbucket does with a damaged revision file (one with
-    /// no valid header that no crash can leave): fail, keeping every file
-    /// (the default), or move it aside and open without it.
+    /// no valid header that no crash can leave, or corrupt bytes where its
+    /// last header is looked for): fail, keeping every file (the default),
+    /// or move it aside and open without it.
     pub damaged_files: DamagedFiles,
 }
 

@@ -8,7 +8,9 @@
 //! revision 1: shorter than a block and the vbucket's only file, opened as
 //! a new, empty vbucket. Any other revision without a valid header (cut
 //! before its first header, every header's marker byte cleared, empty) is
-//! damage: `Store::open` fails with [`Error::DamagedRevision`] naming the
+//! damage, and so is one whose search for its last header meets bytes no
+//! write leaves (a corrupt block type byte, even in a short lone revision
+//! 1): `Store::open` fails with [`Error::DamagedRevision`] naming the
 //! file, and the directory is left byte for byte as it was. With
 //! [`DamagedFiles::MoveAside`] the file is renamed aside, kept whole, and
 //! the vbucket opens without it.
@@ -87,9 +89,26 @@ fn header_offsets(path: &Path) -> Vec<u64> {
 }
 
 /// `Store::open` of `dir` fails with the damaged-revision error naming
-/// `damaged`, and leaves every file as it was.
+/// `damaged`, and leaves every file as it was; and couchstore's recovery
+/// mode finds no header in it either.
 fn assert_open_fails_and_keeps_everything(dir: &Path, damaged: &str) {
+    assert_reported_and_kept(dir, damaged);
+    // couchstore's tools say the same of it.
+    let size = std::fs::metadata(dir.join(damaged)).unwrap().len();
+    let backend = Arc::new(FileBackend::open_read_only(dir.join(damaged)).unwrap());
+    let file = CouchFile::new(backend, dir.join(damaged)).unwrap();
+    if size > 0 {
+        let err = file.find_last_header(OpenMode::Recovery).unwrap_err();
+        assert_eq!(err.couchstore_name(), "COUCHSTORE_ERROR_NO_HEADER");
+    }
+}
+
+/// `Store::open` of `dir` fails with the damaged-revision error naming
+/// `damaged`, twice, and leaves every file as it was; returns the reason
+/// given.
+fn assert_reported_and_kept(dir: &Path, damaged: &str) -> String {
     let before = contents(dir);
+    let mut given = String::new();
     let size = before[damaged].len() as u64;
     for attempt in 0..2 {
         match Store::open(dir, config()) {
@@ -108,19 +127,14 @@ fn assert_open_fails_and_keeps_everything(dir: &Path, damaged: &str) {
                 assert!(!reason.is_empty());
                 assert!(message.contains(&path.display().to_string()), "{message}");
                 eprintln!("attempt {attempt}: {message}");
+                given = reason;
             }
             Err(e) => panic!("expected a damaged revision, got {e:?}"),
             Ok(_) => panic!("the store opened over the damaged {damaged}"),
         }
         assert!(contents(dir) == before, "the directory changed");
     }
-    // couchstore's tools say the same of it.
-    let backend = Arc::new(FileBackend::open_read_only(dir.join(damaged)).unwrap());
-    let file = CouchFile::new(backend, dir.join(damaged)).unwrap();
-    if size > 0 {
-        let err = file.find_last_header(OpenMode::Recovery).unwrap_err();
-        assert_eq!(err.couchstore_name(), "COUCHSTORE_ERROR_NO_HEADER");
-    }
+    given
 }
 
 /// A store in a new directory whose vbucket 0 was filled and compacted into
@@ -330,4 +344,75 @@ fn move_aside_of_the_only_revision_opens_an_empty_vbucket() {
     assert_eq!(names(dir.path()), ["0.couch.1", "0.couch.1.damaged"]);
     assert!(std::fs::read(dir.path().join("0.couch.1.damaged")).unwrap() == damaged);
     verify_file(&path);
+}
+
+/// Sets the type byte of the block at `offset` of the file at `path` to a
+/// value no write of the file protocol leaves there.
+fn corrupt_block_type(path: &Path, offset: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[usize::try_from(offset).unwrap()] = 0xab;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_revision_whose_last_header_block_is_corrupt_is_reported_and_kept() {
+    let (dir, _) = compacted_store();
+    let store = Store::open(dir.path(), config()).unwrap();
+    fill(&store.vbucket(0).unwrap(), "newer", 2);
+    store.close().unwrap();
+    let path = dir.path().join("0.couch.2");
+    let headers = header_offsets(&path);
+    assert!(headers.len() >= 3, "{headers:?}");
+    // The search for the last header stops at the bad block (as
+    // couchstore's does), although older headers stand behind it.
+    corrupt_block_type(&path, headers[0]);
+    let reason = assert_reported_and_kept(dir.path(), "0.couch.2");
+    assert!(reason.contains("block type byte 0xab"), "{reason}");
+}
+
+#[test]
+fn a_short_file_of_foreign_bytes_is_damage_even_as_the_lone_revision_one() {
+    // An interrupted creation leaves a header block's marker unset, never
+    // bytes like these: the file is kept, not taken for an empty vbucket.
+    for len in [100, 10_000] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("3.couch.1"), vec![0xab; len]).unwrap();
+        let reason = assert_reported_and_kept(dir.path(), "3.couch.1");
+        assert!(reason.contains("block type byte 0xab"), "{reason}");
+    }
+}
+
+#[test]
+fn move_aside_takes_a_corrupt_revision_aside_and_opens_the_older_one() {
+    let (dir, rev1) = compacted_store();
+    std::fs::write(dir.path().join("0.couch.1"), &rev1).unwrap();
+    let path = dir.path().join("0.couch.2");
+    corrupt_block_type(&path, header_offsets(&path)[0]);
+    let damaged = std::fs::read(&path).unwrap();
+    // Vbucket 1's only file is not a couchstore file at all.
+    std::fs::write(dir.path().join("1.couch.1"), vec![0xab; 10_000]).unwrap();
+
+    let store = Store::open(dir.path(), move_aside()).unwrap();
+    assert_eq!(
+        names(dir.path()),
+        [
+            "0.couch.1",
+            "0.couch.2.damaged",
+            "1.couch.1",
+            "1.couch.1.damaged"
+        ]
+    );
+    assert!(std::fs::read(dir.path().join("0.couch.2.damaged")).unwrap() == damaged);
+    assert_eq!(
+        std::fs::read(dir.path().join("1.couch.1.damaged")).unwrap(),
+        vec![0xab; 10_000]
+    );
+    let vb = store.vbucket(0).unwrap();
+    assert_eq!(vb.stats().unwrap().revision, 1);
+    assert_eq!(vb.high_seqno(), u64::from(DOCS));
+    // Vbucket 1 opened as a new, empty one.
+    assert_eq!(store.vbucket(1).unwrap().high_seqno(), 0);
+    store.close().unwrap();
+    verify_file(&dir.path().join("0.couch.1"));
+    verify_file(&dir.path().join("1.couch.1"));
 }
