@@ -245,12 +245,15 @@ impl Drop for CompactFile<'_> {
     }
 }
 
-/// Holds a vbucket's compaction slot (see [`VBucket::exclude_compaction`]).
-pub(crate) struct CompactionExcluded<'a> {
+/// Holds a vbucket's compaction slot, for a compaction that runs or for
+/// [`VBucket::exclude_compaction`]; frees it when dropped, also when a
+/// panic unwinds through its holder, so that closing the vbucket (which
+/// waits for the slot) never waits forever.
+pub(crate) struct CompactionSlot<'a> {
     vb: &'a VBucket,
 }
 
-impl Drop for CompactionExcluded<'_> {
+impl Drop for CompactionSlot<'_> {
     fn drop(&mut self) {
         let shared = self.vb.shared();
         *shared.compaction.lock() = None;
@@ -294,6 +297,7 @@ impl VBucket {
             }
             *running = Some(control.clone());
         }
+        let slot = CompactionSlot { vb: self };
         let _span = tracing::info_span!("compaction", vbid = shared.vbid).entered();
         let result = match self.run_compaction(options, hooks, &control) {
             Err(Error::Compaction(compactor::Error::Cancelled)) => {
@@ -301,8 +305,7 @@ impl VBucket {
             }
             other => other,
         };
-        *shared.compaction.lock() = None;
-        shared.compaction_ended.notify_all();
+        drop(slot);
         match &result {
             Ok(r) => tracing::info!(
                 rounds = r.rounds.len(),
@@ -322,7 +325,7 @@ impl VBucket {
     /// with [`Error::CompactionRunning`]. Closing the vbucket waits for the
     /// guard as for a compaction. Fails with [`Error::Closed`] once the
     /// vbucket is closed.
-    pub(crate) fn exclude_compaction(&self) -> Result<CompactionExcluded<'_>> {
+    pub(crate) fn exclude_compaction(&self) -> Result<CompactionSlot<'_>> {
         let shared = self.shared();
         let mut running = shared.compaction.lock();
         loop {
@@ -337,7 +340,7 @@ impl VBucket {
             }
         }
         *running = Some(Control::new());
-        Ok(CompactionExcluded { vb: self })
+        Ok(CompactionSlot { vb: self })
     }
 
     /// The control of the running compaction, to cancel it or watch it.
@@ -405,7 +408,9 @@ impl VBucket {
             )?),
             None => None,
         };
-        let new_revision = revision + 1;
+        let new_revision = revision
+            .checked_add(1)
+            .ok_or(Error::RevisionsExhausted(vbid))?;
         let name = compact_name(vbid, new_revision);
         match dir.remove(&name) {
             Ok(()) => tracing::info!(file = %name, "removed an earlier attempt's file"),

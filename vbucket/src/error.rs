@@ -87,6 +87,10 @@ pub enum Error {
     /// explicitly): an automatic CAS would repeat or go backwards.
     #[error("vbucket {0}: no automatic CAS left above the largest stored one")]
     CasExhausted(Vbid),
+    /// The vbucket's file is at the last revision number (2^64 - 1): it
+    /// cannot be compacted into a next one.
+    #[error("vbucket {0}: no file revision left (2^64 - 1 reached)")]
+    RevisionsExhausted(Vbid),
     /// A configuration value that cannot work.
     #[error("invalid configuration: {field}: {reason}")]
     InvalidConfig {

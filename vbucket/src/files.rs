@@ -29,18 +29,24 @@ pub(crate) enum VbFile {
     Compact(u64),
 }
 
-/// Parses `<vbid>.couch.<rev>` and `<vbid>.couch.<rev>.compact[...]`;
-/// `None` for any other name.
+/// Parses `<vbid>.couch.<rev>` and `<vbid>.couch.<rev>.compact[.<any>]`,
+/// the numbers written as [`revision_name`] writes them (decimal, no
+/// leading zero); `None` for any other name. The store opens and removes
+/// only files of these names: another name (`00.couch.1`, `0.couch.01`)
+/// is not one of its files, and is never touched.
 pub(crate) fn parse_name(name: &str) -> Option<(Vbid, VbFile)> {
     let (vbid, rest) = name.split_once(".couch.")?;
-    // `.compact` and anything after it (the compactor's sort runs) belong
-    // to a compaction that will produce revision `rev`.
-    let (rev, compact) = match rest.find(".compact") {
-        Some(i) => (&rest[..i], true),
+    // `.compact` and what follows it after a dot (the compactor's sort
+    // runs) belong to a compaction that will produce revision `rev`.
+    let (rev, compact) = match rest.split_once(".compact") {
+        Some((rev, after)) if after.is_empty() || after.starts_with('.') => (rev, true),
+        Some(_) => return None,
         None => (rest, false),
     };
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(vbid) || !digits(rev) {
+    let canonical = |s: &str| {
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'))
+    };
+    if !canonical(vbid) || !canonical(rev) {
         return None;
     }
     let vbid: Vbid = vbid.parse().ok()?;
@@ -341,6 +347,11 @@ mod tests {
             parse_name("12.couch.4.compact.run3"),
             Some((12, VbFile::Compact(4)))
         );
+        assert_eq!(parse_name("0.couch.0"), Some((0, VbFile::Revision(0))));
+        assert_eq!(
+            parse_name("10.couch.100"),
+            Some((10, VbFile::Revision(100)))
+        );
         for bad in [
             "x.couch.1",
             "1.couch.",
@@ -351,6 +362,13 @@ mod tests {
             couchfile::LOCK_FILE_NAME,
             "3.couch.2.damaged",
             "3.couch.2.damaged.1",
+            "00.couch.1",
+            "01.couch.1",
+            "1.couch.01",
+            "1.couch.00",
+            "1.couch.2.compactx",
+            "1.couch.02.compact",
+            "1.couch.2.x.compact",
         ] {
             assert_eq!(parse_name(bad), None, "{bad}");
         }

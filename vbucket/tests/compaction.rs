@@ -1604,3 +1604,72 @@ fn deleting_a_vbucket_during_the_rename_of_its_compaction_leaves_nothing() {
     assert!(store.vbuckets().is_empty());
     store.close().unwrap();
 }
+
+/// Hooks whose decision panics, as a caller's may.
+struct PanickingHooks;
+
+impl Hooks for PanickingHooks {
+    fn keep(&mut self, _info: &DocInfo) -> bool {
+        panic!("a hook that panics");
+    }
+}
+
+#[test]
+fn a_compaction_whose_callbacks_panic_leaves_the_vbucket_usable_and_closable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let vb = store.open_vbucket(0).unwrap();
+    let mut last = 0;
+    for i in 0..200u32 {
+        last = vb
+            .set(format!("k{i:03}").as_bytes(), b"v", ItemMeta::default())
+            .unwrap()
+            .seqno;
+    }
+    vb.wait_persisted(last, WAIT).unwrap();
+    let panicking_at = |at: CompactionPhase| -> CompactionHook {
+        Arc::new(move |phase| {
+            if phase == at {
+                panic!("a phase hook that panics at {phase:?}");
+            }
+        })
+    };
+    let attempts: Vec<Box<dyn Fn() -> vbucket::Result<CompactionReport>>> = vec![
+        Box::new(|| vb.compact_with_hooks(&CompactionOptions::default(), &mut PanickingHooks)),
+        Box::new(|| {
+            vb.compact(&CompactionOptions {
+                hook: Some(panicking_at(CompactionPhase::BeforeFinalRound)),
+                ..CompactionOptions::default()
+            })
+        }),
+        // With the commit lock held.
+        Box::new(|| {
+            vb.compact(&CompactionOptions {
+                hook: Some(panicking_at(CompactionPhase::FinalRoundLocked)),
+                ..CompactionOptions::default()
+            })
+        }),
+    ];
+    for (i, attempt) in attempts.iter().enumerate() {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(attempt));
+        assert!(r.is_err(), "attempt {i} did not panic");
+        // The slot is free, the flusher commits, a next compaction runs.
+        let m = vb
+            .set(format!("after{i}").as_bytes(), b"v", ItemMeta::default())
+            .unwrap();
+        vb.wait_persisted(m.seqno, WAIT).unwrap();
+    }
+    assert_eq!(
+        vb.compact(&CompactionOptions::default())
+            .unwrap()
+            .revision_after,
+        2
+    );
+    store.close().unwrap();
+    assert_eq!(names(dir.path()), ["0.couch.2"]);
+    let store = Store::open(dir.path(), config()).unwrap();
+    let vb = store.vbucket(0).unwrap();
+    assert_eq!(vb.get(b"k199").unwrap().unwrap().value, b"v");
+    assert_eq!(vb.get(b"after2").unwrap().unwrap().value, b"v");
+    store.close().unwrap();
+}

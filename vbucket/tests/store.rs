@@ -168,6 +168,74 @@ fn newest_complete_revision_wins_and_leftovers_go() {
 }
 
 #[test]
+fn files_named_otherwise_than_the_store_names_them_are_never_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), config()).unwrap();
+        let vb = store.open_vbucket(0).unwrap();
+        let m = vb.set(b"k", b"v", ItemMeta::default()).unwrap();
+        vb.wait_persisted(m.seqno, WAIT).unwrap();
+        store.close().unwrap();
+    }
+    let data = std::fs::read(dir.path().join("0.couch.1")).unwrap();
+    // Copies under names the store never gives (a leading zero, a suffix
+    // glued to `.compact`): not its files, so neither opened nor removed,
+    // by an open or by deleting the vbucket.
+    let strays = [
+        "00.couch.1",
+        "0.couch.01",
+        "1.couch.01",
+        "0.couch.2.compactx",
+    ];
+    for name in strays {
+        std::fs::write(dir.path().join(name), &data).unwrap();
+    }
+    let store = Store::open(dir.path(), config()).unwrap();
+    assert_eq!(store.vbuckets(), [0]);
+    assert_eq!(
+        store.vbucket(0).unwrap().get(b"k").unwrap().unwrap().value,
+        b"v"
+    );
+    store.delete_vbucket(0).unwrap();
+    store.close().unwrap();
+    let mut expected = strays.to_vec();
+    expected.sort_unstable();
+    assert_eq!(names(dir.path()), expected);
+    for name in strays {
+        assert!(
+            std::fs::read(dir.path().join(name)).unwrap() == data,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_vbucket_at_the_last_revision_number_refuses_to_compact_and_keeps_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), config()).unwrap();
+        let vb = store.open_vbucket(0).unwrap();
+        let m = vb.set(b"k", b"v", ItemMeta::default()).unwrap();
+        vb.wait_persisted(m.seqno, WAIT).unwrap();
+        store.close().unwrap();
+    }
+    let last = revision_name(0, u64::MAX);
+    std::fs::rename(dir.path().join("0.couch.1"), dir.path().join(&last)).unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let vb = store.vbucket(0).unwrap();
+    assert_eq!(vb.stats().unwrap().revision, u64::MAX);
+    let r = vb.compact(&vbucket::CompactionOptions::default());
+    assert!(matches!(r, Err(Error::RevisionsExhausted(0))), "{r:?}");
+    // Still written to and read from the same file.
+    let m = vb.set(b"k2", b"v2", ItemMeta::default()).unwrap();
+    vb.wait_persisted(m.seqno, WAIT).unwrap();
+    assert_eq!(vb.get(b"k").unwrap().unwrap().value, b"v");
+    store.close().unwrap();
+    assert_eq!(names(dir.path()), [last.as_str()]);
+    verify_file(&dir.path().join(&last));
+}
+
+#[test]
 fn new_vbucket_starts_at_revision_one_with_a_durable_vbstate() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), config()).unwrap();
