@@ -95,6 +95,23 @@ pub enum Error {
     /// A flusher thread is gone (it panicked).
     #[error("flusher thread of vbucket {0} is gone")]
     ThreadGone(Vbid),
+    /// A removal of a vbucket (closing or deleting it) on the flusher thread
+    /// that serves it (from a persistence callback): the removal waits for
+    /// that thread, so it would wait for itself for ever. Nothing changed.
+    #[error("vbucket {0}: removed from its own flusher thread (a persistence callback), which would wait for itself")]
+    RemoveOnFlusherThread(Vbid),
+    /// A wait for a seqno not yet persisted, on the flusher thread that is
+    /// to persist it (from a persistence callback): it would wait for
+    /// itself until the timeout, or for ever.
+    #[error("vbucket {vbid}: waiting for seqno {seqno} (persisted: {persisted}) on its own flusher thread, which would wait for itself")]
+    WaitOnFlusherThread {
+        /// The vbucket.
+        vbid: Vbid,
+        /// The seqno waited for.
+        seqno: u64,
+        /// The vbucket's persisted seqno.
+        persisted: u64,
+    },
 }
 
 /// The flusher's result type.

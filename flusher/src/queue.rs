@@ -89,6 +89,8 @@ impl PersistState {
 /// State shared by a vbucket's writers and its flusher thread.
 pub(crate) struct VbShared<I> {
     pub(crate) vbid: Vbid,
+    /// The id of the flusher thread that persists it.
+    shard: u64,
     /// Each item with the rollback epoch it was queued in.
     items: Sender<(u64, I)>,
     /// Rollbacks so far (see [`VbQueue::rollback`]); changed only with
@@ -109,6 +111,7 @@ pub(crate) struct VbShared<I> {
 impl<I: FlushItem> VbShared<I> {
     pub(crate) fn new(
         vbid: Vbid,
+        shard: u64,
         items: Sender<(u64, I)>,
         wake: Sender<Vbid>,
         max_queued_bytes: usize,
@@ -116,6 +119,7 @@ impl<I: FlushItem> VbShared<I> {
     ) -> Self {
         Self {
             vbid,
+            shard,
             items,
             epoch: AtomicU64::new(0),
             wake,
@@ -418,6 +422,14 @@ impl<I: FlushItem> VbQueue<I> {
                     persisted: p.seqno,
                 });
             }
+            if crate::shard::on_shard_thread(self.shared.shard) {
+                // A persistence callback waiting for its own flusher thread.
+                return Err(Error::WaitOnFlusherThread {
+                    vbid: self.shared.vbid,
+                    seqno,
+                    persisted: p.seqno,
+                });
+            }
             if wait_until(&self.shared.persisted, &mut p, deadline) && p.seqno < seqno {
                 return Err(Error::Timeout {
                     vbid: self.shared.vbid,
@@ -435,7 +447,10 @@ impl<I: FlushItem> VbQueue<I> {
     /// dropped after a permanent failure, or with [`Error::Closed`] if the
     /// queue is removed first, or with [`Error::RolledBack`] as
     /// [`VbQueue::wait_persisted`]. Keep it short: it runs on the flusher's
-    /// thread.
+    /// thread, where waiting for a seqno of a vbucket that thread serves
+    /// fails at once with [`Error::WaitOnFlusherThread`], and removing such
+    /// a vbucket with [`Error::RemoveOnFlusherThread`] (either would wait
+    /// for the thread itself).
     pub fn on_persisted(&self, seqno: u64, callback: impl FnOnce(Result<u64>) + Send + 'static) {
         let (epoch, rolled_back) = self.wait_start(seqno);
         let mut p = self.shared.persist.lock();

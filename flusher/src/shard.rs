@@ -56,9 +56,27 @@ impl<T> PendingRemoval<T> {
 }
 
 struct ShardHandle<T: FlushTarget> {
+    /// Names the thread for [`on_shard_thread`]: unique in the process.
+    id: u64,
     control: Sender<Control<T>>,
     wake: Sender<Vbid>,
     thread: Option<JoinHandle<()>>,
+}
+
+thread_local! {
+    /// The id of the flusher thread this is (0 on any other thread).
+    static SHARD_THREAD: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A new flusher thread's id, unique in the process (never 0).
+fn next_shard_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// True on the flusher thread `id` (running a persistence callback).
+pub(crate) fn on_shard_thread(id: u64) -> bool {
+    SHARD_THREAD.with(std::cell::Cell::get) == id
 }
 
 /// A pool of flusher threads serving any number of vbuckets, each with its
@@ -96,11 +114,16 @@ impl<T: FlushTarget> Flusher<T> {
                 slots: HashMap::new(),
                 ready: VecDeque::new(),
             };
+            let id = next_shard_id();
             let thread = std::thread::Builder::new()
                 .name(format!("flusher-{i}"))
-                .spawn(move || shard.run())
+                .spawn(move || {
+                    SHARD_THREAD.with(|t| t.set(id));
+                    shard.run();
+                })
                 .map_err(Error::Spawn)?;
             shards.push(ShardHandle {
+                id,
                 control,
                 wake,
                 thread: Some(thread),
@@ -118,6 +141,18 @@ impl<T: FlushTarget> Flusher<T> {
         &self.config
     }
 
+    /// True on the thread of this flusher that serves `vbid` (in a
+    /// persistence callback): there, waiting for `vbid` to be flushed or
+    /// removed would wait for the waiting thread itself.
+    pub fn serves_on_this_thread(&self, vbid: Vbid) -> bool {
+        on_shard_thread(self.shard(vbid).id)
+    }
+
+    /// True on any of this flusher's threads (in a persistence callback).
+    pub fn on_own_thread(&self) -> bool {
+        self.shards.iter().any(|shard| on_shard_thread(shard.id))
+    }
+
     fn shard(&self, vbid: Vbid) -> &ShardHandle<T> {
         &self.shards[usize::from(vbid) % self.shards.len()]
     }
@@ -133,6 +168,7 @@ impl<T: FlushTarget> Flusher<T> {
         let (tx, rx) = unbounded();
         let shared = Arc::new(VbShared::new(
             vbid,
+            shard.id,
             tx,
             shard.wake.clone(),
             self.config.max_queued_bytes,
@@ -193,6 +229,9 @@ impl<T: FlushTarget> Flusher<T> {
     /// shard flushes what is queued, giving up on failing commits at
     /// `deadline` (`None`: never). Wait for it with [`PendingRemoval::wait`].
     pub fn begin_remove(&self, vbid: Vbid, deadline: Option<Instant>) -> Result<PendingRemoval<T>> {
+        if self.serves_on_this_thread(vbid) {
+            return Err(Error::RemoveOnFlusherThread(vbid));
+        }
         // The remove message is sent under the map's lock, so an `add` of
         // the same vbid (which sends under it too) cannot reach the shard
         // first and have its slot taken for the one removed.
@@ -245,6 +284,12 @@ impl<T: FlushTarget> Drop for Flusher<T> {
             let _ = shard.control.send(Control::Shutdown);
         }
         for shard in &mut self.shards {
+            // Dropped by a persistence callback on one of its own threads
+            // (holding the last handle): that thread ends once the callback
+            // returns, as told; joining it from itself would fail.
+            if on_shard_thread(shard.id) {
+                continue;
+            }
             if let Some(thread) = shard.thread.take() {
                 if thread.join().is_err() {
                     tracing::error!("a flusher thread panicked");

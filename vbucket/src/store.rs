@@ -466,8 +466,9 @@ pub struct Store {
     // Declared after the vbucket handles: dropped after them.
     flusher: Flusher<VbTarget>,
     /// The data directory's exclusive lock, taken before anything else and
-    /// released last, once the flusher threads have stopped.
-    _dir_lock: DirLock,
+    /// released last, once the flusher threads have stopped (kept until the
+    /// process ends by a store dropped on its own flusher thread).
+    dir_lock: Option<DirLock>,
 }
 
 impl Store {
@@ -495,7 +496,7 @@ impl Store {
         // Before any file is read or removed.
         let dir_lock = dir.lock().map_err(Error::from_lock)?;
         let store = Self {
-            _dir_lock: dir_lock,
+            dir_lock: Some(dir_lock),
             flusher: Flusher::new(config.flusher.clone())?,
             node_cache: (config.node_cache_bytes > 0)
                 .then(|| Arc::new(ChunkCache::new(config.node_cache_bytes))),
@@ -599,6 +600,7 @@ impl Store {
     /// being opened, closed or deleted by another thread, waits for that to
     /// end first.
     pub fn close_vbucket(&self, vbid: Vbid) -> Result<()> {
+        self.refuse_on_flusher_thread(&[vbid])?;
         match self.vbuckets.begin(vbid, Lifecycle::Closing) {
             (transition, Some(vb)) => {
                 let closed = self.shut_down_one(vb);
@@ -614,6 +616,7 @@ impl Store {
     /// another thread, waits for that to end first. Mutations it could not
     /// flush are gone with it.
     pub fn delete_vbucket(&self, vbid: Vbid) -> Result<()> {
+        self.refuse_on_flusher_thread(&[vbid])?;
         let (transition, was_open) = self.vbuckets.begin(vbid, Lifecycle::Deleting);
         if let Some(vb) = was_open {
             match self.shut_down_one(vb) {
@@ -640,6 +643,19 @@ impl Store {
             .map_err(|e| Error::io(self.dir.path(), "sync directory", e))?;
         transition.finish(None);
         Ok(())
+    }
+
+    /// Fails, changing nothing, on the flusher thread that serves one of
+    /// `vbids` (in a persistence callback): closing it would wait for that
+    /// thread, so for ever.
+    fn refuse_on_flusher_thread(&self, vbids: &[Vbid]) -> Result<()> {
+        match vbids
+            .iter()
+            .find(|&&vbid| self.flusher.serves_on_this_thread(vbid))
+        {
+            Some(&vbid) => Err(flusher::Error::RemoveOnFlusherThread(vbid).into()),
+            None => Ok(()),
+        }
     }
 
     /// [`Store::shut_down`] of one vbucket.
@@ -720,6 +736,7 @@ impl Store {
     /// one (the flusher's close timeout is one deadline for all of them),
     /// and stops automatic compaction. Returns the first error.
     fn close_all(&self) -> Result<()> {
+        self.refuse_on_flusher_thread(&self.vbuckets())?;
         let mut transitions = Vec::new();
         let mut vbs = Vec::new();
         for vbid in self.vbuckets() {
@@ -764,6 +781,18 @@ impl Drop for Store {
         // As close, reporting failures only in the log: handles that outlive
         // the store must not write into files a new owner may open.
         let _ = self.close_all();
+        if self.flusher.on_own_thread() {
+            // Dropped by a persistence callback holding the last handle: the
+            // flusher thread it runs on cannot be waited for here, and may
+            // still commit after this returns. The directory stays locked
+            // until the process ends, so that no other store opens it
+            // meanwhile.
+            tracing::error!(
+                dir = %self.dir.path().display(),
+                "store dropped on its own flusher thread: its directory stays locked"
+            );
+            std::mem::forget(self.dir_lock.take());
+        }
     }
 }
 

@@ -1041,7 +1041,11 @@ impl VBucket {
     }
 
     /// Calls `callback` once `seqno` is durable (see
-    /// [`flusher::VbQueue::on_persisted`]).
+    /// [`flusher::VbQueue::on_persisted`]), on the flusher thread. There,
+    /// waiting for a seqno of this vbucket fails at once, and so do closing
+    /// and deleting it (they would wait for that thread); a callback that
+    /// drops the last handle on the store leaves its directory locked until
+    /// the process ends.
     pub fn on_persisted(
         &self,
         seqno: u64,

@@ -536,3 +536,75 @@ fn closing_ends_a_wait_for_a_header_without_a_deadline() {
     assert_eq!(waiter.join().unwrap().commits, commits);
     Arc::try_unwrap(store).ok().unwrap().close().unwrap();
 }
+
+/// A persistence callback runs on the flusher thread: there, waiting for a
+/// seqno of its vbucket, or closing or deleting it, would wait for that
+/// thread itself. Each gets a typed error at once and changes nothing; a
+/// callback that drops the last handle on the store returns, and the
+/// directory stays locked rather than open to a second owner while that
+/// thread may still commit.
+#[test]
+fn persistence_callbacks_that_wait_or_close_get_errors_not_deadlocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), config()).unwrap());
+    let vb = store.open_vbucket(0).unwrap();
+    let first = vb.set(b"k", b"v", ItemMeta::default()).unwrap();
+    let (report, reported) = std::sync::mpsc::channel();
+    {
+        let (store, vb) = (Arc::clone(&store), vb.clone());
+        vb.clone().on_persisted(first.seqno, move |persisted| {
+            persisted.unwrap();
+            let next = vb.set(b"k2", b"v2", ItemMeta::default()).unwrap();
+            let waited = vb.wait_persisted(next.seqno, WAIT);
+            let closed = store.close_vbucket(0);
+            let deleted = store.delete_vbucket(0);
+            report.send((waited, closed, deleted)).unwrap();
+        });
+    }
+    let (waited, closed, deleted) = reported.recv_timeout(WAIT).unwrap();
+    assert!(
+        matches!(
+            waited,
+            Err(Error::Flusher(flusher::Error::WaitOnFlusherThread {
+                vbid: 0,
+                ..
+            }))
+        ),
+        "{waited:?}"
+    );
+    for r in [closed, deleted] {
+        assert!(
+            matches!(
+                r,
+                Err(Error::Flusher(flusher::Error::RemoveOnFlusherThread(0)))
+            ),
+            "{r:?}"
+        );
+    }
+    // Nothing changed: the vbucket is open and persists.
+    let m = vb.set(b"k3", b"v3", ItemMeta::default()).unwrap();
+    vb.wait_persisted(m.seqno, WAIT).unwrap();
+    assert_eq!(vb.get(b"k2").unwrap().unwrap().value, b"v2");
+
+    // A callback that ends up holding the last handle on the store.
+    let (go, go_on) = std::sync::mpsc::channel::<()>();
+    let (dropped, was_dropped) = std::sync::mpsc::channel();
+    let last = vb.set(b"k4", b"v4", ItemMeta::default()).unwrap();
+    {
+        let store = Arc::clone(&store);
+        vb.on_persisted(last.seqno, move |persisted| {
+            persisted.unwrap();
+            go_on.recv_timeout(WAIT).unwrap();
+            assert_eq!(Arc::strong_count(&store), 1);
+            drop(store);
+            dropped.send(()).unwrap();
+        });
+    }
+    drop(store);
+    go.send(()).unwrap();
+    was_dropped.recv_timeout(WAIT).unwrap();
+    assert!(matches!(
+        Store::open(dir.path(), config()),
+        Err(Error::DirectoryLocked { .. })
+    ));
+}
