@@ -313,7 +313,9 @@ impl<I: FlushItem> VbQueue<I> {
     }
 
     /// Waits until the queue is under its byte bound, for up to `timeout`;
-    /// then [`Error::TemporarilyFull`]. Call it before taking the lock under
+    /// then [`Error::TemporarilyFull`] (at once on the flusher thread that
+    /// drains the queue, in a persistence callback, where the wait could only
+    /// end with the timeout). Call it before taking the lock under
     /// which seqnos are assigned and [`VbQueue::enqueue`] is called, so a
     /// full queue never blocks other writers' bookkeeping.
     pub fn wait_for_room(&self, timeout: Duration) -> Result<()> {
@@ -327,7 +329,10 @@ impl<I: FlushItem> VbQueue<I> {
             if q.bytes < self.shared.max_queued_bytes {
                 return Ok(());
             }
-            if wait_until(&self.shared.room, &mut q, deadline)
+            // On the thread that drains it (a persistence callback), room
+            // only comes once this returns: full now is full for the wait.
+            let drains_here = crate::shard::on_shard_thread(self.shared.shard);
+            if (drains_here || wait_until(&self.shared.room, &mut q, deadline))
                 && q.bytes >= self.shared.max_queued_bytes
             {
                 return Err(Error::TemporarilyFull {

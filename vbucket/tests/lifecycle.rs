@@ -608,3 +608,44 @@ fn persistence_callbacks_that_wait_or_close_get_errors_not_deadlocks() {
         Err(Error::DirectoryLocked { .. })
     ));
 }
+
+/// A persistence callback that fills its own vbucket's queue gets
+/// "temporarily full" at once, even with no bound on the wait for room: the
+/// room would only come from the thread it runs on.
+#[test]
+fn a_persistence_callback_filling_its_queue_is_told_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config();
+    c.flusher.max_queued_bytes = 64 << 10;
+    c.flusher.backpressure_timeout = Duration::MAX;
+    let store = Store::open(dir.path(), c).unwrap();
+    let vb = store.open_vbucket(0).unwrap();
+    let first = vb.set(b"k", b"v", ItemMeta::default()).unwrap();
+    let (report, reported) = std::sync::mpsc::channel();
+    {
+        let vb = vb.clone();
+        vb.clone().on_persisted(first.seqno, move |_| {
+            let value = vec![7u8; 16 << 10];
+            let outcome = (0..100)
+                .map(|i| vb.set(format!("big{i}").as_bytes(), &value, ItemMeta::default()))
+                .find(Result::is_err);
+            report.send(outcome).unwrap();
+        });
+    }
+    let outcome = reported.recv_timeout(WAIT).unwrap();
+    assert!(
+        matches!(
+            outcome,
+            Some(Err(Error::Flusher(flusher::Error::TemporarilyFull {
+                vbid: 0,
+                ..
+            })))
+        ),
+        "{outcome:?}"
+    );
+    // What was queued persists once the callback has returned.
+    let m = vb.set(b"after", b"v", ItemMeta::default()).unwrap();
+    vb.wait_persisted(m.seqno, WAIT).unwrap();
+    assert!(vb.get(b"big0").unwrap().is_some());
+    store.close().unwrap();
+}
