@@ -7,7 +7,9 @@ use crate::stats::FlushStats;
 use crate::{Batch, FlushItem, FlushTarget, FlusherConfig, Vbid};
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use parking_lot::Mutex;
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -65,18 +67,18 @@ struct ShardHandle<T: FlushTarget> {
 
 thread_local! {
     /// The id of the flusher thread this is (0 on any other thread).
-    static SHARD_THREAD: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static SHARD_THREAD: Cell<u64> = const { Cell::new(0) };
 }
 
 /// A new flusher thread's id, unique in the process (never 0).
 fn next_shard_id() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// True on the flusher thread `id` (running a persistence callback).
 pub(crate) fn on_shard_thread(id: u64) -> bool {
-    SHARD_THREAD.with(std::cell::Cell::get) == id
+    SHARD_THREAD.with(Cell::get) == id
 }
 
 /// A pool of flusher threads serving any number of vbuckets, each with its
