@@ -1423,6 +1423,26 @@ fn invalid_batches_are_errors() {
             "pending state changed by a failed save"
         );
     }
+    // A repeated id is reported with the later one's index in the batch,
+    // before anything is written; repeated seqs are an invalid argument.
+    let written = db.writer_mut().position();
+    let r = db.save(&[doc(b"y", None), doc(b"z", None), doc(b"y", None)], &[]);
+    assert!(
+        matches!(&r, Err(btree::Error::UnsortedOrDuplicate { key, index: 2 }) if key == "y"),
+        "{r:?}"
+    );
+    let r = db.save(
+        &[doc(b"y", None)],
+        &[local(b"_local/b"), local(b"_local/b")],
+    );
+    assert!(
+        matches!(&r, Err(btree::Error::UnsortedOrDuplicate { key, index: 1 }) if key == "_local/b"),
+        "{r:?}"
+    );
+    assert_eq!(db.writer_mut().position(), written, "a refused batch wrote");
+    let r = db.save(&[doc(b"y", Some(7)), doc(b"z", Some(7))], &[]);
+    assert!(matches!(r, Err(btree::Error::InvalidArgument(_))), "{r:?}");
+    assert_eq!(db.pending(), &before);
     let offset = db.commit(1).unwrap();
     let snap = db.snapshot();
     assert_eq!(snap.header().update_seq, 1);
@@ -1542,59 +1562,4 @@ fn a_revision_above_the_stored_one_is_read_by_the_save() {
         let by_seq = snap.doc_info_by_seq(s.seq).unwrap().unwrap();
         assert_eq!(by_seq.rev_seq, s.rev_seq);
     }
-}
-
-#[test]
-fn a_save_refuses_repeated_ids_and_seqs_and_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("0.couch.1");
-    let mut db = open_db(&path, &DbOptions::default());
-    let doc = |id: &[u8], seq: Option<u64>| DocUpdate {
-        id: id.to_vec(),
-        seq,
-        rev_seq: 1,
-        rev_seq_above_stored: false,
-        rev_meta: vec![0; 16],
-        deleted: false,
-        content_meta: 0,
-        body: Body::Plain(b"body".to_vec()),
-    };
-    let local = |id: &[u8]| LocalUpdate {
-        id: id.to_vec(),
-        value: Some(b"{}".to_vec()),
-    };
-    db.save_docs(&[doc(b"a", Some(5)), doc(b"b", Some(6))], &[])
-        .unwrap();
-    db.commit(1).unwrap();
-    let written = db.writer_mut().position();
-
-    // The second "b" is reported, by its index in the batch.
-    let r = db.save_docs(&[doc(b"b", None), doc(b"c", None), doc(b"b", None)], &[]);
-    assert!(
-        matches!(&r, Err(btree::Error::UnsortedOrDuplicate { key, index: 2 }) if key == "b"),
-        "{r:?}"
-    );
-    let r = db.save_docs(
-        &[doc(b"c", None)],
-        &[local(b"_local/x"), local(b"_local/x")],
-    );
-    assert!(
-        matches!(&r, Err(btree::Error::UnsortedOrDuplicate { key, index: 1 }) if key == "_local/x"),
-        "{r:?}"
-    );
-    assert_eq!(db.writer_mut().position(), written, "a refused batch wrote");
-    let r = db.save_docs(&[doc(b"c", Some(9)), doc(b"d", Some(9))], &[]);
-    assert!(matches!(r, Err(btree::Error::InvalidArgument(_))), "{r:?}");
-    db.rollback_pending();
-
-    // A document saved again under its own seq keeps its by-seq entry.
-    let saved = db
-        .save_docs(&[doc(b"b", Some(6)), doc(b"a", Some(7))], &[])
-        .unwrap();
-    assert_eq!(saved.iter().map(|s| s.seq).collect::<Vec<_>>(), [6, 7]);
-    db.commit(2).unwrap();
-    let snap = db.snapshot();
-    assert_eq!(snap.doc_info_by_seq(5).unwrap(), None);
-    assert_eq!(snap.doc_info_by_seq(6).unwrap().unwrap().id, b"b");
-    assert_eq!(snap.doc_info_by_seq(7).unwrap().unwrap().id, b"a");
 }

@@ -15,7 +15,6 @@ mod support;
 use couchfile::{Directory, FaultController, FaultyDirectory, LOCK_FILE_NAME};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use support::names;
@@ -166,18 +165,7 @@ fn holder_process() {
 /// Starts this test binary as `holder_process` on `dir`, and returns once
 /// its store is open.
 fn start_holder(dir: &Path) -> std::process::Child {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "holder_process",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HOLDER_ENV, dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = support::spawn_test_process("holder_process", &[(HOLDER_ENV, dir.as_os_str())]);
     // Its output is read on a thread (to the end, so that it never blocks
     // on a full pipe), and the line saying it holds the store is awaited
     // with a timeout.

@@ -16,7 +16,6 @@ mod support;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,18 +136,14 @@ fn run_and_kill(
     kill_after: usize,
     acked: &mut HashMap<(u16, String), u32>,
 ) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "killed_writer_process",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR_ENV, dir)
-        .env(CHILD_ROUND_ENV, round.to_string())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let round_text = round.to_string();
+    let mut child = support::spawn_test_process(
+        "killed_writer_process",
+        &[
+            (CHILD_DIR_ENV, dir.as_os_str()),
+            (CHILD_ROUND_ENV, round_text.as_ref()),
+        ],
+    );
     let stdout = child.stdout.take().unwrap();
     let (lines, received) = mpsc::channel();
     let reader = std::thread::spawn(move || {

@@ -167,16 +167,21 @@ fn newest_complete_revision_wins_and_leftovers_go() {
     verify_file(&dir.path().join(revision_name(1, 4)));
 }
 
+/// A closed store in a new directory whose vbucket 0 holds `k` = `v`, in
+/// `0.couch.1`.
+fn store_with_one_document() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let vb = store.open_vbucket(0).unwrap();
+    let m = vb.set(b"k", b"v", ItemMeta::default()).unwrap();
+    vb.wait_persisted(m.seqno, WAIT).unwrap();
+    store.close().unwrap();
+    dir
+}
+
 #[test]
 fn files_named_otherwise_than_the_store_names_them_are_never_touched() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = Store::open(dir.path(), config()).unwrap();
-        let vb = store.open_vbucket(0).unwrap();
-        let m = vb.set(b"k", b"v", ItemMeta::default()).unwrap();
-        vb.wait_persisted(m.seqno, WAIT).unwrap();
-        store.close().unwrap();
-    }
+    let dir = store_with_one_document();
     let data = std::fs::read(dir.path().join("0.couch.1")).unwrap();
     // Copies under names the store never gives (a leading zero, a suffix
     // glued to `.compact`): not its files, so neither opened nor removed,
@@ -211,14 +216,7 @@ fn files_named_otherwise_than_the_store_names_them_are_never_touched() {
 
 #[test]
 fn a_vbucket_at_the_last_revision_number_refuses_to_compact_and_keeps_its_data() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = Store::open(dir.path(), config()).unwrap();
-        let vb = store.open_vbucket(0).unwrap();
-        let m = vb.set(b"k", b"v", ItemMeta::default()).unwrap();
-        vb.wait_persisted(m.seqno, WAIT).unwrap();
-        store.close().unwrap();
-    }
+    let dir = store_with_one_document();
     let last = revision_name(0, u64::MAX);
     std::fs::rename(dir.path().join("0.couch.1"), dir.path().join(&last)).unwrap();
     let store = Store::open(dir.path(), config()).unwrap();

@@ -42,6 +42,19 @@ impl Rng {
     }
 }
 
+/// Starts this test binary running only the test `test` (one that does its
+/// work in a child process when one of `envs` is set, and returns at once
+/// otherwise), with `envs` set and its stdin and stdout piped.
+pub fn spawn_test_process(test: &str, envs: &[(&str, &std::ffi::OsStr)]) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .envs(envs.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// `couchread.py --verify` (at `header_offset`, or the last header) finds
 /// nothing wrong with the file at `path`; skipped, and said so once, when
 /// the reader cannot run (see [`couchread`]).
