@@ -6,7 +6,7 @@ use crate::tree::TreeOps;
 use couchfile::{decode_kv_length, CouchFile};
 use std::any::TypeId;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 
 /// Type byte of a leaf (key-value) node.
 pub const LEAF: u8 = 1;
@@ -23,6 +23,9 @@ pub struct Node {
     bytes: Vec<u8>,
     /// (key start, key length, value length) of each entry.
     spans: Vec<(u32, u16, u32)>,
+    /// An interior node's children as walks through it found them (see
+    /// [`Node::link_child`]); empty for a leaf.
+    children: Box<[OnceLock<Weak<Node>>]>,
     /// The tree order (the [`TypeId`] of its [`TreeOps`]) the keys were
     /// found strictly ascending under, once checked or when written by
     /// this process.
@@ -31,6 +34,22 @@ pub struct Node {
 
 /// Bytes a node's index costs per entry, for the cache's weight.
 const SPAN_BYTES: u64 = std::mem::size_of::<(u32, u16, u32)>() as u64;
+
+/// Bytes an interior node's link to a child costs at most, for the cache's
+/// weight: the link, and the allocation of a child it outlives.
+const LINK_BYTES: u64 = (std::mem::size_of::<OnceLock<Weak<Node>>>()
+    + std::mem::size_of::<Node>()
+    + 2 * std::mem::size_of::<usize>()) as u64;
+
+/// The child links of a new node: one unset link per entry of an interior
+/// node, none for a leaf.
+fn no_links(is_leaf: bool, entries: usize) -> Box<[OnceLock<Weak<Node>>]> {
+    if is_leaf {
+        Box::default()
+    } else {
+        (0..entries).map(|_| OnceLock::new()).collect()
+    }
+}
 
 impl Node {
     /// Reads and decodes the node stored at `offset`, bypassing the file's
@@ -77,21 +96,52 @@ impl Node {
         spans: impl Iterator<Item = (usize, usize, usize)>,
         order: TypeId,
     ) -> Self {
+        // Within a chunk's 2^28 bytes, and keys and values within their
+        // 12- and 28-bit lengths: every field fits.
+        let spans: Vec<_> = spans
+            .map(|(start, klen, vlen)| (start as u32, klen as u16, vlen as u32))
+            .collect();
         Self {
             is_leaf,
             bytes: bytes.to_vec(),
-            // Within a chunk's 2^28 bytes, and keys and values within their
-            // 12- and 28-bit lengths: every field fits.
-            spans: spans
-                .map(|(start, klen, vlen)| (start as u32, klen as u16, vlen as u32))
-                .collect(),
+            children: no_links(is_leaf, spans.len()),
+            spans,
             ascending_under: Some(order),
         }
     }
 
-    /// The bytes the node takes in memory, as a cache weighs it.
+    /// The bytes the node takes in memory, as a cache weighs it: its bytes,
+    /// its index and, for an interior node, a link per child and what a
+    /// link keeps of a child that has left the cache (its `Arc`'s
+    /// allocation, not the node's contents).
     pub fn weight(&self) -> u64 {
-        self.bytes.len() as u64 + self.spans.len() as u64 * SPAN_BYTES
+        self.bytes.len() as u64
+            + self.spans.len() as u64 * SPAN_BYTES
+            + self.children.len() as u64 * LINK_BYTES
+    }
+
+    /// Child `i` of this interior node as a walk linked it
+    /// ([`Node::link_child`]), if it is still in memory.
+    pub(crate) fn linked_child(&self, i: usize) -> Option<Arc<Node>> {
+        self.children.get(i)?.get()?.upgrade()
+    }
+
+    /// Links `child`, read and checked through the file's chunk cache, as
+    /// child `i` of this interior node, for later walks to go to it
+    /// without the cache's lookup. A link is set once and holds the child
+    /// weakly: a child the cache evicts is freed, and walks go through the
+    /// cache for it from then on.
+    pub(crate) fn link_child(&self, i: usize, child: &Arc<Node>) {
+        if let Some(slot) = self.children.get(i) {
+            // Set by another walk meanwhile: to the same child, as good.
+            let _ = slot.set(Arc::downgrade(child));
+        }
+    }
+
+    /// The tree order (the [`TypeId`] of its [`TreeOps`]) the keys were
+    /// found ascending under, if any.
+    pub(crate) fn ascending_under(&self) -> Option<TypeId> {
+        self.ascending_under
     }
 
     /// Decodes node bytes (already decompressed).
@@ -126,6 +176,7 @@ impl Node {
         Ok(Self {
             is_leaf,
             bytes,
+            children: no_links(is_leaf, spans.len()),
             spans,
             ascending_under: None,
         })

@@ -61,7 +61,9 @@ pub struct CacheStats {
     pub used: u64,
     /// The chunks it holds now.
     pub entries: u64,
-    /// Reads it served.
+    /// Reads it served. (A B-tree walk that goes from a cached node to a
+    /// child it has linked does not look the child up, and is not
+    /// counted.)
     pub hits: u64,
     /// Reads it did not serve (the chunk was read from the file).
     pub misses: u64,
