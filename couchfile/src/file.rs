@@ -383,11 +383,13 @@ impl CouchFile {
         Ok((stored_crc, payload))
     }
 
-    /// The data chunk at `pos` read in place ([`Backend::read_in_place`]):
-    /// its checksum field and payload, unchecked; `None` when the backend
-    /// does not map the file or the payload is not one run of bytes (a
-    /// block boundary lies inside it), for the caller to read it instead.
-    fn chunk_in_place(&self, pos: u64) -> Result<Option<(u32, InPlace<'_>)>> {
+    /// The data chunk at `pos` read from the file's map
+    /// ([`Backend::read_in_place`]): its checksum field and payload,
+    /// unchecked; `None` when the backend does not map the file, for the
+    /// caller to read it instead. A payload that is one run of bytes is
+    /// read in place; one with a block boundary inside is copied out of
+    /// the map without the boundary's marker bytes.
+    fn chunk_in_place(&self, pos: u64) -> Result<Option<(u32, Payload<'_>)>> {
         let backend = &self.shared.backend;
         let prefix_physical = physical_len(pos, 8);
         let in_place = |offset: u64, len: u64| {
@@ -405,11 +407,18 @@ impl CouchFile {
         };
         let (stored, payload_len) = self.parse_prefix(pos, false, prefix)?;
         let start = pos + prefix_physical;
-        if physical_len(start, payload_len) != payload_len {
+        let payload_physical = physical_len(start, payload_len);
+        self.check_extent(pos, prefix_physical + payload_physical)?;
+        let Some(physical) = in_place(start, payload_physical)? else {
             return Ok(None);
+        };
+        if payload_physical == payload_len {
+            return Ok(Some((stored, Payload::InPlace(physical))));
         }
-        self.check_extent(pos, prefix_physical + payload_len)?;
-        Ok(in_place(start, payload_len)?.map(|payload| (stored, payload)))
+        // `payload_len` is at most MAX_CHUNK_LEN, so it fits in memory.
+        let mut payload = Vec::with_capacity(payload_len as usize);
+        strip_prefixes(start, &physical, &mut payload);
+        Ok(Some((stored, Payload::Copied(payload))))
     }
 
     /// Reads the payload of the data chunk stored at `offset`, checking its
@@ -417,7 +426,7 @@ impl CouchFile {
     pub fn read_chunk(&self, offset: u64) -> Result<Vec<u8>> {
         if let Some((stored, payload)) = self.chunk_in_place(offset)? {
             self.check(offset, stored, &payload)?;
-            return Ok(payload.to_vec());
+            return Ok(payload.into_vec());
         }
         let (stored, payload) = self.read_chunk_raw(offset, false)?;
         self.checked(offset, stored, payload)
@@ -1246,6 +1255,33 @@ impl SequentialReader {
         let n = physical.len().min(self.window.len() - from);
         physical[..n].copy_from_slice(&self.window[from..from + n]);
         Ok(n)
+    }
+}
+
+/// A chunk's payload as read from the file's map: in place, or copied
+/// without the marker bytes of the block boundaries inside it.
+enum Payload<'a> {
+    InPlace(InPlace<'a>),
+    Copied(Vec<u8>),
+}
+
+impl Payload<'_> {
+    fn into_vec(self) -> Vec<u8> {
+        match self {
+            Payload::InPlace(bytes) => bytes.to_vec(),
+            Payload::Copied(bytes) => bytes,
+        }
+    }
+}
+
+impl std::ops::Deref for Payload<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::InPlace(bytes) => bytes,
+            Payload::Copied(bytes) => bytes,
+        }
     }
 }
 
