@@ -100,6 +100,14 @@ pub struct Args {
     /// Skip the raw-disk baseline.
     #[arg(long)]
     pub no_disk_baseline: bool,
+    /// Instead of the workload, read back what an earlier run with the same
+    /// workload options left in `--dir`: each engine found there is opened
+    /// once and reads every key back this many times (each value checked
+    /// for its presence and size: which version it is, only the run knew).
+    /// Read-backs without the workload's writes before them in the process
+    /// are steadier, for comparing builds.
+    #[arg(long, requires = "dir")]
+    pub reread: Option<u32>,
 }
 
 /// One batch: key and value pairs, written with one durable commit.
@@ -391,6 +399,45 @@ fn run_pass(
     Ok(started.elapsed())
 }
 
+/// `bench peers --reread`: `rounds` read-backs of every key by each engine
+/// whose subdirectory `dir` holds, after one open. True when every value
+/// was found with the workload's value size.
+fn reread(
+    specs: &[EngineSpec],
+    workload: &Workload,
+    dir: &Path,
+    rounds: u32,
+) -> Result<bool, BoxError> {
+    let mut all_found = true;
+    for spec in specs {
+        let path = dir.join(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let engine = (spec.open)(&path)?;
+        let mut times = Vec::new();
+        let mut wrong = 0u64;
+        for _ in 0..rounds {
+            let started = Instant::now();
+            engine.read_back(&workload.keys, &mut |_, value| {
+                if value.map(<[u8]>::len) != Some(workload.value_size) {
+                    wrong += 1;
+                }
+            })?;
+            times.push(format!("{:.3}", started.elapsed().as_secs_f64()));
+        }
+        engine.close()?;
+        println!(
+            "{}: read-backs of {} keys (s): {}; {wrong} missing or of another size",
+            spec.name,
+            workload.keys.len(),
+            times.join(" ")
+        );
+        all_found &= wrong == 0;
+    }
+    Ok(all_found)
+}
+
 /// The compaction phase: the compaction in this thread while a writer
 /// thread commits overwrites (from version 3 on, one version per full pass)
 /// until it ends. Returns the compaction time and the writer's latencies.
@@ -665,9 +712,12 @@ pub fn main(args: &Args) -> Result<bool, BoxError> {
         println!("{name}: not built in (build with --features {feature})");
     }
 
+    let workload = Workload::new(args);
+    if let (Some(rounds), Some(dir)) = (args.reread, &args.dir) {
+        return reread(&specs, &workload, dir, rounds);
+    }
     let (dir, _temp) = work_dir(args.dir.as_deref())?;
 
-    let workload = Workload::new(args);
     let live = workload.live_bytes();
     println!(
         "workload: {} keys of {} bytes, values of {} bytes ({:.1} MiB live), batches of {} with one durable commit each, in {}",
