@@ -7,7 +7,7 @@ use crate::stats::FlushStats;
 use crate::{Batch, FlushItem, FlushTarget, FlusherConfig, Vbid};
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use parking_lot::Mutex;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -68,6 +68,9 @@ struct ShardHandle<T: FlushTarget> {
 thread_local! {
     /// The id of the flusher thread this is (0 on any other thread).
     static SHARD_THREAD: Cell<u64> = const { Cell::new(0) };
+    /// What a flusher thread keeps until it ends
+    /// ([`Flusher::keep_until_own_thread_ends`]).
+    static KEPT_UNTIL_THREAD_ENDS: RefCell<Vec<Box<dyn Send>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A new flusher thread's id, unique in the process (never 0).
@@ -122,6 +125,10 @@ impl<T: FlushTarget> Flusher<T> {
                 .spawn(move || {
                     SHARD_THREAD.with(|t| t.set(id));
                     shard.run();
+                    // After the thread's last commit. (On a panic, the
+                    // thread-local's destructor drops them.)
+                    let kept = KEPT_UNTIL_THREAD_ENDS.with(|kept| kept.take());
+                    drop(kept);
                 })
                 .map_err(Error::Spawn)?;
             shards.push(ShardHandle {
@@ -153,6 +160,23 @@ impl<T: FlushTarget> Flusher<T> {
     /// True on any of this flusher's threads (in a persistence callback).
     pub fn on_own_thread(&self) -> bool {
         self.shards.iter().any(|shard| on_shard_thread(shard.id))
+    }
+
+    /// On one of this flusher's threads (in a persistence callback): keeps
+    /// `value` until that thread ends, after its last commit, and returns
+    /// `Ok`. On any other thread: returns `Err(value)`. For what must
+    /// outlive every commit of a flusher dropped by a callback on its own
+    /// thread (which a drop cannot wait for), such as the lock on the
+    /// directory it writes in.
+    pub fn keep_until_own_thread_ends<V: Send + 'static>(
+        &self,
+        value: V,
+    ) -> std::result::Result<(), V> {
+        if !self.on_own_thread() {
+            return Err(value);
+        }
+        KEPT_UNTIL_THREAD_ENDS.with(|kept| kept.borrow_mut().push(Box::new(value)));
+        Ok(())
     }
 
     fn shard(&self, vbid: Vbid) -> &ShardHandle<T> {

@@ -469,6 +469,48 @@ fn on_persisted_runs_once_persisted_and_at_once_if_already_persisted() {
 }
 
 #[test]
+fn what_a_callback_keeps_until_its_thread_ends_outlives_the_flusher_it_drops() {
+    /// Reports its drop.
+    struct Kept(mpsc::Sender<&'static str>);
+    impl Drop for Kept {
+        fn drop(&mut self) {
+            let _ = self.0.send("kept value dropped");
+        }
+    }
+    let flusher = Arc::new(Flusher::new(config()).unwrap());
+    let (target, _model) = plain_target();
+    let queue = flusher.add(0, target, 0).unwrap();
+    let (events, happened) = mpsc::channel();
+    // Not on a flusher thread: handed back.
+    let back = flusher.keep_until_own_thread_ends(Kept(events.clone()));
+    assert!(back.is_err());
+    drop(back);
+    assert_eq!(happened.recv_timeout(LONG).unwrap(), "kept value dropped");
+
+    let (go, go_on) = mpsc::channel::<()>();
+    {
+        let flusher = Arc::clone(&flusher);
+        queue.on_persisted(1, move |result| {
+            result.unwrap();
+            go_on.recv_timeout(LONG).unwrap();
+            assert!(flusher
+                .keep_until_own_thread_ends(Kept(events.clone()))
+                .is_ok());
+            // The last handle: dropped on its own thread.
+            assert_eq!(Arc::strong_count(&flusher), 1);
+            drop(flusher);
+            events.send("callback returns").unwrap();
+        });
+    }
+    queue.enqueue(item("a", 1, 1)).unwrap();
+    drop(queue);
+    drop(flusher);
+    go.send(()).unwrap();
+    assert_eq!(happened.recv_timeout(LONG).unwrap(), "callback returns");
+    assert_eq!(happened.recv_timeout(LONG).unwrap(), "kept value dropped");
+}
+
+#[test]
 fn on_persisted_gets_closed_when_the_vbucket_is_removed_unflushed() {
     let flusher = Flusher::new(FlusherConfig {
         close_timeout: Duration::from_millis(50),

@@ -466,8 +466,8 @@ pub struct Store {
     // Declared after the vbucket handles: dropped after them.
     flusher: Flusher<VbTarget>,
     /// The data directory's exclusive lock, taken before anything else and
-    /// released last, once the flusher threads have stopped (kept until the
-    /// process ends by a store dropped on its own flusher thread).
+    /// released last, once the flusher threads have stopped (by a store
+    /// dropped on its own flusher thread, once that thread ends).
     dir_lock: Option<DirLock>,
 }
 
@@ -781,17 +781,21 @@ impl Drop for Store {
         // As close, reporting failures only in the log: handles that outlive
         // the store must not write into files a new owner may open.
         let _ = self.close_all();
-        if self.flusher.on_own_thread() {
-            // Dropped by a persistence callback holding the last handle: the
-            // flusher thread it runs on cannot be waited for here, and may
-            // still commit after this returns. The directory stays locked
-            // until the process ends, so that no other store opens it
-            // meanwhile.
-            tracing::error!(
-                dir = %self.dir.path().display(),
-                "store dropped on its own flusher thread: its directory stays locked"
-            );
-            std::mem::forget(self.dir_lock.take());
+        // Dropped by a persistence callback holding the last handle: the
+        // flusher thread it runs on cannot be waited for here, and may
+        // still commit after this returns. That thread keeps the
+        // directory's lock until it ends, so that no other store opens the
+        // directory meanwhile.
+        if let Some(lock) = self.dir_lock.take() {
+            match self.flusher.keep_until_own_thread_ends(lock) {
+                Ok(()) => tracing::warn!(
+                    dir = %self.dir.path().display(),
+                    "store dropped on its own flusher thread: its directory stays locked until that thread ends"
+                ),
+                // Not on a flusher thread: released once the flusher's
+                // threads are joined (the fields' order).
+                Err(lock) => self.dir_lock = Some(lock),
+            }
         }
     }
 }

@@ -1045,7 +1045,7 @@ impl VBucket {
     /// waiting for a seqno of this vbucket fails at once, and so do closing
     /// and deleting it (they would wait for that thread); a callback that
     /// drops the last handle on the store leaves its directory locked until
-    /// the process ends.
+    /// that thread ends, after its last commit.
     pub fn on_persisted(
         &self,
         seqno: u64,

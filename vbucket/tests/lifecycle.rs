@@ -542,7 +542,7 @@ fn closing_ends_a_wait_for_a_header_without_a_deadline() {
 /// thread itself. Each gets a typed error at once and changes nothing; a
 /// callback that drops the last handle on the store returns, and the
 /// directory stays locked rather than open to a second owner while that
-/// thread may still commit.
+/// thread may still commit, and is unlocked once the thread ends.
 #[test]
 fn persistence_callbacks_that_wait_or_close_get_errors_not_deadlocks() {
     let dir = tempfile::tempdir().unwrap();
@@ -592,21 +592,40 @@ fn persistence_callbacks_that_wait_or_close_get_errors_not_deadlocks() {
     let last = vb.set(b"k4", b"v4", ItemMeta::default()).unwrap();
     {
         let store = Arc::clone(&store);
+        let path = dir.path().to_path_buf();
         vb.on_persisted(last.seqno, move |persisted| {
             persisted.unwrap();
             go_on.recv_timeout(WAIT).unwrap();
             assert_eq!(Arc::strong_count(&store), 1);
             drop(store);
-            dropped.send(()).unwrap();
+            // The callback's thread has not ended: still locked.
+            let reopened = Store::open(&path, config()).map(drop);
+            dropped.send(reopened).unwrap();
         });
     }
     drop(store);
+    drop(vb);
     go.send(()).unwrap();
-    was_dropped.recv_timeout(WAIT).unwrap();
-    assert!(matches!(
-        Store::open(dir.path(), config()),
-        Err(Error::DirectoryLocked { .. })
-    ));
+    let reopened = was_dropped.recv_timeout(WAIT).unwrap();
+    assert!(
+        matches!(reopened, Err(Error::DirectoryLocked { .. })),
+        "{reopened:?}"
+    );
+    // Unlocked once the thread has ended, with what it persisted.
+    let deadline = std::time::Instant::now() + WAIT;
+    let store = loop {
+        match Store::open(dir.path(), config()) {
+            Ok(store) => break store,
+            Err(Error::DirectoryLocked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let vb = store.open_vbucket(0).unwrap();
+    assert_eq!(vb.get(b"k4").unwrap().unwrap().value, b"v4");
+    drop(vb);
+    store.close().unwrap();
 }
 
 /// A persistence callback that fills its own vbucket's queue gets
