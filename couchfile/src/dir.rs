@@ -178,9 +178,17 @@ pub struct OsDirectory {
 impl OsDirectory {
     /// The directory at `path`, created (with its parents) if missing. Its
     /// files read in place through a memory map
-    /// ([`OsDirectory::with_mapped_reads`]).
+    /// ([`OsDirectory::with_mapped_reads`]). An empty path is an
+    /// `InvalidInput` error: it names no directory (its files would land
+    /// in the process's current directory, relative to it).
     pub fn new(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
+        if path.as_os_str().is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an empty path names no directory",
+            ));
+        }
         fs::create_dir_all(&path)?;
         Ok(Self {
             path,

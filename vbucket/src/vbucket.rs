@@ -929,7 +929,10 @@ impl VBucket {
     /// A snapshot at the newest header of the current file revision
     /// committed at or before `time` (a binary search over the indexed
     /// header chain, by the headers' timestamps); [`Error::NoHeaderAsOf`]
-    /// when there is none.
+    /// when there is none. A new revision's first header, the empty one it
+    /// was created with, has no commit time (its timestamp is 0): any time
+    /// before the first commit finds it, so that the vbucket reads as empty
+    /// then rather than as missing, the time of its creation being unknown.
     pub fn snapshot_as_of_time(&self, time: SystemTime) -> Result<ReadSnapshot> {
         self.snapshot_as_of(AsOf::Time(unix_nanos_of(time)))
     }

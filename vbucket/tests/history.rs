@@ -812,6 +812,18 @@ fn couchtool_rollback_below_the_purge_seqno_is_zero() {
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
 }
 
+#[test]
+fn couchtool_rollback_of_a_file_without_a_header_fails_and_leaves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in [("empty.couch", vec![]), ("zeros.couch", vec![0u8; 100])] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let e = vbucket::tool::rollback(&path, 5).unwrap_err();
+        assert!(e.to_string().contains("no valid header"), "{name}: {e}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name}");
+    }
+}
+
 /// The headers `history` keeps of `entries` (newest first, as `history()`
 /// lists them), computed here from the rule: for the window
 /// `[now - age, now]`, the newest header of each period of `granularity`

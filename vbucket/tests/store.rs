@@ -279,6 +279,15 @@ fn bad_input_gives_typed_errors() {
     // A garbage file named like a revision is a typed error, not a panic.
     std::fs::write(dir.path().join("4.couch.1"), vec![7u8; 9000]).unwrap();
     assert!(store.open_vbucket(4).is_err());
+    // An empty path names no directory: nothing is created, not even the
+    // lock file in the current directory.
+    let lock = std::path::Path::new(couchfile::LOCK_FILE_NAME);
+    let locked_before = lock.exists();
+    assert!(matches!(
+        Store::open("", config()),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::InvalidInput
+    ));
+    assert_eq!(lock.exists(), locked_before);
 }
 
 #[test]

@@ -71,6 +71,14 @@ pub fn rollback(path: &Path, seqno: u64) -> Result<RollbackSummary> {
     let dir = OsDirectory::new(parent).map_err(|e| Error::io(parent, "open directory", e))?;
     let backend = dir.open(name).map_err(|e| Error::io(path, "open", e))?;
     let file = CouchFile::new(backend, path)?;
+    // A file without a header (an empty one too) has no history to roll
+    // back, and is left as it is: `Db::open` would start one in it.
+    if file.find_last_header(OpenMode::Normal)?.is_none() {
+        return Err(couchfile::Error::NoHeader {
+            path: path.to_path_buf(),
+        }
+        .into());
+    }
     let mut db = Db::open(file, &DbOptions::default())?;
     let latest = db.committed().clone();
     let index = HeaderIndex::build(db.writer_mut().file(), &latest, OpenMode::Normal)?;
