@@ -671,7 +671,9 @@ impl<O: TreeOps> BTree<O> {
             }
         }
         let visited = self.visit(file, child.pointer, range)?;
-        if file.cache().is_some() {
+        // Only a child the cache holds: a link is set once, and one to a
+        // child nobody holds would be dead at once.
+        if file.fills_cache() {
             parent.node.link_child(i, &visited.node);
         }
         Ok(visited)
@@ -1541,6 +1543,47 @@ mod tests {
                 assert!(cache.stats().evictions > 0);
             }
         }
+    }
+
+    #[test]
+    fn lookups_through_a_handle_that_does_not_fill_the_cache_link_nothing() {
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let file = CouchFile::new(Arc::new(MemBackend::new()), "linked.couch")
+            .unwrap()
+            .with_cache(Arc::clone(&cache));
+        let mut w = FileWriter::new(file).unwrap();
+        let (tree, root, keys) = local_tree(&mut w, 64, 600);
+        w.flush().unwrap();
+        let file = w.file().clone();
+        // Every node but the root leaves the cache.
+        let mut pending = vec![root.pointer];
+        while let Some(offset) = pending.pop() {
+            let node = Node::read(&file, offset).unwrap();
+            if offset != root.pointer {
+                file.forget_cached_chunk(offset);
+            }
+            if !node.is_leaf {
+                for i in 0..node.len() {
+                    pending.push(child_pointer(&file, offset, node.value(i)).unwrap().pointer);
+                }
+            }
+        }
+        let round = |file: &CouchFile| {
+            let before = cache.hits_and_misses();
+            for key in &keys {
+                let value = tree.lookup_one(file, Some(&root), key, |v| v.to_vec());
+                assert_eq!(value.unwrap().as_deref(), Some(&b"v1"[..]));
+            }
+            let after = cache.hits_and_misses();
+            (after.0 - before.0, after.1 - before.1)
+        };
+        // Read, not cached, not linked (a link to a node nobody holds
+        // would be dead, and a link is set once).
+        round(&file.with_cache_fill(false));
+        assert_eq!(cache.len(), 1);
+        round(&file);
+        // Every child linked by the filling handle: only roots looked up.
+        assert_eq!(round(&file), (keys.len() as u64, 0));
     }
 
     #[test]

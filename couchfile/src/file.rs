@@ -183,6 +183,12 @@ impl CouchFile {
         self.shared.cache.as_ref()
     }
 
+    /// True when the file has a cache and this handle puts what it reads
+    /// in it ([`CouchFile::with_cache_fill`]).
+    pub fn fills_cache(&self) -> bool {
+        self.shared.cache.is_some() && self.shared.fill_cache
+    }
+
     /// Opens a real file read-only.
     pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
