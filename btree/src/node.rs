@@ -4,9 +4,10 @@
 use crate::error::{Error, Result};
 use crate::tree::TreeOps;
 use couchfile::{decode_kv_length, CouchFile};
+use parking_lot::Mutex;
 use std::any::TypeId;
 use std::fmt;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 
 /// Type byte of a leaf (key-value) node.
 pub const LEAF: u8 = 1;
@@ -16,7 +17,7 @@ pub const INTERIOR: u8 = 0;
 /// A decoded node: its bytes and where each entry's key and value lie, so
 /// a lookup binary-searches it without parsing it again. What the file's
 /// chunk cache holds for a node.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Node {
     /// True for a leaf.
     pub is_leaf: bool,
@@ -25,7 +26,7 @@ pub struct Node {
     spans: Vec<(u32, u16, u32)>,
     /// An interior node's children as walks through it found them (see
     /// [`Node::link_child`]); empty for a leaf.
-    children: Box<[OnceLock<Weak<Node>>]>,
+    children: Box<[Mutex<Weak<Node>>]>,
     /// The tree order (the [`TypeId`] of its [`TreeOps`]) the keys were
     /// found strictly ascending under, once checked or when written by
     /// this process.
@@ -37,17 +38,17 @@ const SPAN_BYTES: u64 = std::mem::size_of::<(u32, u16, u32)>() as u64;
 
 /// Bytes an interior node's link to a child costs at most, for the cache's
 /// weight: the link, and the allocation of a child it outlives.
-const LINK_BYTES: u64 = (std::mem::size_of::<OnceLock<Weak<Node>>>()
+const LINK_BYTES: u64 = (std::mem::size_of::<Mutex<Weak<Node>>>()
     + std::mem::size_of::<Node>()
     + 2 * std::mem::size_of::<usize>()) as u64;
 
 /// The child links of a new node: one unset link per entry of an interior
 /// node, none for a leaf.
-fn no_links(is_leaf: bool, entries: usize) -> Box<[OnceLock<Weak<Node>>]> {
+fn no_links(is_leaf: bool, entries: usize) -> Box<[Mutex<Weak<Node>>]> {
     if is_leaf {
         Box::default()
     } else {
-        (0..entries).map(|_| OnceLock::new()).collect()
+        (0..entries).map(|_| Mutex::new(Weak::new())).collect()
     }
 }
 
@@ -123,18 +124,17 @@ impl Node {
     /// Child `i` of this interior node as a walk linked it
     /// ([`Node::link_child`]), if it is still in memory.
     pub(crate) fn linked_child(&self, i: usize) -> Option<Arc<Node>> {
-        self.children.get(i)?.get()?.upgrade()
+        self.children.get(i)?.lock().upgrade()
     }
 
     /// Links `child`, read and checked through the file's chunk cache, as
     /// child `i` of this interior node, for later walks to go to it
-    /// without the cache's lookup. A link is set once and holds the child
-    /// weakly: a child the cache evicts is freed, and walks go through the
-    /// cache for it from then on.
+    /// without the cache's lookup. A link holds the child weakly: a child
+    /// the cache evicts is freed, and the walk that next reads it through
+    /// the cache links it again.
     pub(crate) fn link_child(&self, i: usize, child: &Arc<Node>) {
         if let Some(slot) = self.children.get(i) {
-            // Set by another walk meanwhile: to the same child, as good.
-            let _ = slot.set(Arc::downgrade(child));
+            *slot.lock() = Arc::downgrade(child);
         }
     }
 

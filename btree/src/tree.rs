@@ -1546,7 +1546,7 @@ mod tests {
     }
 
     #[test]
-    fn lookups_through_a_handle_that_does_not_fill_the_cache_link_nothing() {
+    fn children_are_linked_only_through_a_handle_that_fills_the_cache_and_again_once_evicted() {
         let cache = Arc::new(ChunkCache::new(1 << 20));
         let file = CouchFile::new(Arc::new(MemBackend::new()), "linked.couch")
             .unwrap()
@@ -1555,12 +1555,12 @@ mod tests {
         let (tree, root, keys) = local_tree(&mut w, 64, 600);
         w.flush().unwrap();
         let file = w.file().clone();
-        // Every node but the root leaves the cache.
+        let mut below_root = Vec::new();
         let mut pending = vec![root.pointer];
         while let Some(offset) = pending.pop() {
             let node = Node::read(&file, offset).unwrap();
             if offset != root.pointer {
-                file.forget_cached_chunk(offset);
+                below_root.push(offset);
             }
             if !node.is_leaf {
                 for i in 0..node.len() {
@@ -1568,6 +1568,14 @@ mod tests {
                 }
             }
         }
+        // Every node but the root leaves the cache (and memory: nothing
+        // else holds them).
+        let evict = || {
+            for &offset in &below_root {
+                file.forget_cached_chunk(offset);
+            }
+        };
+        evict();
         let round = |file: &CouchFile| {
             let before = cache.hits_and_misses();
             for key in &keys {
@@ -1583,6 +1591,11 @@ mod tests {
         assert_eq!(cache.len(), 1);
         round(&file);
         // Every child linked by the filling handle: only roots looked up.
+        assert_eq!(round(&file), (keys.len() as u64, 0));
+        // Evicted under their links: read again, and linked again.
+        evict();
+        let (_, misses) = round(&file);
+        assert_eq!(misses as usize, below_root.len());
         assert_eq!(round(&file), (keys.len() as u64, 0));
     }
 
