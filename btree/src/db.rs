@@ -481,24 +481,39 @@ impl Db {
     /// it with an empty header at offset 0.
     pub fn open(file: CouchFile, options: &DbOptions) -> Result<Self> {
         let _span = tracing::debug_span!("open_db", path = %file.path().display()).entered();
-        let (writer, committed) = match file.find_last_header(options.mode)? {
-            Some(header) => {
-                let mut file = file;
-                file.set_crc(CrcKind::for_version(header.header.disk_version));
-                (FileWriter::new(file)?, header)
-            }
+        match file.find_last_header(options.mode)? {
+            Some(header) => Self::at_header(file, header, options),
             None => {
                 let header = DbHeader::new(options.new_file_version);
                 let (writer, offset) = FileWriter::create(file, &header)?;
-                (writer, LocatedHeader { offset, header })
+                let committed = LocatedHeader { offset, header };
+                Ok(Self::from_writer(writer, committed, options.nodes))
             }
-        };
-        Ok(Self {
-            writer,
-            trees: Trees::new(options.nodes),
-            pending: committed.header.clone(),
-            committed,
-        })
+        }
+    }
+
+    /// Opens `file` at its last valid header; [`couchfile::Error::NoHeader`]
+    /// when it has none (an empty file too: unlike [`Db::open`], this never
+    /// starts a file).
+    pub fn open_existing(file: CouchFile, options: &DbOptions) -> Result<Self> {
+        let _span = tracing::debug_span!("open_db", path = %file.path().display()).entered();
+        match file.find_last_header(options.mode)? {
+            Some(header) => Self::at_header(file, header, options),
+            None => Err(couchfile::Error::NoHeader {
+                path: file.path().to_path_buf(),
+            }
+            .into()),
+        }
+    }
+
+    /// `file` opened for appending after its valid header `header`.
+    fn at_header(mut file: CouchFile, header: LocatedHeader, options: &DbOptions) -> Result<Self> {
+        file.set_crc(CrcKind::for_version(header.header.disk_version));
+        Ok(Self::from_writer(
+            FileWriter::new(file)?,
+            header,
+            options.nodes,
+        ))
     }
 
     /// Wraps a writer positioned after a file prepared by

@@ -72,14 +72,8 @@ pub fn rollback(path: &Path, seqno: u64) -> Result<RollbackSummary> {
     let backend = dir.open(name).map_err(|e| Error::io(path, "open", e))?;
     let file = CouchFile::new(backend, path)?;
     // A file without a header (an empty one too) has no history to roll
-    // back, and is left as it is: `Db::open` would start one in it.
-    if file.find_last_header(OpenMode::Normal)?.is_none() {
-        return Err(couchfile::Error::NoHeader {
-            path: path.to_path_buf(),
-        }
-        .into());
-    }
-    let mut db = Db::open(file, &DbOptions::default())?;
+    // back, and is left as it is.
+    let mut db = Db::open_existing(file, &DbOptions::default())?;
     let latest = db.committed().clone();
     let index = HeaderIndex::build(db.writer_mut().file(), &latest, OpenMode::Normal)?;
     let Some(chosen) = index.rollback_target(&latest, seqno).cloned() else {
