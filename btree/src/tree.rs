@@ -671,8 +671,8 @@ impl<O: TreeOps> BTree<O> {
             }
         }
         let visited = self.visit(file, child.pointer, range)?;
-        // Only a child the cache holds: a link is set once, and one to a
-        // child nobody holds would be dead at once.
+        // Only a child the cache holds: a link to one nobody holds would
+        // be dead at once.
         if file.fills_cache() {
             parent.node.link_child(i, &visited.node);
         }
@@ -1504,14 +1504,20 @@ mod tests {
         assert!(err.to_string().contains("No space left"), "{err}");
     }
 
+    /// A writer on a new in-memory file with a chunk cache of `capacity`
+    /// bytes, and the cache.
+    fn cached_writer(capacity: u64) -> (Arc<ChunkCache>, FileWriter) {
+        let cache = Arc::new(ChunkCache::new(capacity));
+        let file = CouchFile::new(Arc::new(MemBackend::new()), "cached.couch")
+            .unwrap()
+            .with_cache(Arc::clone(&cache));
+        (cache, FileWriter::new(file).unwrap())
+    }
+
     #[test]
     fn lookups_reach_linked_children_without_the_cache_and_find_evicted_ones_again() {
         for capacity in [1 << 20, 4 << 10] {
-            let cache = Arc::new(ChunkCache::new(capacity));
-            let file = CouchFile::new(Arc::new(MemBackend::new()), "linked.couch")
-                .unwrap()
-                .with_cache(Arc::clone(&cache));
-            let mut w = FileWriter::new(file).unwrap();
+            let (cache, mut w) = cached_writer(capacity);
             let (tree, root, keys) = local_tree(&mut w, 64, 600);
             w.flush().unwrap();
             let file = w.file().clone();
@@ -1547,11 +1553,7 @@ mod tests {
 
     #[test]
     fn children_are_linked_only_through_a_handle_that_fills_the_cache_and_again_once_evicted() {
-        let cache = Arc::new(ChunkCache::new(1 << 20));
-        let file = CouchFile::new(Arc::new(MemBackend::new()), "linked.couch")
-            .unwrap()
-            .with_cache(Arc::clone(&cache));
-        let mut w = FileWriter::new(file).unwrap();
+        let (cache, mut w) = cached_writer(1 << 20);
         let (tree, root, keys) = local_tree(&mut w, 64, 600);
         w.flush().unwrap();
         let file = w.file().clone();
@@ -1586,7 +1588,7 @@ mod tests {
             (after.0 - before.0, after.1 - before.1)
         };
         // Read, not cached, not linked (a link to a node nobody holds
-        // would be dead, and a link is set once).
+        // would be dead at once).
         round(&file.with_cache_fill(false));
         assert_eq!(cache.len(), 1);
         round(&file);
@@ -1601,11 +1603,7 @@ mod tests {
 
     #[test]
     fn a_modify_drops_the_nodes_it_replaces_from_the_cache() {
-        let cache = Arc::new(ChunkCache::new(1 << 20));
-        let file = CouchFile::new(Arc::new(MemBackend::new()), "cached.couch")
-            .unwrap()
-            .with_cache(Arc::clone(&cache));
-        let mut w = FileWriter::new(file).unwrap();
+        let (cache, mut w) = cached_writer(1 << 20);
         let (tree, old, keys) = local_tree(&mut w, 64, 60);
         let change = [Action {
             key: &keys[0],
