@@ -182,6 +182,28 @@ impl Node {
         })
     }
 
+    /// Asks for every cache line a search of the node touches (its index
+    /// and its bytes) at once: loads that depend on nothing, so that a
+    /// node that is not in the processor's caches is fetched in one wait
+    /// rather than one dependent miss after another as the binary search
+    /// reaches each line. (A tenth of a point read's time, 2026-12-06.)
+    pub(crate) fn touch(&self) {
+        const LINE: usize = 64;
+        let mut sum = 0u32;
+        for span in self.spans.iter().step_by(LINE / SPAN_BYTES as usize) {
+            sum = sum.wrapping_add(span.0);
+        }
+        for byte in self.bytes.iter().step_by(LINE) {
+            sum = sum.wrapping_add(u32::from(*byte));
+        }
+        if let Some(last) = self.bytes.last() {
+            sum = sum.wrapping_add(u32::from(*last));
+        }
+        // Only the loads matter: their sum is kept from being optimised
+        // away.
+        std::hint::black_box(sum);
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.spans.len()

@@ -634,6 +634,8 @@ impl<O: TreeOps> BTree<O> {
         range: KeyRange<'k>,
         node: Arc<Node>,
     ) -> Result<Visited<'k>> {
+        // All of it at once, before the checks and the search read it.
+        node.touch();
         node.check_range(&self.ops, range.low, range.high)
             .map_err(|e| {
                 let detail = match range.parent {
