@@ -532,14 +532,28 @@ impl Visited<'_> {
 fn child_pointer<'v>(file: &CouchFile, parent: u64, value: &'v [u8]) -> Result<NodePointerRef<'v>> {
     let child =
         NodePointerRef::decode_kp_value(value).map_err(|e| corrupt(file, parent, e.to_string()))?;
-    if child.pointer >= parent {
+    before_parent(file, parent, child.pointer)?;
+    Ok(child)
+}
+
+/// [`child_pointer`]'s offset alone.
+fn child_offset(file: &CouchFile, parent: u64, value: &[u8]) -> Result<u64> {
+    let pointer =
+        NodePointerRef::decode_pointer(value).map_err(|e| corrupt(file, parent, e.to_string()))?;
+    before_parent(file, parent, pointer)?;
+    Ok(pointer)
+}
+
+/// Fails a child pointer that is not below its parent's offset.
+fn before_parent(file: &CouchFile, parent: u64, pointer: u64) -> Result<()> {
+    if pointer >= parent {
         return Err(corrupt(
             file,
             parent,
-            format!("child pointer {} is not before its parent", child.pointer),
+            format!("child pointer {pointer} is not before its parent"),
         ));
     }
-    Ok(child)
+    Ok(())
 }
 
 /// Fails a walk that has gone deeper than [`MAX_DEPTH`] to reach the node
@@ -553,6 +567,27 @@ fn check_depth(file: &CouchFile, offset: u64, range: &KeyRange<'_>) -> Result<()
         ));
     }
     Ok(())
+}
+
+/// Checks the keys of `node`, read at `offset`, against `range`
+/// ([`Node::check_range`]), after asking for all of its memory at once
+/// ([`Node::touch`]): the check and the search that follows then wait for
+/// memory once.
+fn check_node<O: TreeOps>(
+    file: &CouchFile,
+    offset: u64,
+    range: &KeyRange<'_>,
+    node: &Node,
+    ops: &O,
+) -> Result<()> {
+    node.touch();
+    node.check_range(ops, range.low, range.high).map_err(|e| {
+        let detail = match range.parent {
+            None => e.to_string(),
+            Some(parent) => format!("{e} (the node at {parent})"),
+        };
+        corrupt(file, offset, detail)
+    })
 }
 
 /// The deepest a walk goes below a root. An interior node has at least two
@@ -634,16 +669,7 @@ impl<O: TreeOps> BTree<O> {
         range: KeyRange<'k>,
         node: Arc<Node>,
     ) -> Result<Visited<'k>> {
-        // All of it at once, before the checks and the search read it.
-        node.touch();
-        node.check_range(&self.ops, range.low, range.high)
-            .map_err(|e| {
-                let detail = match range.parent {
-                    None => e.to_string(),
-                    Some(parent) => format!("{e} (the node at {parent})"),
-                };
-                corrupt(file, offset, detail)
-            })?;
+        check_node(file, offset, &range, &node, &self.ops)?;
         Ok(Visited {
             offset,
             node,
@@ -651,12 +677,7 @@ impl<O: TreeOps> BTree<O> {
         })
     }
 
-    /// [`BTree::visit`] of child `i` of `parent`, going to the child through
-    /// the parent's link to it ([`Node::link_child`]) when an earlier walk
-    /// set one, and setting it otherwise: a walk of cached nodes then
-    /// looks only the root up in the file's chunk cache. The child's range
-    /// is checked as on every visit. (A point read's time was a fifth in
-    /// the cache's lookups, a few cache misses a level, 2026-12-06.)
+    /// [`BTree::visit`] of child `i` of `parent` ([`BTree::child_node`]).
     fn visit_child<'p>(
         &self,
         file: &CouchFile,
@@ -664,21 +685,46 @@ impl<O: TreeOps> BTree<O> {
         i: usize,
     ) -> Result<Visited<'p>> {
         let (child, range) = parent.child_ref(file, i)?;
-        if let Some(node) = parent.node.linked_child(i) {
+        let node = self.child_node(file, &parent.node, i, child.pointer, &range)?;
+        Ok(Visited {
+            offset: child.pointer,
+            node,
+            range,
+        })
+    }
+
+    /// Child `i` of `parent`, stored at `offset`, checked against `range`
+    /// (its range in `parent`): through the parent's link to it
+    /// ([`Node::link_child`]) when an earlier walk set one, else read
+    /// through the file's chunk cache and linked. A walk of cached nodes
+    /// then looks only the root up in the cache. The child's range is
+    /// checked as on every visit. (A point read's time was a fifth in the
+    /// cache's lookups, a few cache misses a level, 2026-12-06.)
+    fn child_node(
+        &self,
+        file: &CouchFile,
+        parent: &Node,
+        i: usize,
+        offset: u64,
+        range: &KeyRange<'_>,
+    ) -> Result<Arc<Node>> {
+        check_depth(file, offset, range)?;
+        if let Some(node) = parent.linked_child(i) {
             // A forged file can share a node between trees of two orders:
             // a child linked by a walk of the other tree is read again.
             if node.ascending_under() == Some(TypeId::of::<O>()) {
-                check_depth(file, child.pointer, &range)?;
-                return self.checked_visit(file, child.pointer, range, node);
+                check_node(file, offset, range, &node, &self.ops)?;
+                return Ok(node);
             }
         }
-        let visited = self.visit(file, child.pointer, range)?;
+        let node = Node::read_ordered(file, offset, &self.ops)?;
+        check_node(file, offset, range, &node, &self.ops)?;
         // Only a child the cache holds: a link to one nobody holds would
         // be dead at once.
         if file.fills_cache() {
-            parent.node.link_child(i, &visited.node);
+            parent.link_child(i, &node);
         }
-        Ok(visited)
+        Ok(node)
     }
 
     /// Checks that `actions` are sorted and unique.
@@ -988,7 +1034,10 @@ impl<O: TreeOps> BTree<O> {
 
     /// Looks up one key and hands its value, if present, to `f`: a binary
     /// search down the path, which allocates nothing (the nodes come from
-    /// the file's chunk cache, if it has one).
+    /// the file's chunk cache, if it has one). A loop that keeps only the
+    /// node it is at and the one that holds the low end of its range,
+    /// rather than a [`Visited`] a level: a point read's walk is most of its
+    /// instructions.
     pub fn lookup_one<R>(
         &self,
         file: &CouchFile,
@@ -996,37 +1045,48 @@ impl<O: TreeOps> BTree<O> {
         key: &[u8],
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<Option<R>> {
-        match root {
-            Some(root) => {
-                let visited = self.visit(file, root.pointer, KeyRange::ROOT)?;
-                self.lookup_one_in(file, visited, key, f)
-            }
-            None => Ok(None),
-        }
-    }
-
-    fn lookup_one_in<R>(
-        &self,
-        file: &CouchFile,
-        visited: Visited<'_>,
-        key: &[u8],
-        f: impl FnOnce(&[u8]) -> R,
-    ) -> Result<Option<R>> {
-        let node = &visited.node;
-        // The first entry whose key is not below `key`: in a leaf, the key
-        // itself if present; in an interior node, the child that may hold
-        // it (a child's key is its last key).
-        let i = node.partition_point(|k| self.ops.compare(k, key) == Ordering::Less);
-        if i == node.len() {
+        let Some(root) = root else {
             return Ok(None);
+        };
+        let Visited {
+            mut offset,
+            mut node,
+            range: KeyRange { mut depth, .. },
+        } = self.visit(file, root.pointer, KeyRange::ROOT)?;
+        // The node whose key `i` is the low end of `node`'s range, if any.
+        let mut low: Option<(Arc<Node>, usize)> = None;
+        loop {
+            // The first entry whose key is not below `key`: in a leaf, the
+            // key itself if present; in an interior node, the child that
+            // may hold it (a child's key is its last key).
+            let i = node.partition_point(|k| self.ops.compare(k, key) == Ordering::Less);
+            if i == node.len() {
+                return Ok(None);
+            }
+            if node.is_leaf {
+                return Ok((self.ops.compare(node.key(i), key) == Ordering::Equal)
+                    .then(|| f(node.value(i))));
+            }
+            let pointer = child_offset(file, offset, node.value(i))?;
+            depth += 1;
+            let child = {
+                let range = KeyRange {
+                    low: match i {
+                        0 => low.as_ref().map(|(holder, j)| holder.key(*j)),
+                        _ => Some(node.key(i - 1)),
+                    },
+                    high: Some(node.key(i)),
+                    parent: Some(offset),
+                    depth,
+                };
+                self.child_node(file, &node, i, pointer, &range)?
+            };
+            if i > 0 {
+                low = Some((node, i - 1));
+            }
+            node = child;
+            offset = pointer;
         }
-        if node.is_leaf {
-            return Ok(
-                (self.ops.compare(node.key(i), key) == Ordering::Equal).then(|| f(node.value(i)))
-            );
-        }
-        let child = self.visit_child(file, &visited, i)?;
-        self.lookup_one_in(file, child, key, f)
     }
 
     /// Looks up sorted, unique `keys`; returns their values in the same order.

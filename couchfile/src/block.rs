@@ -60,6 +60,11 @@ pub fn strip_prefixes(pos: u64, physical: &[u8], out: &mut Vec<u8>) {
 /// The first `N` logical bytes of `physical`, which was read starting at
 /// physical position `pos`; `None` when it holds fewer.
 pub fn logical_head<const N: usize>(pos: u64, physical: &[u8]) -> Option<[u8; N]> {
+    let in_block = pos % BLOCK_SIZE;
+    if in_block != 0 && in_block + N as u64 <= BLOCK_SIZE {
+        // Within one block, after its prefix byte: the bytes as they are.
+        return physical.first_chunk::<N>().copied();
+    }
     let mut out = [0u8; N];
     let mut n = 0;
     for (p, &byte) in (pos..).zip(physical) {
@@ -121,6 +126,22 @@ mod tests {
         assert_eq!(align_up(0), 0);
         assert_eq!(align_up(1), 4096);
         assert_eq!(align_up(4096), 4096);
+    }
+
+    #[test]
+    fn logical_head_around_block_boundaries() {
+        for pos in (0..3 * BLOCK_SIZE).filter(|p| p % BLOCK_SIZE < 12 || p % BLOCK_SIZE > 4084) {
+            for len in 0..20usize {
+                let data: Vec<u8> = (1..=len as u8).collect();
+                let mut phys = Vec::new();
+                add_prefixes(pos, &data, BlockType::Data, &mut phys);
+                let head = logical_head::<8>(pos, &phys);
+                assert_eq!(
+                    head.map(|h| h.to_vec()),
+                    (len >= 8).then(|| data[..8].to_vec())
+                );
+            }
+        }
     }
 
     proptest! {

@@ -212,6 +212,21 @@ impl<'a> NodePointerRef<'a> {
         })
     }
 
+    /// The child offset of an interior-node value, checked as
+    /// [`NodePointerRef::decode_kp_value`] checks the value, without
+    /// decoding the rest: all a point lookup needs of each level.
+    pub fn decode_pointer(bytes: &[u8]) -> Result<u64> {
+        if let Some((head, reduce)) = bytes.split_first_chunk::<14>() {
+            if reduce.len() == usize::from(u16::from_be_bytes([head[12], head[13]])) {
+                let mut word = [0u8; 8];
+                word[2..].copy_from_slice(&head[..6]);
+                return Ok(u64::from_be_bytes(word));
+            }
+        }
+        // Malformed: the full decode says how.
+        NodePointerRef::decode_kp_value(bytes).map(|pointer| pointer.pointer)
+    }
+
     /// The owned pointer.
     pub fn to_owned(&self) -> NodePointer {
         NodePointer {
@@ -725,6 +740,33 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    proptest::proptest! {
+        /// The pointer-only decode agrees with the full one on any bytes:
+        /// the same offset, or an error where it fails.
+        #[test]
+        fn decode_pointer_is_the_full_decodes_pointer(
+            pointer in 0u64..1 << 48,
+            size in 0u64..1 << 48,
+            reduce in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20),
+            cut in 0usize..40,
+            extra in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3),
+        ) {
+            let mut bytes = encode_u48(pointer).to_vec();
+            bytes.extend_from_slice(&encode_u48(size));
+            bytes.extend_from_slice(&(reduce.len() as u16).to_be_bytes());
+            bytes.extend_from_slice(&reduce);
+            bytes.extend_from_slice(&extra);
+            bytes.truncate(cut.max(bytes.len().saturating_sub(cut)));
+            let full = NodePointerRef::decode_kp_value(&bytes).map(|p| p.pointer);
+            let fast = NodePointerRef::decode_pointer(&bytes);
+            proptest::prop_assert_eq!(full.as_ref().ok(), fast.as_ref().ok());
+            proptest::prop_assert_eq!(full.is_err(), fast.is_err());
+            if extra.is_empty() && cut == 0 {
+                proptest::prop_assert_eq!(fast.ok(), Some(pointer));
+            }
+        }
     }
 
     #[test]
