@@ -3,13 +3,14 @@
 
 use crate::error::{Error, Result};
 use crate::indexes::{decode_seq_reduce, ById, BySeq, IdReduce, Local};
+use crate::node::Node;
 use crate::tree::{Action, ActionOp, BTree, EntryFn, NodeConfig};
 use couchfile::{
     encode_seq_key, CouchFile, CrcKind, DbHeader, DocInfo, DocInfoRef, FileWriter, LocatedHeader,
     NodePointer, OpenMode, SequentialReader, CONTENT_META_COMPRESSED, MAX_U48,
 };
 use std::ops::{Bound, ControlFlow};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Which documents a changes fold reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -48,6 +49,10 @@ pub struct Snapshot {
     file: CouchFile,
     /// Shared by the snapshot's clones: cloning one allocates nothing.
     header: Arc<LocatedHeader>,
+    /// The by-id tree's root node once a lookup has read it, shared by the
+    /// clones: later lookups start from it without the chunk cache's
+    /// lookup (a tenth of a point read's instructions, 2026-12-06).
+    by_id_root: Arc<OnceLock<Arc<Node>>>,
     trees: Trees,
 }
 
@@ -58,6 +63,7 @@ impl Snapshot {
         Self {
             file,
             header: Arc::new(header),
+            by_id_root: Arc::default(),
             trees: Trees::new(NodeConfig::default()),
         }
     }
@@ -142,19 +148,23 @@ impl Snapshot {
         id: &[u8],
         f: impl FnOnce(DocInfoRef<'_>) -> R,
     ) -> Result<Option<R>> {
-        self.trees
-            .by_id
-            .lookup_one(
-                &self.file,
-                self.header.header.by_id_root.as_ref(),
-                id,
-                |value| {
-                    DocInfoRef::decode_by_id(id, value)
-                        .map(f)
-                        .map_err(|e| self.located(e))
-                },
-            )?
-            .transpose()
+        let Some(root) = &self.header.header.by_id_root else {
+            return Ok(None);
+        };
+        let tree = &self.trees.by_id;
+        let node = match self.by_id_root.get() {
+            Some(node) => Arc::clone(node),
+            None => {
+                let node = tree.root_node(&self.file, root.pointer)?;
+                Arc::clone(self.by_id_root.get_or_init(|| node))
+            }
+        };
+        tree.lookup_one_from(&self.file, root.pointer, node, id, |value| {
+            DocInfoRef::decode_by_id(id, value)
+                .map(f)
+                .map_err(|e| self.located(e))
+        })?
+        .transpose()
     }
 
     /// Infos of several documents; `ids` must be sorted and unique.

@@ -1045,14 +1045,34 @@ impl<O: TreeOps> BTree<O> {
         key: &[u8],
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<Option<R>> {
-        let Some(root) = root else {
-            return Ok(None);
-        };
-        let Visited {
-            mut offset,
-            mut node,
-            range: KeyRange { mut depth, .. },
-        } = self.visit(file, root.pointer, KeyRange::ROOT)?;
+        match root {
+            Some(root) => {
+                let node = self.root_node(file, root.pointer)?;
+                self.lookup_one_from(file, root.pointer, node, key, f)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The root node stored at `offset`, read and checked as every walk
+    /// reads it: what [`BTree::lookup_one_from`] starts from, for a reader
+    /// that keeps it across lookups.
+    pub(crate) fn root_node(&self, file: &CouchFile, offset: u64) -> Result<Arc<Node>> {
+        Ok(self.visit(file, offset, KeyRange::ROOT)?.node)
+    }
+
+    /// [`BTree::lookup_one`] from the root `root`, read at `offset` by
+    /// [`BTree::root_node`].
+    pub(crate) fn lookup_one_from<R>(
+        &self,
+        file: &CouchFile,
+        mut offset: u64,
+        root: Arc<Node>,
+        key: &[u8],
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>> {
+        let mut node = root;
+        let mut depth = 0;
         // The node whose key `i` is the low end of `node`'s range, if any.
         let mut low: Option<(Arc<Node>, usize)> = None;
         loop {
