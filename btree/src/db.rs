@@ -802,3 +802,78 @@ impl Db {
         self.pending = self.committed.header.clone();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use couchfile::{ChunkCache, MemBackend};
+
+    /// A committed file of 3,000 documents on a cached in-memory file.
+    fn cached_db(capacity: u64) -> (Arc<ChunkCache>, Db) {
+        let cache = Arc::new(ChunkCache::new(capacity));
+        let file = CouchFile::new(Arc::new(MemBackend::new()), "root.couch")
+            .unwrap()
+            .with_cache(Arc::clone(&cache));
+        let mut db = Db::open(file, &DbOptions::default()).unwrap();
+        let docs: Vec<DocUpdate> = (0..3000u32)
+            .map(|i| DocUpdate {
+                id: format!("key{i:05}").into_bytes(),
+                seq: None,
+                rev_seq: 1,
+                rev_seq_above_stored: false,
+                rev_meta: vec![],
+                deleted: false,
+                content_meta: 0,
+                body: Body::Plain(i.to_be_bytes().to_vec()),
+            })
+            .collect();
+        db.save(&docs, &[]).unwrap();
+        db.commit(1).unwrap();
+        (cache, db)
+    }
+
+    #[test]
+    fn a_snapshot_and_its_clones_look_its_root_up_in_the_cache_once() {
+        let (cache, db) = cached_db(64 << 20);
+        let snapshot = db.snapshot();
+        let seq_of = |s: &Snapshot, id: &[u8]| s.with_doc_info(id, |info| info.db_seq).unwrap();
+        let all = || (0..3000u32).map(|i| (format!("key{i:05}"), u64::from(i) + 1));
+        // The first round links every node below the root.
+        for (id, seq) in all() {
+            assert_eq!(seq_of(&snapshot, id.as_bytes()), Some(seq));
+        }
+        let before = cache.hits_and_misses();
+        let clone = snapshot.clone();
+        for (id, seq) in all() {
+            assert_eq!(seq_of(&snapshot, id.as_bytes()), Some(seq));
+            assert_eq!(seq_of(&clone, id.as_bytes()), Some(seq));
+        }
+        assert_eq!(seq_of(&clone, b"key3"), None);
+        // 6,001 lookups, none of them of the root in the cache.
+        let hits = before.0;
+        assert_eq!(cache.hits_and_misses(), before);
+        // A new snapshot reads its root once.
+        let fresh = db.snapshot();
+        assert_eq!(seq_of(&fresh, b"key00007"), Some(8));
+        assert_eq!(cache.hits_and_misses().0, hits + 1);
+    }
+
+    #[test]
+    fn a_kept_root_serves_lookups_after_the_cache_evicts_it() {
+        // Far too small for the tree: every node is evicted again and
+        // again, the kept root stays.
+        let (cache, db) = cached_db(4 << 10);
+        let snapshot = db.snapshot();
+        for round in 0..2 {
+            for i in (0..3000u32).step_by(13) {
+                let id = format!("key{i:05}");
+                let seq = snapshot.with_doc_info(id.as_bytes(), |info| info.db_seq);
+                assert_eq!(seq.unwrap(), Some(u64::from(i) + 1), "round {round}");
+            }
+        }
+        assert!(cache.stats().evictions > 0);
+        let stats = cache.stats();
+        assert!(stats.used <= stats.capacity, "{stats:?}");
+    }
+}
