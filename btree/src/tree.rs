@@ -1034,10 +1034,7 @@ impl<O: TreeOps> BTree<O> {
 
     /// Looks up one key and hands its value, if present, to `f`: a binary
     /// search down the path, which allocates nothing (the nodes come from
-    /// the file's chunk cache, if it has one). A loop that keeps only the
-    /// node it is at and the one that holds the low end of its range,
-    /// rather than a [`Visited`] a level: a point read's walk is most of its
-    /// instructions.
+    /// the file's chunk cache, if it has one).
     pub fn lookup_one<R>(
         &self,
         file: &CouchFile,
@@ -1062,7 +1059,10 @@ impl<O: TreeOps> BTree<O> {
     }
 
     /// [`BTree::lookup_one`] from the root `root`, read at `offset` by
-    /// [`BTree::root_node`].
+    /// [`BTree::root_node`]. A loop that keeps only the node it is at and
+    /// the one that holds the low end of its range, rather than a
+    /// [`Visited`] a level, and decodes only each child's offset: a point
+    /// read's walk is most of its instructions.
     pub(crate) fn lookup_one_from<R>(
         &self,
         file: &CouchFile,
