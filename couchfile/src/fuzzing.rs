@@ -3,8 +3,8 @@
 //! bytes. Also exercised by this crate's tests on random and real inputs.
 
 use crate::{
-    CouchFile, DbHeader, DocInfo, LocatedHeader, MemBackend, NodePointer, OpenMode, RevMeta,
-    SequentialReader, BLOCK_SIZE,
+    CouchFile, DbHeader, DocInfo, LocatedHeader, MemBackend, NodePointer, NodePointerRef, OpenMode,
+    RevMeta, SequentialReader, BLOCK_SIZE,
 };
 use std::sync::Arc;
 
@@ -19,9 +19,17 @@ pub fn decode_db_header(data: &[u8]) {
     }
 }
 
-/// Decodes `data` as an interior-node value and as a header root.
+/// Decodes `data` as an interior-node value (whole, and its offset alone,
+/// which must agree) and as a header root.
 pub fn decode_node_pointer(data: &[u8]) {
-    if let Ok(p) = NodePointer::decode_kp_value(data) {
+    let decoded = NodePointer::decode_kp_value(data);
+    let offset = NodePointerRef::decode_pointer(data);
+    assert_eq!(
+        decoded.as_ref().ok().map(|p| p.pointer),
+        offset.as_ref().ok().copied(),
+        "the offset alone decodes differently"
+    );
+    if let Ok(p) = decoded {
         let mut out = Vec::new();
         if p.encode_kp_value(&mut out).is_ok() {
             assert_eq!(out, data, "node pointer re-encodes differently");
