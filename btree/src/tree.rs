@@ -709,11 +709,22 @@ impl<O: TreeOps> BTree<O> {
         range: &KeyRange<'_>,
     ) -> Result<Arc<Node>> {
         check_depth(file, offset, range)?;
-        if let Some(node) = parent.linked_child(i) {
-            // A forged file can share a node between trees of two orders:
-            // a child linked by a walk of the other tree is read again.
-            if node.ascending_under() == Some(TypeId::of::<O>()) {
-                check_node(file, offset, range, &node, &self.ops)?;
+        // Links are set and followed only by walks of the order the
+        // parent's keys were checked under: a forged file can share a node
+        // between trees of two orders.
+        let own_order = Some(TypeId::of::<O>());
+        let links = parent.ascending_under() == own_order;
+        if let Some(node) = parent.linked_child(i).filter(|_| links) {
+            if node.ascending_under() == own_order {
+                if i > 0 {
+                    // Its range is its parent's keys i - 1 and i whatever
+                    // the path, and it was checked against them before it
+                    // was linked here.
+                    node.touch();
+                } else {
+                    // The low end is the parent's own, which the path gives.
+                    check_node(file, offset, range, &node, &self.ops)?;
+                }
                 return Ok(node);
             }
         }
@@ -721,7 +732,7 @@ impl<O: TreeOps> BTree<O> {
         check_node(file, offset, range, &node, &self.ops)?;
         // Only a child the cache holds: a link to one nobody holds would
         // be dead at once.
-        if file.fills_cache() {
+        if links && file.fills_cache() {
             parent.link_child(i, &node);
         }
         Ok(node)
