@@ -42,6 +42,22 @@ const LINK_BYTES: u64 = (std::mem::size_of::<Mutex<Weak<Node>>>()
     + std::mem::size_of::<Node>()
     + 2 * std::mem::size_of::<usize>()) as u64;
 
+/// How many entries the node bytes `bytes` hold as far as their lengths
+/// can be followed: what [`Node::decode`] reserves for its index, so that
+/// it allocates it once, at its size.
+fn count_entries(bytes: &[u8]) -> usize {
+    let mut entries = 0;
+    let mut pos = 1usize;
+    while pos < bytes.len() {
+        let Ok((klen, vlen)) = decode_kv_length(&bytes[pos..]) else {
+            break;
+        };
+        entries += 1;
+        pos += 5 + klen + vlen;
+    }
+    entries
+}
+
 /// The child links of a new node: one unset link per entry of an interior
 /// node, none for a leaf.
 fn no_links(is_leaf: bool, entries: usize) -> Box<[Mutex<Weak<Node>>]> {
@@ -152,7 +168,7 @@ impl Node {
             Some(t) => return Err(format!("node type byte {t}")),
             None => return Err("empty node".into()),
         };
-        let mut spans = Vec::new();
+        let mut spans = Vec::with_capacity(count_entries(&bytes));
         let mut pos = 1usize;
         while pos < bytes.len() {
             let (klen, vlen) = decode_kv_length(&bytes[pos..])
