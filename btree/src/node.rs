@@ -42,22 +42,6 @@ const LINK_BYTES: u64 = (std::mem::size_of::<Mutex<Weak<Node>>>()
     + std::mem::size_of::<Node>()
     + 2 * std::mem::size_of::<usize>()) as u64;
 
-/// How many entries the node bytes `bytes` hold as far as their lengths
-/// can be followed: what [`Node::decode`] reserves for its index, so that
-/// it allocates it once, at its size.
-fn count_entries(bytes: &[u8]) -> usize {
-    let mut entries = 0;
-    let mut pos = 1usize;
-    while pos < bytes.len() {
-        let Ok((klen, vlen)) = decode_kv_length(&bytes[pos..]) else {
-            break;
-        };
-        entries += 1;
-        pos += 5 + klen + vlen;
-    }
-    entries
-}
-
 /// The child links of a new node: one unset link per entry of an interior
 /// node, none for a leaf.
 fn no_links(is_leaf: bool, entries: usize) -> Box<[Mutex<Weak<Node>>]> {
@@ -168,7 +152,7 @@ impl Node {
             Some(t) => return Err(format!("node type byte {t}")),
             None => return Err("empty node".into()),
         };
-        let mut spans = Vec::with_capacity(count_entries(&bytes));
+        let mut spans = Vec::new();
         let mut pos = 1usize;
         while pos < bytes.len() {
             let (klen, vlen) = decode_kv_length(&bytes[pos..])
@@ -189,6 +173,8 @@ impl Node {
         if spans.is_empty() {
             return Err("node without entries".into());
         }
+        // The cache weighs the index by its entries: it takes no more.
+        spans.shrink_to_fit();
         Ok(Self {
             is_leaf,
             bytes,

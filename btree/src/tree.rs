@@ -714,7 +714,7 @@ impl<O: TreeOps> BTree<O> {
         // between trees of two orders.
         let own_order = Some(TypeId::of::<O>());
         let links = parent.ascending_under() == own_order;
-        if let Some(node) = parent.linked_child(i).filter(|_| links) {
+        if let Some(node) = links.then(|| parent.linked_child(i)).flatten() {
             if node.ascending_under() == own_order {
                 if i > 0 {
                     // Its range is its parent's keys i - 1 and i whatever
