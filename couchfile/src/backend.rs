@@ -75,6 +75,26 @@ pub trait Backend: Send + Sync + fmt::Debug {
 pub struct InPlace<'a> {
     map: RwLockReadGuard<'a, FileMap>,
     range: Range<usize>,
+    /// The backend's count of the bytes known to be in the file.
+    in_file: &'a AtomicU64,
+}
+
+impl<'a> InPlace<'a> {
+    /// The bytes `[offset, offset + len)` of the same map under the same
+    /// read lock (no second lock taken), when they are known to be in the
+    /// file and the map covers them; `None` otherwise, with the lock
+    /// released, for the caller to ask the backend again
+    /// ([`Backend::read_in_place`], which may grow the map).
+    pub fn moved_to(self, offset: u64, len: usize) -> Option<InPlace<'a>> {
+        let end = offset.checked_add(len as u64)?;
+        // Checked under the read lock this holds, as in `read_in_place`.
+        if end > self.in_file.load(Ordering::Acquire) || end > self.map.len() {
+            return None;
+        }
+        // Both fit in usize: they are within the map's length.
+        let range = offset as usize..end as usize;
+        Some(InPlace { range, ..self })
+    }
 }
 
 impl Deref for InPlace<'_> {
@@ -363,7 +383,11 @@ impl Backend for FileBackend {
             if end <= map.len() {
                 // Both fit in usize: they are within the map's length.
                 let range = offset as usize..end as usize;
-                return Ok(Some(InPlace { map, range }));
+                return Ok(Some(InPlace {
+                    map,
+                    range,
+                    in_file: &self.in_file,
+                }));
             }
             drop(map);
             self.grow_map(end)?;
@@ -559,6 +583,31 @@ mod tests {
         drop(slice);
         cutter.join().unwrap();
         assert_eq!(in_place(&*b, 0, 10), None);
+    }
+
+    #[test]
+    fn bytes_read_in_place_move_under_the_same_lock_only_within_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let b = FileBackend::create_new(&path).unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        b.write_at(0, &data).unwrap();
+        let first = b.read_in_place(0, 8).unwrap().unwrap();
+        let moved = first.moved_to(9_000, 1_000).unwrap();
+        assert_eq!(&moved[..], &data[9_000..]);
+        // Past the file's end (though within its map): not moved.
+        assert!(moved.moved_to(9_000, 1_001).is_none());
+        let first = b.read_in_place(0, 8).unwrap().unwrap();
+        assert!(first.moved_to(u64::MAX, 2).is_none());
+        // The lock went with it: a cut goes ahead.
+        b.truncate(5_000).unwrap();
+        let first = b.read_in_place(0, 8).unwrap().unwrap();
+        assert!(first.moved_to(4_000, 1_001).is_none(), "cut: past the end");
+        let first = b.read_in_place(0, 8).unwrap().unwrap();
+        assert_eq!(
+            &first.moved_to(4_000, 1_000).unwrap()[..],
+            &data[4_000..5_000]
+        );
     }
 
     #[test]

@@ -403,20 +403,25 @@ impl CouchFile {
                 .read_in_place(offset, len as usize)
                 .map_err(|e| Error::io(self.path(), IoOp::Read, offset, e))
         };
-        let prefix = match in_place(pos, prefix_physical)? {
-            Some(physical) => logical_head::<8>(pos, &physical),
-            None => return Ok(None),
+        let Some(prefix_physical_bytes) = in_place(pos, prefix_physical)? else {
+            return Ok(None);
         };
         // Read by the fallback, which reports a short read.
-        let Some(prefix) = prefix else {
+        let Some(prefix) = logical_head::<8>(pos, &prefix_physical_bytes) else {
             return Ok(None);
         };
         let (stored, payload_len) = self.parse_prefix(pos, false, prefix)?;
         let start = pos + prefix_physical;
         let payload_physical = physical_len(start, payload_len);
         self.check_extent(pos, prefix_physical + payload_physical)?;
-        let Some(physical) = in_place(start, payload_physical)? else {
-            return Ok(None);
+        // Usually under the prefix's lock; else asked for again, which may
+        // grow the map.
+        let physical = match prefix_physical_bytes.moved_to(start, payload_physical as usize) {
+            Some(physical) => physical,
+            None => match in_place(start, payload_physical)? {
+                Some(physical) => physical,
+                None => return Ok(None),
+            },
         };
         if payload_physical == payload_len {
             return Ok(Some((stored, Payload::InPlace(physical))));
@@ -752,9 +757,14 @@ pub fn decompress(compressed: &[u8]) -> Result<Vec<u8>> {
             format!("claims {len} bytes decompressed, over {MAX_DECOMPRESSED_LEN}"),
         ));
     }
-    snap::raw::Decoder::new()
-        .decompress_vec(compressed)
-        .map_err(|e| Error::malformed("snappy chunk", e.to_string()))
+    // Into a buffer of the length just read and checked (the decoder's own
+    // `decompress_vec` would read it a second time).
+    let mut out = vec![0u8; len];
+    let n = snap::raw::Decoder::new()
+        .decompress(compressed, &mut out)
+        .map_err(|e| Error::malformed("snappy chunk", e.to_string()))?;
+    out.truncate(n);
+    Ok(out)
 }
 
 /// Compresses with snappy (raw block format, as couchstore).
