@@ -738,15 +738,20 @@ impl<O: TreeOps> BTree<O> {
         Ok(node)
     }
 
-    /// Checks that `actions` are sorted and unique.
-    fn check_sorted(&self, actions: &[Action<'_>]) -> Result<()> {
-        for (i, pair) in actions.windows(2).enumerate() {
-            if self.ops.compare(pair[0].key, pair[1].key) != Ordering::Less {
+    /// Checks that `keys` are sorted and unique.
+    fn check_sorted<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) -> Result<()> {
+        let mut keys = keys.into_iter();
+        let Some(mut previous) = keys.next() else {
+            return Ok(());
+        };
+        for (i, key) in keys.enumerate() {
+            if self.ops.compare(previous, key) != Ordering::Less {
                 return Err(Error::UnsortedOrDuplicate {
-                    key: String::from_utf8_lossy(pair[1].key).into_owned(),
+                    key: String::from_utf8_lossy(key).into_owned(),
                     index: i + 1,
                 });
             }
+            previous = key;
         }
         Ok(())
     }
@@ -772,7 +777,7 @@ impl<O: TreeOps> BTree<O> {
         actions: &[Action<'_>],
         fetched: &mut FetchFn<'_>,
     ) -> Result<Option<NodePointer>> {
-        self.check_sorted(actions)?;
+        self.check_sorted(actions.iter().map(|a| a.key))?;
         if actions.is_empty() {
             return Ok(root.cloned());
         }
@@ -1127,19 +1132,34 @@ impl<O: TreeOps> BTree<O> {
         root: Option<&NodePointer>,
         keys: &[&[u8]],
     ) -> Result<Vec<Option<Vec<u8>>>> {
-        let actions: Vec<Action<'_>> = keys
-            .iter()
-            .map(|&key| Action {
-                key,
-                op: ActionOp::Fetch,
-            })
-            .collect();
-        self.check_sorted(&actions)?;
+        let root = match root {
+            Some(root) => Some((root.pointer, self.root_node(file, root.pointer)?)),
+            None => None,
+        };
+        self.lookup_from(file, root, keys)
+    }
+
+    /// [`BTree::lookup`] from the root node read at the offset it is paired
+    /// with (by [`BTree::root_node`]), if the tree has one.
+    pub(crate) fn lookup_from(
+        &self,
+        file: &CouchFile,
+        root: Option<(u64, Arc<Node>)>,
+        keys: &[&[u8]],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        self.check_sorted(keys.iter().copied())?;
         let mut found = vec![None; keys.len()];
-        if let Some(root) = root {
-            let visited = self.visit(file, root.pointer, KeyRange::ROOT)?;
-            self.lookup_node(file, visited, keys, 0, &mut found)?;
-        }
+        let Some((offset, node)) = root else {
+            return Ok(found);
+        };
+        // The root was checked against the whole range of keys, which
+        // bounds nothing, when it was read.
+        let visited = Visited {
+            offset,
+            node,
+            range: KeyRange::ROOT,
+        };
+        self.lookup_node(file, visited, keys, 0, &mut found)?;
         Ok(found)
     }
 
