@@ -20,9 +20,15 @@ pub const CURRENT_DISK_VERSION: u8 = 14;
 /// The oldest disk version this crate reads.
 pub const OLDEST_DISK_VERSION: u8 = 11;
 
-/// Reads a big-endian unsigned integer of `N <= 8` bytes.
+/// Reads a big-endian unsigned integer of at most 8 bytes.
+#[inline]
 fn be(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+    // One word load, where a byte-at-a-time fold costs three instructions a
+    // byte: the document info of every point read has five of these.
+    let mut word = [0u8; 8];
+    let n = bytes.len().min(8);
+    word[8 - n..].copy_from_slice(&bytes[bytes.len() - n..]);
+    u64::from_be_bytes(word)
 }
 
 /// A cursor over a byte slice whose reads fail with `Malformed` instead of
@@ -37,6 +43,7 @@ impl<'a> Reader<'a> {
         Self { bytes, what }
     }
 
+    #[inline]
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.bytes.len() < n {
             return Err(Error::malformed(
@@ -49,6 +56,7 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    #[inline]
     fn uint(&mut self, n: usize) -> Result<u64> {
         Ok(be(self.take(n)?))
     }
