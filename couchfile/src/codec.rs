@@ -734,6 +734,17 @@ impl RevMeta {
 mod tests {
     use super::*;
 
+    #[test]
+    fn be_reads_every_length_up_to_a_word() {
+        let bytes = [0x81u8, 0x02, 0xF3, 0x04, 0x05, 0xA6, 0x07, 0x08];
+        for n in 0..=8 {
+            let slow = bytes[..n]
+                .iter()
+                .fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
+            assert_eq!(be(&bytes[..n]), slow, "{n} bytes");
+        }
+    }
+
     /// The v14 header at 184320 of vectors/0.couch.1, as the format document
     /// lists it.
     const HEADER_0_COUCH_1: &str = "0e0000000004b1000000000000000000000000\
