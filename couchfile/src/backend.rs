@@ -53,6 +53,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Ok(None)
     }
 
+    /// Asks the processor to start loading the bytes at `offset` into its
+    /// caches, for a read of them that comes after other work: only a
+    /// hint, nothing is read. Does nothing when the backend does not map
+    /// its file (the default) or the bytes are not known to be in it.
+    fn prefetch(&self, offset: u64) {
+        let _ = offset;
+    }
+
     /// Reads as much of `buf` as the file holds at `offset`, looping over
     /// short reads; returns the number of bytes read.
     fn read_full_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
@@ -333,6 +341,28 @@ fn map_file(file: &File, len: usize) -> io::Result<Mmap> {
     unsafe { MmapOptions::new().len(len).map(file) }
 }
 
+/// Hints the processor to load the cache line holding `byte` (a no-op on
+/// other processors than x86-64).
+#[allow(unsafe_code)]
+#[inline]
+fn prefetch_line(byte: &u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `_mm_prefetch` is unsafe only for taking a raw pointer. A
+    // prefetch reads nothing the program sees and never faults, whatever
+    // the address; this one is made from a reference, so it is valid too.
+    // Measured to matter: prefetching a document's body as soon as its
+    // offset is known made the read-back of 200,000 keys 5% faster (bench
+    // peers --reread, six interleaved processes, 2026-12-06), where a
+    // plain load lost time (the atomic operations after it wait for it).
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            std::ptr::from_ref(byte).cast::<i8>(),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = byte;
+}
+
 impl Backend for FileBackend {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         self.file.read_at(buf, offset)
@@ -365,6 +395,20 @@ impl Backend for FileBackend {
     /// One `fstat`: its `st_nlink`.
     fn link_count(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.nlink())
+    }
+
+    fn prefetch(&self, offset: u64) {
+        let map = self.map.read();
+        if offset >= self.in_file.load(Ordering::Acquire) {
+            return;
+        }
+        let byte = map
+            .map
+            .as_ref()
+            .and_then(|map| map.get(usize::try_from(offset).ok()?));
+        if let Some(byte) = byte {
+            prefetch_line(byte);
+        }
     }
 
     fn read_in_place(&self, offset: u64, len: usize) -> io::Result<Option<InPlace<'_>>> {
@@ -608,6 +652,23 @@ mod tests {
             &first.moved_to(4_000, 1_000).unwrap()[..],
             &data[4_000..5_000]
         );
+    }
+
+    #[test]
+    fn a_prefetch_of_any_offset_is_only_a_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let b = FileBackend::create_new(&path).unwrap();
+        // Before the file has bytes or a map, in it, past its end, past
+        // its map, at the end of the address space: nothing happens.
+        b.prefetch(0);
+        b.write_at(0, b"a chunk").unwrap();
+        assert_eq!(in_place(&b, 0, 7).unwrap(), b"a chunk");
+        for offset in [0, 3, 6, 7, 1 << 20, MIN_MAP_LEN + 1, u64::MAX] {
+            b.prefetch(offset);
+        }
+        assert_eq!(in_place(&b, 0, 7).unwrap(), b"a chunk");
+        MemBackend::from_bytes(b"in memory".to_vec()).prefetch(3);
     }
 
     #[test]

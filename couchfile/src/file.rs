@@ -432,6 +432,14 @@ impl CouchFile {
         Ok(Some((stored, Payload::Copied(payload))))
     }
 
+    /// Asks the processor to start loading the chunk at `offset` (its first
+    /// cache line) from the file's map, for a read of it after other work:
+    /// a document's body once its info is decoded. Only a hint
+    /// ([`Backend::prefetch`]); nothing is read or checked.
+    pub fn prefetch_chunk(&self, offset: u64) {
+        self.shared.backend.prefetch(offset);
+    }
+
     /// Reads the payload of the data chunk stored at `offset`, checking its
     /// checksum.
     pub fn read_chunk(&self, offset: u64) -> Result<Vec<u8>> {
