@@ -179,31 +179,52 @@ impl Snapshot {
 
     /// Infos of several documents; `ids` must be sorted and unique.
     pub fn doc_infos(&self, ids: &[&[u8]]) -> Result<Vec<Option<DocInfo>>> {
-        let values = self
-            .trees
-            .by_id
-            .lookup_from(&self.file, self.by_id_root_node()?, ids)?;
-        ids.iter()
-            .zip(values)
-            .map(|(id, v)| v.map(|v| self.decode_by_id(id, &v)).transpose())
-            .collect()
+        let mut infos = vec![None; ids.len()];
+        self.trees.by_id.lookup_each_from(
+            &self.file,
+            self.by_id_root_node()?,
+            ids,
+            &mut |index, value| {
+                // Decoded from the leaf's bytes: no copy of the value first.
+                infos[index] = Some(self.decode_by_id(ids[index], value)?);
+                Ok(())
+            },
+        )?;
+        Ok(infos)
     }
 
     /// Infos of several documents, `ids` in any order and possibly
     /// repeated, returned in `ids`' order: one walk of the by-id tree over
     /// the sorted, unique ids, which reads each node their paths share once
-    /// (couchstore's `docinfos_by_id`).
+    /// (couchstore's `docinfos_by_id`). Each info is moved to the last of
+    /// its id's places and copied only to the others.
     pub fn doc_infos_in_order(&self, ids: &[&[u8]]) -> Result<Vec<Option<DocInfo>>> {
-        let mut unique: Vec<&[u8]> = ids.to_vec();
-        unique.sort_unstable();
-        unique.dedup();
-        let infos = self.doc_infos(&unique)?;
-        Ok(ids
+        // The by-id order is bytewise.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_unstable_by(|&a, &b| ids[a].cmp(ids[b]));
+        let mut unique: Vec<&[u8]> = Vec::with_capacity(ids.len());
+        // Each place's index in `unique`, and how many places each has.
+        let mut unique_of = vec![0usize; ids.len()];
+        let mut places: Vec<usize> = Vec::with_capacity(ids.len());
+        for &i in &order {
+            if unique.last() != Some(&ids[i]) {
+                unique.push(ids[i]);
+                places.push(0);
+            }
+            let u = unique.len() - 1;
+            unique_of[i] = u;
+            places[u] += 1;
+        }
+        let mut infos = self.doc_infos(&unique)?;
+        Ok(unique_of
             .iter()
-            .map(|id| {
-                // Every id is in `unique`, which is sorted by the by-id
-                // order (bytewise).
-                unique.binary_search(id).ok().and_then(|i| infos[i].clone())
+            .map(|&u| {
+                places[u] -= 1;
+                if places[u] == 0 {
+                    infos[u].take()
+                } else {
+                    infos[u].clone()
+                }
             })
             .collect())
     }

@@ -1136,21 +1136,29 @@ impl<O: TreeOps> BTree<O> {
             Some(root) => Some((root.pointer, self.root_node(file, root.pointer)?)),
             None => None,
         };
-        self.lookup_from(file, root, keys)
+        let mut found = vec![None; keys.len()];
+        self.lookup_each_from(file, root, keys, &mut |index, value| {
+            found[index] = Some(value.to_vec());
+            Ok(())
+        })?;
+        Ok(found)
     }
 
-    /// [`BTree::lookup`] from the root node read at the offset it is paired
-    /// with (by [`BTree::root_node`]), if the tree has one.
-    pub(crate) fn lookup_from(
+    /// Looks up sorted, unique `keys` from the root node read at the offset
+    /// it is paired with (by [`BTree::root_node`]), if the tree has one, and
+    /// hands `found` the index in `keys` and the value of each key present,
+    /// in key order, borrowed from its leaf: one walk, which visits each
+    /// node the keys' paths share once.
+    pub(crate) fn lookup_each_from(
         &self,
         file: &CouchFile,
         root: Option<(u64, Arc<Node>)>,
         keys: &[&[u8]],
-    ) -> Result<Vec<Option<Vec<u8>>>> {
+        found: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
         self.check_sorted(keys.iter().copied())?;
-        let mut found = vec![None; keys.len()];
         let Some((offset, node)) = root else {
-            return Ok(found);
+            return Ok(());
         };
         // The root was checked against the whole range of keys, which
         // bounds nothing, when it was read.
@@ -1159,8 +1167,7 @@ impl<O: TreeOps> BTree<O> {
             node,
             range: KeyRange::ROOT,
         };
-        self.lookup_node(file, visited, keys, 0, &mut found)?;
-        Ok(found)
+        self.lookup_node(file, visited, keys, 0, found)
     }
 
     fn lookup_node(
@@ -1169,7 +1176,7 @@ impl<O: TreeOps> BTree<O> {
         visited: Visited<'_>,
         keys: &[&[u8]],
         first: usize,
-        found: &mut [Option<Vec<u8>>],
+        found: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
         let node = &visited.node;
         let mut rest = keys;
@@ -1180,7 +1187,7 @@ impl<O: TreeOps> BTree<O> {
             for key in rest {
                 i += node.partition_point_from(i, |k| self.ops.compare(k, key) == Ordering::Less);
                 if i < node.len() && self.ops.compare(node.key(i), key) == Ordering::Equal {
-                    found[index] = Some(node.value(i).to_vec());
+                    found(index, node.value(i))?;
                 }
                 index += 1;
             }
