@@ -56,7 +56,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Asks the processor to start loading the bytes at `offset` into its
     /// caches, for a read of them that comes after other work: only a
     /// hint, nothing is read. Does nothing when the backend does not map
-    /// its file (the default) or the bytes are not known to be in it.
+    /// its file (the default) or the bytes are not known to be in it. Like
+    /// [`Backend::read_in_place`], it may take the map's read lock: not to
+    /// be called while the thread holds an [`InPlace`].
     fn prefetch(&self, offset: u64) {
         let _ = offset;
     }
