@@ -288,7 +288,7 @@ impl Drop for FileBackend {
     /// and the file system's block allocation waits meanwhile: the commits
     /// of other files stalled for up to 300 ms when a compaction released
     /// a 570 MB revision, against under 185 ms with this (bench peers,
-    /// 2026-12-06), and the cuts are paced ([`RELEASE_PAUSE`]). Only when
+    /// 2026-12-06), and the cuts are paced (10 ms apart). Only when
     /// no other handle, in this process or another, has the file open:
     /// each holds a shared `flock`, and this takes the exclusive one first.
     fn drop(&mut self) {

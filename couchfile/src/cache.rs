@@ -85,7 +85,7 @@ pub struct CacheStats {
 /// Cached chunks are trusted: they were checked against their checksum when
 /// read, or are what was written. That holds because a file only grows, but
 /// for [`FileWriter::truncate`](crate::FileWriter::truncate), which gives the
-/// file a new [`CacheId`] so nothing cached before it is found again. Every
+/// file a new cache id so nothing cached before it is found again. Every
 /// opened file gets its own id, so nothing cached for one file (or one
 /// revision of a vbucket) is ever served for another.
 pub struct ChunkCache {

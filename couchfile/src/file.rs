@@ -788,8 +788,8 @@ pub fn compress(data: &[u8]) -> Vec<u8> {
 /// encoder allocates its hash table and output for every block, which for
 /// node-sized blocks costs about as much as compressing them. A
 /// [`FileWriter`] has one; a thread that compresses chunks for a writer it
-/// shares with others (then appending them with
-/// [`FileWriter::append_precompressed_chunk`]) needs its own.
+/// shares with others (then appending the compressed bytes with
+/// [`FileWriter::append_chunk`]) needs its own.
 #[derive(Debug)]
 pub struct Compressor {
     encoder: snap::raw::Encoder,
