@@ -274,6 +274,15 @@ impl Snapshot {
         }))
     }
 
+    /// Asks for the memory of the body stored at `bp` (0: none), for a
+    /// [`Snapshot::read_body_at`] after other work
+    /// ([`CouchFile::prefetch_chunk`]: only a hint).
+    pub fn prefetch_body(&self, bp: u64) {
+        if bp != 0 {
+            self.file.prefetch_chunk(bp);
+        }
+    }
+
     /// The body chunk's payload as stored (compressed stays compressed).
     pub fn read_stored_body(&self, info: &DocInfo) -> Result<Option<Vec<u8>>> {
         if info.bp == 0 {

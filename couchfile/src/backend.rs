@@ -353,9 +353,10 @@ fn prefetch_line(byte: &u8) {
     // prefetch reads nothing the program sees and never faults, whatever
     // the address; this one is made from a reference, so it is valid too.
     // Measured to matter: prefetching a document's body as soon as its
-    // offset is known made the read-back of 200,000 keys 5% faster (bench
-    // peers --reread, six interleaved processes, 2026-12-06), where a
-    // plain load lost time (the atomic operations after it wait for it).
+    // offset is known made the read-back of 200,000 keys about 4% faster
+    // (bench peers --reread 4, ten processes alternating with and without
+    // it, 2026-12-06, eabfea5), where a plain load lost time (the atomic
+    // operations after it wait for it).
     unsafe {
         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
             std::ptr::from_ref(byte).cast::<i8>(),

@@ -226,9 +226,7 @@ impl<'a> NodePointerRef<'a> {
     pub fn decode_pointer(bytes: &[u8]) -> Result<u64> {
         if let Some((head, reduce)) = bytes.split_first_chunk::<14>() {
             if reduce.len() == usize::from(u16::from_be_bytes([head[12], head[13]])) {
-                let mut word = [0u8; 8];
-                word[2..].copy_from_slice(&head[..6]);
-                return Ok(u64::from_be_bytes(word));
+                return Ok(be(&head[..6]));
             }
         }
         // Malformed: the full decode says how.

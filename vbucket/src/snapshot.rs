@@ -62,15 +62,12 @@ impl ReadSnapshot {
     pub fn get_including_deleted(&self, key: &[u8]) -> Result<Option<Document>> {
         // The info is decoded in place: the document's key, value and
         // metadata are all this allocates (with the node cache).
-        let file = self.snapshot.file();
-        let path = file.path();
+        let path = self.snapshot.file().path();
         let found = self.snapshot.with_doc_info(key, |info| {
             // The body is read next, from another part of the file: its
             // memory is asked for now, while the rest of the info is
             // decoded and the walk unwinds.
-            if info.bp != 0 {
-                file.prefetch_chunk(info.bp);
-            }
+            self.snapshot.prefetch_body(info.bp);
             meta_of(path, &info).map(|meta| {
                 (
                     meta,
@@ -119,13 +116,10 @@ impl ReadSnapshot {
         let mut by_offset: Vec<usize> = (0..infos.len()).filter(|&i| infos[i].is_some()).collect();
         by_offset.sort_unstable_by_key(|&i| infos[i].as_ref().map_or(0, |info| info.bp));
         let mut docs: Vec<Option<Document>> = (0..infos.len()).map(|_| None).collect();
-        let file = self.snapshot.file();
         for (n, &i) in by_offset.iter().enumerate() {
             // The next body is fetched while this one is read.
             if let Some(next) = by_offset.get(n + 1).and_then(|&j| infos[j].as_ref()) {
-                if next.bp != 0 {
-                    file.prefetch_chunk(next.bp);
-                }
+                self.snapshot.prefetch_body(next.bp);
             }
             if let Some(info) = infos[i].take() {
                 docs[i] = Some(self.document(info)?);
